@@ -1,0 +1,102 @@
+"""The single `saescope` command; subcommands mirror the pipeline's stages. Parses and calls, no more."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import SaescopeError
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("corpus")
+    g.add_argument("--corpus", default=None, help="'python-docs' (built-in, default), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG]")
+    g.add_argument("--text-field", default=None, help="text column of .jsonl/.parquet/datasets (default: text)")
+    g.add_argument("--split", default=None, choices=["train", "heldout", "all"], help="documents to read (default: train)")
+    g.add_argument("--holdout-fraction", type=float, default=None, help="share of documents held out (default: 0.05)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default: 1024)")
+    g.add_argument("--seed", type=int, default=None, help="document shuffle seed (default: 0)")
+
+
+def _corpus_values(args) -> dict:
+    names = {"corpus": "source", "text_field": "text_field", "split": "split",
+             "holdout_fraction": "holdout_fraction", "seq_len": "seq_len", "seed": "seed"}
+    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saescope", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    h = sub.add_parser("harvest", help="run a model over a corpus and store activations at sites")
+    h.add_argument("--model", default="gemma-3-270m", help="gemma-3-270m (embedded), a hub id, a folder or a .gguf file")
+    h.add_argument("--sites", default="resid.6", help="comma-separated, e.g. resid.6,attn.6,mlp.6,mlp_in.6")
+    h.add_argument("--tokens", type=int, default=100_000, help="tokens to run through the model")
+    h.add_argument("--out", required=True, help="store folder (rerun with the same settings to resume)")
+    h.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass")
+    h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    h.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
+    h.add_argument("--device", default="cpu")
+    _corpus_args(h)
+
+    r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
+    r.add_argument("--config", default=None, help="a .toml or .json run configuration")
+    r.add_argument("--out", required=True, help="output folder; a rerun skips finished stages")
+
+    s = sub.add_parser("sites", help="list a model's sites and their widths")
+    s.add_argument("--model", default="gemma-3-270m")
+
+    i = sub.add_parser("info", help="summarise an activation store")
+    i.add_argument("path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return _dispatch(args)
+    except SaescopeError as exc:
+        print(f"saescope: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("saescope: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    from .config import CorpusConfig, HarvestConfig, validated
+
+    if args.command == "harvest":
+        from .data import harvest
+
+        corpus = validated(CorpusConfig, **_corpus_values(args))
+        cfg = validated(HarvestConfig, model=args.model, sites=args.sites, tokens=args.tokens, batch_size=args.batch_size,
+                        dtype=args.dtype, shard_mb=args.shard_mb, device=args.device, corpus=corpus)
+        store = harvest(cfg, args.out, progress=not args.quiet)
+        print(store.summary())
+    elif args.command == "run":
+        from .pipeline import load_config, run
+
+        outputs = run(load_config(args.config), args.out, progress=not args.quiet)
+        print(outputs["activations"].summary())
+        print(f"activation store: {outputs['activations'].root}")
+    elif args.command == "sites":
+        from .lm import KINDS, Site, load_model
+
+        lm = load_model(args.model)
+        print(f"{lm}; sites KIND.LAYER for layers 0..{lm.n_layers - 1}:")
+        for kind in KINDS:
+            print(f"  {kind}.L  width {Site(kind, 0).width(lm):>6}  ({Site(kind, 0).tl_name.replace('.0.', '.L.')})")
+    elif args.command == "info":
+        from .data import ActivationStore
+
+        print(ActivationStore(args.path).summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""Text and activations: corpora, packed token rows, the activation store and the harvest. Knows no SAE."""
+
+from .corpus import builtin_documents, iter_documents
+from .harvest import HarvestStream, harvest, token_rows
+from .store import ActivationStore, StoreWriter
+from .tokens import SpecialTokens, keep_mask, pack
+
+__all__ = ["ActivationStore", "HarvestStream", "SpecialTokens", "StoreWriter", "builtin_documents", "harvest",
+           "iter_documents", "keep_mask", "pack", "token_rows"]

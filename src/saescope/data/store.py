@@ -1,0 +1,303 @@
+"""The activation store: per-site folders of safetensors shards, a manifest per site, and a
+store-level record that says how far a harvest got.
+
+Why safetensors shards: a typed, header-checked, never-unpickled format that holds bfloat16 (numpy
+.npy cannot), loads zero-copy in torch, numpy and JAX, and keeps each shard's activations beside
+their token id / sequence / position columns in one file, so one checksum covers a whole shard.
+
+Layout of a store folder:
+
+    store.json                      model, sites, corpus, seq_len, committed shards (the commit record)
+    sequences/00000.safetensors     tokens [n_seq, seq_len] int32 — the packed rows, for context
+    resid.6/manifest.json           model, site, d_in, dtype, n_rows, norm_scalar C, shards + sha256
+    resid.6/00000.safetensors       acts [rows, d_in], token_id, sequence, position (int32 [rows])
+
+Shard k of every site and of sequences/ covers the same sequences. A shard becomes part of the
+store only when store.json lists it; files a crash left behind are removed on resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import SaescopeError
+from .stream import default_buffer_rows, shuffled_batches
+
+FORMAT = 1
+STORE_FILE = "store.json"
+MANIFEST = "manifest.json"
+SEQUENCES = "sequences"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise SaescopeError(f"missing file: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SaescopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def _shard_name(k: int) -> str:
+    return f"{k:05d}.safetensors"
+
+
+def read_shard(path: Path, sha256: str, nbytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Load one shard after checking its checksum; a missing, truncated or altered shard is named."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SaescopeError(f"shard missing: {path}") from None
+    if nbytes is not None and len(data) != nbytes:
+        raise SaescopeError(f"shard {path} is truncated or altered: {len(data)} bytes, manifest says {nbytes}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise SaescopeError(f"shard {path} is corrupt: sha256 {digest[:12]}… does not match the manifest's {sha256[:12]}…")
+    try:
+        return st_load(data)
+    except SafetensorError as exc:
+        raise SaescopeError(f"shard {path} cannot be read: {exc}") from None
+
+
+class StoreWriter:
+    """Appends shards to a store, committing each one atomically; reopening resumes."""
+
+    def __init__(self, root: str | os.PathLike, *, model: str, sites: dict[str, int], dtype: str,
+                 seq_len: int, corpus: dict, shard_rows: int):
+        self.root = Path(root)
+        self.dtype = dtype
+        self.shard_rows = shard_rows
+        self.sites = dict(sites)
+        settings = {"model": model, "sites": list(self.sites), "dtype": dtype, "seq_len": seq_len, "corpus": corpus}
+        record_path = self.root / STORE_FILE
+        if record_path.is_file():
+            record = _read_json(record_path)
+            old = {k: record.get(k) for k in settings}
+            if old != settings:
+                diff = ", ".join(f"{k}: {old[k]!r} → {settings[k]!r}" for k in settings if old[k] != settings[k])
+                raise SaescopeError(f"{self.root} holds a store made with other settings ({diff}); use another output folder")
+            self.record = record
+            self._drop_uncommitted()
+        else:
+            if self.root.exists() and any(self.root.iterdir()):
+                raise SaescopeError(f"output folder {self.root} exists and is not an activation store; use another folder")
+            self.record = {"format": FORMAT, **settings, "n_sequences": 0, "n_tokens": 0, "n_rows": 0,
+                           "complete": False, "shards": []}
+            self.manifests = {}
+            for site, d_in in self.sites.items():
+                self.manifests[site] = {"format": FORMAT, "model": model, "site": site, "d_in": d_in, "dtype": dtype,
+                                        "seq_len": seq_len, "n_rows": 0, "sum_sq_norm": 0.0, "norm_scalar": None,
+                                        "shards": []}
+                _write_json(self.root / site / MANIFEST, self.manifests[site])
+            _write_json(record_path, self.record)
+
+    def _drop_uncommitted(self) -> None:
+        """Trim manifests back to the committed shard count and delete stray files."""
+        n = len(self.record["shards"])
+        self.manifests = {}
+        for site in self.sites:
+            m = _read_json(self.root / site / MANIFEST)
+            if len(m["shards"]) > n:
+                m["shards"] = m["shards"][:n]
+                m["n_rows"] = sum(s["rows"] for s in m["shards"])
+                m["sum_sq_norm"] = sum(s["sum_sq_norm"] for s in m["shards"])
+                m["norm_scalar"] = _norm_scalar(m)
+                _write_json(self.root / site / MANIFEST, m)
+            self.manifests[site] = m
+        keep = {_shard_name(k) for k in range(n)}
+        for folder in [SEQUENCES, *self.sites]:
+            for f in (self.root / folder).glob("*.safetensors"):
+                if f.name not in keep:
+                    f.unlink()
+            for f in (self.root / folder).glob(".*"):
+                f.unlink()
+
+    @property
+    def complete(self) -> bool:
+        return self.record["complete"]
+
+    @property
+    def n_sequences(self) -> int:
+        return self.record["n_sequences"]
+
+    def write_shard(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor], token_id: torch.Tensor,
+                    sequence: torch.Tensor, position: torch.Tensor) -> None:
+        """Commit one shard: `tokens` are its packed rows, `acts` each site's kept positions."""
+        k = len(self.record["shards"])
+        name = _shard_name(k)
+        meta = {"token_id": token_id.to(torch.int32).contiguous(), "sequence": sequence.to(torch.int32).contiguous(),
+                "position": position.to(torch.int32).contiguous()}
+        rows = int(token_id.numel())
+        for site, x in acts.items():  # check everything before writing anything
+            if x.shape != (rows, self.sites[site]):
+                raise SaescopeError(f"shard for {site}: got {tuple(x.shape)}, expected ({rows}, {self.sites[site]})")
+            if not torch.isfinite(x).all():
+                raise SaescopeError(f"non-finite activations at {site} in sequences {int(sequence.min())}..{int(sequence.max())}; "
+                                    f"the store keeps its first {k} shards")
+        seq_entry = self._put(SEQUENCES, name, {"tokens": tokens.to(torch.int32).contiguous()})
+        for site, x in acts.items():
+            entry = self._put(site, name, {"acts": x.to(_DTYPES[self.dtype]).contiguous(), **meta})
+            entry["sum_sq_norm"] = float(x.double().pow(2).sum())
+            m = self.manifests[site]
+            m["shards"].append(entry)
+            m["n_rows"] += rows
+            m["sum_sq_norm"] += entry["sum_sq_norm"]
+            m["norm_scalar"] = _norm_scalar(m)
+            _write_json(self.root / site / MANIFEST, m)
+        rec = self.record
+        rec["shards"].append(seq_entry)
+        rec["n_sequences"] += int(tokens.shape[0])
+        rec["n_tokens"] += int(tokens.numel())
+        rec["n_rows"] += rows
+        _write_json(self.root / STORE_FILE, rec)
+
+    def _put(self, folder: str, name: str, tensors: dict[str, torch.Tensor]) -> dict:
+        data = st_save(tensors)
+        atomic_write(self.root / folder / name, data)
+        first = next(iter(tensors.values()))
+        return {"file": name, "rows": int(first.shape[0]), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def finish(self, **info) -> None:
+        self.record.update(info, complete=True)
+        _write_json(self.root / STORE_FILE, self.record)
+
+
+def _norm_scalar(m: dict) -> float | None:
+    """C with E‖x/C‖² = 1 over the stored rows (SPEC §2)."""
+    return (m["sum_sq_norm"] / m["n_rows"]) ** 0.5 if m["n_rows"] else None
+
+
+class ActivationStore:
+    """Read side of a store (or of one site folder): manifests, shards, shuffled batches."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if (self.root / STORE_FILE).is_file():
+            self.record = _read_json(self.root / STORE_FILE)
+            self._site_dirs = {s: self.root / s for s in self.record["sites"]}
+        elif (self.root / MANIFEST).is_file():
+            self.record = None
+            m = _read_json(self.root / MANIFEST)
+            self._site_dirs = {m["site"]: self.root}
+        else:
+            raise SaescopeError(f"{self.root} is not an activation store (no {STORE_FILE} or {MANIFEST})")
+        self.manifests = {s: _read_json(d / MANIFEST) for s, d in self._site_dirs.items()}
+        if self.record is not None:
+            n = len(self.record["shards"])
+            for s, m in self.manifests.items():  # a crash between manifest and record writes: trust the record
+                if len(m["shards"]) != n:
+                    m["shards"] = m["shards"][:n]
+                    m["n_rows"] = sum(e["rows"] for e in m["shards"])
+                    m["sum_sq_norm"] = sum(e["sum_sq_norm"] for e in m["shards"])
+                    m["norm_scalar"] = _norm_scalar(m)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.manifests)
+
+    def _site(self, site) -> str:
+        key = str(site)
+        if key not in self.manifests:
+            from ..lm.sites import Site
+
+            key = str(Site.parse(site))
+        if key not in self.manifests:
+            raise SaescopeError(f"site {key} is not in store {self.root}; it holds {', '.join(self.sites)}")
+        return key
+
+    def d_in(self, site) -> int:
+        return self.manifests[self._site(site)]["d_in"]
+
+    def norm_scalar(self, site) -> float:
+        c = self.manifests[self._site(site)]["norm_scalar"]
+        if c is None:
+            raise SaescopeError(f"store {self.root} has no rows for {site} yet")
+        return c
+
+    def n_rows(self, site=None) -> int:
+        return self.manifests[self._site(site if site is not None else self.sites[0])]["n_rows"]
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifests[self.sites[0]]["shards"])
+
+    def shard(self, site, k: int) -> dict[str, torch.Tensor]:
+        """Shard k of a site: acts plus token_id / sequence / position, checksum verified."""
+        site = self._site(site)
+        entry = self.manifests[site]["shards"][k]
+        return read_shard(self._site_dirs[site] / entry["file"], entry["sha256"], entry.get("bytes"))
+
+    def sequences(self, k: int) -> torch.Tensor:
+        """The packed token rows of shard k ([n_seq, seq_len] int32)."""
+        if self.record is None:
+            raise SaescopeError(f"{self.root} is a single site folder; token rows live in its store's {SEQUENCES}/")
+        entry = self.record["shards"][k]
+        return read_shard(self.root / SEQUENCES / entry["file"], entry["sha256"], entry.get("bytes"))["tokens"]
+
+    def iter_shards(self, site, shards: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        for k in shards if shards is not None else range(self.n_shards):
+            yield self.shard(site, k)
+
+    def batches(self, batch_size: int, *, sites=None, seed: int = 0, epochs: int = 1,
+                buffer_rows: int | None = None, drop_last: bool = False,
+                shards: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Shuffled float32 batches {site: [batch, d_in]}; rows stay aligned across sites, so
+        a transcoder sees the mlp_in and mlp of the same token. Shard order is reshuffled each
+        epoch; a shuffle buffer of `buffer_rows` rows mixes rows across shards."""
+        keys = [self._site(s) for s in (sites if sites is not None else self.sites)]
+        pool = list(shards) if shards is not None else list(range(self.n_shards))
+        if not pool:
+            raise SaescopeError(f"store {self.root} has no shards to read")
+        widths = sum(self.d_in(s) for s in keys) * 4
+        total = sum(self.manifests[keys[0]]["shards"][k]["rows"] for k in pool) * epochs
+        rows = buffer_rows if buffer_rows is not None else default_buffer_rows(widths)
+        gen = torch.Generator().manual_seed(seed)
+
+        def chunks():
+            for _ in range(epochs):
+                for k in torch.randperm(len(pool), generator=gen).tolist():
+                    yield {s: self.shard(s, pool[k])["acts"] for s in keys}
+
+        return shuffled_batches(chunks(), batch_size, max(batch_size, min(rows, total)), gen, drop_last=drop_last)
+
+    def summary(self) -> str:
+        lines = [f"activation store {self.root}"]
+        if self.record:
+            r = self.record
+            state = "complete" if r["complete"] else "incomplete (rerun the harvest to resume)"
+            lines.append(f"  model {r['model']}, {r['n_sequences']} sequences × {r['seq_len']} = {r['n_tokens']} tokens, "
+                         f"{r['n_rows']} rows kept (BOS/EOS/pad excluded), {len(r['shards'])} shards, {state}")
+        for s, m in self.manifests.items():
+            size = sum(e["bytes"] for e in m["shards"]) / 2**20
+            c = f"{m['norm_scalar']:.2f}" if m["norm_scalar"] else "n/a"
+            lines.append(f"  {s:>10}: d_in {m['d_in']}, {m['dtype']}, {m['n_rows']} rows, norm scalar C = {c}, {size:.1f} MiB")
+        return "\n".join(lines)

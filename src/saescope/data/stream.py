@@ -1,0 +1,62 @@
+"""The consumer side shared by the disk store and the disk-less harvest: a shuffle buffer that
+turns chunks of aligned rows ({site: [n, d]}) into shuffled float32 batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+DEFAULT_BUFFER_ROWS = 1_000_000  # the paper shuffles in buckets of about 10^6 activations
+
+
+def default_buffer_rows(row_bytes: int, memory_share: float = 0.25) -> int:
+    """About 10^6 rows, fewer when that would take more than `memory_share` of free memory."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_BUFFER_ROWS
+    return max(4096, min(DEFAULT_BUFFER_ROWS, int(free * memory_share) // max(row_bytes, 1)))
+
+
+def shuffled_batches(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int, buffer_rows: int,
+                     generator: torch.Generator, *, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Fill a buffer of `buffer_rows` rows; when full, emit a random half of it as batches and
+    keep the other half to mix with what comes next. At the end, emit everything left, shuffled.
+    The same permutation applies to every site, so rows stay aligned."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    buffer_rows = max(buffer_rows, 2 * batch_size)
+    buf: dict[str, torch.Tensor] = {}
+    fill = 0
+
+    def drain(n_out: int):
+        nonlocal fill
+        perm = torch.randperm(fill, generator=generator)
+        n_out -= n_out % batch_size if n_out < fill else 0
+        for i in range(0, n_out, batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < batch_size and drop_last:
+                break
+            yield {s: b[idx] for s, b in buf.items()}
+        rest = perm[n_out:]
+        for s, b in buf.items():
+            b[:len(rest)] = b[rest]
+        fill = len(rest)
+
+    for chunk in chunks:
+        if not buf:
+            buf = {s: torch.empty(buffer_rows, x.shape[1], dtype=torch.float32) for s, x in chunk.items()}
+        n = next(iter(chunk.values())).shape[0]
+        start = 0
+        while start < n:
+            take = min(n - start, buffer_rows - fill)
+            for s, x in chunk.items():
+                buf[s][fill:fill + take] = x[start:start + take]
+            fill += take
+            start += take
+            if fill == buffer_rows:
+                yield from drain(buffer_rows // 2)
+    if fill:
+        yield from drain(fill)

@@ -1,0 +1,188 @@
+"""Sites (SPEC §1), reading many of them in one forward stopped after the deepest layer, and
+splicing a function into one of them."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+from ..errors import SaescopeError
+from .model import LanguageModel, _get
+
+KINDS = ("resid", "attn", "mlp", "mlp_in")
+_TL_NAMES = {  # TransformerLens hook names for the same points
+    "hook_resid_post": "resid",
+    "attn.hook_z": "attn",
+    "hook_mlp_out": "mlp",
+    "ln2.hook_normalized": "mlp_in",
+}
+_SHORT = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>-?\d+)$")
+_TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A point in the model: `kind` in resid / attn / mlp / mlp_in, at decoder block `layer`."""
+
+    kind: str
+    layer: int
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise SaescopeError(f"unknown site kind '{self.kind}'; available: {', '.join(KINDS)}")
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise SaescopeError(f"site layer must be a non-negative integer, got {self.layer!r}")
+
+    @classmethod
+    def parse(cls, value: "str | Site") -> "Site":
+        """Accept `resid.6` or TransformerLens names like `blocks.6.attn.hook_z`."""
+        if isinstance(value, Site):
+            return value
+        text = str(value).strip()
+        if m := _SHORT.match(text):
+            return cls(m["kind"], int(m["layer"]))
+        if (m := _TL.match(text)) and m["hook"] in _TL_NAMES:
+            return cls(_TL_NAMES[m["hook"]], int(m["layer"]))
+        raise SaescopeError(
+            f"unknown site '{text}'; use KIND.LAYER with KIND in {', '.join(KINDS)} (e.g. resid.6), "
+            f"or blocks.L.{{{', '.join(_TL_NAMES)}}}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @property
+    def tl_name(self) -> str:
+        hook = next(h for h, k in _TL_NAMES.items() if k == self.kind)
+        return f"blocks.{self.layer}.{hook}"
+
+    def check(self, lm: LanguageModel) -> "Site":
+        if self.layer >= lm.n_layers:
+            raise SaescopeError(f"site {self}: layer {self.layer} out of range; {lm.name} has layers 0..{lm.n_layers - 1}")
+        return self
+
+    def width(self, lm: LanguageModel) -> int:
+        return lm.attn_width if self.kind == "attn" else lm.d_model
+
+
+def parse_sites(sites: "str | Site | Iterable[str | Site]") -> list[Site]:
+    """A comma-separated string or a list of sites, parsed and de-duplicated in order."""
+    if isinstance(sites, (str, Site)):
+        sites = [s for s in str(sites).split(",") if s.strip()] if isinstance(sites, str) else [sites]
+    out = []
+    for s in sites:
+        site = Site.parse(s)
+        if site not in out:
+            out.append(site)
+    if not out:
+        raise SaescopeError("no sites given")
+    return out
+
+
+def available_sites(lm: LanguageModel) -> list[str]:
+    return [str(Site(k, layer)) for layer in range(lm.n_layers) for k in KINDS]
+
+
+def _attach(lm: LanguageModel, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Call `fn` on the value at `site`; a tensor it returns replaces that value in the forward."""
+    block = lm.layers[site.layer]
+    if site.kind == "attn":
+        def pre_hook(_module, args, kwargs):
+            positional = len(args) > 0
+            value = args[0] if positional else kwargs["input"]
+            new = fn(value)
+            if new is None:
+                return None
+            if positional:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "input": new}
+
+        return _get(block, lm.block_map.attn).register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    module = block if site.kind == "resid" else _get(block, getattr(lm.block_map, site.kind))
+
+    def hook(_module, _args, output):
+        is_tuple = isinstance(output, tuple)  # transformers 4.x blocks return tuples, 5.x tensors
+        new = fn(output[0] if is_tuple else output)
+        if new is None:
+            return None
+        return (new, *output[1:]) if is_tuple else new
+
+    return module.register_forward_hook(hook)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _raise_stop(*_):
+    raise _StopForward
+
+
+def capture(lm, input_ids: torch.Tensor, sites, *, attention_mask: torch.Tensor | None = None,
+            stop: bool = True) -> dict[str, torch.Tensor]:
+    """Read every site in one forward pass, stopped after the deepest requested layer (no logits).
+
+    Returns {canonical site string ("resid.6"): tensor [batch, seq, width]} on the model's device."""
+    from .loading import load_model
+
+    lm = load_model(lm)
+    parsed = [s.check(lm) for s in parse_sites(sites)]
+    input_ids = _as_ids(input_ids, lm)
+    out: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for site in parsed:
+            handles.append(_attach(lm, site, lambda v, key=str(site): out.__setitem__(key, v.detach())))
+        if stop:
+            handles.append(lm.layers[max(s.layer for s in parsed)].register_forward_hook(_raise_stop))
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {str(s): out[str(s)] for s in parsed}
+
+
+def forward_until(lm: LanguageModel, input_ids: torch.Tensor, layer: int) -> None:
+    """The bare model forward through block `layer` and no further (the harvest's speed reference)."""
+    handle = lm.layers[layer].register_forward_hook(_raise_stop)
+    try:
+        with torch.no_grad(), contextlib.suppress(_StopForward):
+            lm.model(input_ids=_as_ids(input_ids, lm), use_cache=False)
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def splice(lm, site, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """Inside the block, every forward of `lm` has the value at `site` replaced by `fn(value)`."""
+    from .loading import load_model
+
+    lm = load_model(lm)
+    site = Site.parse(site).check(lm)
+
+    def replace(value: torch.Tensor) -> torch.Tensor:
+        new = fn(value)
+        if not isinstance(new, torch.Tensor) or new.shape != value.shape:
+            got = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
+            raise SaescopeError(f"splice at {site}: function returned {got}, expected shape {tuple(value.shape)}")
+        return new.to(value.dtype)
+
+    handle = _attach(lm, site, replace)
+    try:
+        yield lm
+    finally:
+        handle.remove()
+
+
+def _as_ids(input_ids, lm: LanguageModel) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise SaescopeError(f"input_ids must be an integer tensor [batch, seq], got {ids.dtype} {tuple(ids.shape)}")
+    return ids.to(lm.device, torch.long)
