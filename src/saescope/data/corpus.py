@@ -4,6 +4,7 @@ dataset streamed over the network. Every source yields plain document strings in
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import random
@@ -118,15 +119,20 @@ def builtin_documents() -> Iterator[str]:
     """The offline default: Python's documentation topics, then the docstrings of every standard
     library module, class and function (read from source with `ast`, nothing imported), in a
     fixed order. About 2 MB of English technical prose, ~0.5M Gemma tokens."""
+    return iter(_builtin_list())
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_list() -> tuple[str, ...]:
+    """Parsing the standard library takes seconds; keep the 2 MB of text once per process."""
     from pydoc_data.topics import topics
 
-    for name in sorted(topics):
-        yield topics[name]
+    docs = [topics[name] for name in sorted(topics)]
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
-        if _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
-            continue
-        yield from _docstrings(path)
+        if not _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            docs.extend(_docstrings(path))
+    return tuple(docs)
 
 
 def _docstrings(path: Path) -> Iterator[str]:

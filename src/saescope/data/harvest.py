@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
@@ -30,67 +31,68 @@ def token_rows(lm: LanguageModel, corpus: CorpusConfig) -> Iterator[np.ndarray]:
     return pack(iter_documents(corpus), lm.tokenizer, corpus.seq_len)
 
 
-def _kept_rows(lm, sites, ids: torch.Tensor, special: list[int], first_seq: int):
-    """One forward over `ids`; returns each site's non-special rows and their (token, sequence, position)."""
-    acts = capture(lm, ids, sites)
-    keep = keep_mask(ids, special)
-    flat = keep.reshape(-1).to(next(iter(acts.values())).device)
-    seq, pos = torch.nonzero(keep, as_tuple=True)
-    meta = {"token_id": ids[keep], "sequence": seq + first_seq, "position": pos}
-    out = {s: a.reshape(-1, a.shape[-1])[flat].float().cpu() for s, a in acts.items()}
-    return out, meta
+def _kept(acts: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each site's rows at non-special positions, as float32 on the CPU, in token order."""
+    flat = keep.reshape(-1)
+    return {s: a.reshape(-1, a.shape[-1])[flat.to(a.device)].float().cpu() for s, a in acts.items()}
 
 
 def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = None, progress: bool = True) -> ActivationStore:
     """Run the model over `cfg.tokens` tokens and write every site's activations to `out`.
 
-    Rerunning with the same settings resumes after the last committed shard. Shards are written
-    by a background thread, so the disk works while the model computes the next batch."""
+    Rerunning with the same settings resumes after the last committed shard. A writer thread
+    masks, checks, hashes and writes each batch while the model computes the next one."""
     lm = lm or load_model(cfg.model, device=cfg.device)
     sites = [s.check(lm) for s in parse_sites(cfg.sites)]
     seq_len = cfg.corpus.seq_len
     n_seq_total = math.ceil(cfg.tokens / seq_len)
     widths = {str(s): s.width(lm) for s in sites}
-    bytes_per_row = max(widths.values()) * (4 if cfg.dtype == "float32" else 2)
+    bytes_per_row = sum(widths.values()) * (4 if cfg.dtype == "float32" else 2)
     shard_seqs = max(1, int(cfg.shard_mb * 2**20 / bytes_per_row) // seq_len)
+    special = SpecialTokens.of(lm.tokenizer).ids
     writer = StoreWriter(out, model=lm.name, sites=widths, dtype=cfg.dtype, seq_len=seq_len,
-                         corpus=cfg.corpus.model_dump(), shard_rows=shard_seqs * seq_len)
+                         corpus=cfg.corpus.model_dump(), special_ids=special)
     if writer.complete:
         log.info("store %s is already complete", out)
         return ActivationStore(out)
-    special = SpecialTokens.of(lm.tokenizer).ids
     done = writer.n_sequences
     rows = islice(token_rows(lm, cfg.corpus), done, n_seq_total)
     bar = tqdm(total=n_seq_total * seq_len, initial=done * seq_len, unit="tok", unit_scale=True,
                desc=f"harvest {','.join(widths)}", disable=not progress)
-    pending: Future | None = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        while True:
-            shard_rows = list(islice(rows, shard_seqs))
-            if not shard_rows:
-                break
-            tokens = torch.from_numpy(np.stack(shard_rows))
-            parts, metas = [], []
-            for i in range(0, len(tokens), cfg.batch_size):
-                ids = tokens[i:i + cfg.batch_size]
-                acts, meta = _kept_rows(lm, sites, ids, special, done + i)
-                parts.append(acts)
-                metas.append(meta)
-                bar.update(ids.numel())
-            acts = {s: torch.cat([p[s] for p in parts]) for s in widths}
-            meta = {k: torch.cat([m[k] for m in metas]) for k in metas[0]}
-            if pending is not None:
-                pending.result()  # one shard in flight at a time keeps commits in order
-            pending = pool.submit(writer.write_shard, tokens, acts, **meta)
-            done += len(tokens)
-        if pending is not None:
-            pending.result()
+    special_t = torch.tensor(special)
+    in_flight: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1) as pool:  # one worker: shard steps stay in order
+
+        def submit(fn, *args):
+            in_flight.append(pool.submit(fn, *args))
+            while len(in_flight) > 2:  # bounds memory to about two batches of activations
+                in_flight.popleft().result()
+
+        try:
+            while shard := list(islice(rows, shard_seqs)):
+                tokens = torch.from_numpy(np.stack(shard)).long()
+                submit(writer.begin_shard, tokens)
+                for i in range(0, len(tokens), cfg.batch_size):
+                    ids = tokens[i:i + cfg.batch_size]
+                    acts = capture(lm, ids, sites)
+                    submit(lambda a=acts, k=~torch.isin(ids, special_t): writer.append(_kept(a, k)))
+                    bar.update(ids.numel())
+                submit(writer.commit_shard)
+                done += len(tokens)
+            while in_flight:
+                in_flight.popleft().result()
+        except BaseException:
+            for f in in_flight:
+                f.cancel()
+            pool.shutdown(wait=True)
+            writer.abandon()
+            raise
     bar.close()
+    if done == 0:
+        raise SaescopeError(f"corpus {cfg.corpus.source} (split {cfg.corpus.split}) gave no text")
     if done < n_seq_total:
         log.warning("corpus %s ran out after %d sequences (%d tokens) of the %d tokens asked for",
                     cfg.corpus.source, done, done * seq_len, cfg.tokens)
-    if done == 0:
-        raise SaescopeError(f"corpus {cfg.corpus.source} (split {cfg.corpus.split}) gave no text")
     writer.finish(tokens_requested=cfg.tokens, corpus_exhausted=done < n_seq_total)
     return ActivationStore(out)
 
@@ -147,7 +149,8 @@ class HarvestStream:
         rows = list(islice(self._rows, min(self.cfg.batch_size, left)))
         if not rows:
             return None
-        acts, _ = _kept_rows(self.lm, self._sites, torch.from_numpy(np.stack(rows)), self._special, self._seq)
+        ids = torch.from_numpy(np.stack(rows)).long()
+        acts = _kept(capture(self.lm, ids, self._sites), keep_mask(ids, self._special))
         self._seq += len(rows)
         return acts
 

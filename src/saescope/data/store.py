@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,15 +90,73 @@ def read_shard(path: Path, sha256: str, nbytes: int | None = None) -> dict[str, 
         raise SaescopeError(f"shard {path} cannot be read: {exc}") from None
 
 
+class _ShardFile:
+    """One safetensors shard written as its rows arrive. The row count is known before the model
+    runs (it is the number of non-special tokens), so the header is fixed up front and the sha256 is
+    updated as bytes go out. Only the commit fsyncs: syncing per batch measured 10% slower."""
+
+    _CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int32: "I32"}
+
+    def __init__(self, path: Path, head: dict[str, torch.Tensor], tail: tuple[str, tuple[int, ...], torch.dtype]):
+        self.path = path
+        name, shape, self.dtype = tail
+        self.shape = shape
+        header, offset = {}, 0
+        for key, t in head.items():
+            header[key] = {"dtype": self._CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        size = self.dtype.itemsize * shape[0] * shape[1]
+        header[name] = {"dtype": self._CODES[self.dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.partial")
+        self.file = self.tmp.open("wb")
+        self.hash = hashlib.sha256()
+        self.nbytes = 0
+        self.rows = 0
+        self._out(struct.pack("<Q", len(raw)) + raw)
+        for t in head.values():
+            self._out(t.contiguous().view(torch.uint8).numpy())
+
+    def _out(self, data) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+        self.nbytes += len(data) if isinstance(data, bytes) else data.nbytes
+
+    def append(self, x: torch.Tensor) -> None:
+        if x.shape[1:] != self.shape[1:] or self.rows + x.shape[0] > self.shape[0]:
+            raise SaescopeError(f"{self.path}: got rows {tuple(x.shape)} after {self.rows}, expected {self.shape} in all")
+        self._out(x.to(self.dtype).contiguous().view(torch.uint8).numpy())
+        self.rows += x.shape[0]
+
+    def commit(self) -> dict:
+        if self.rows != self.shape[0]:
+            raise SaescopeError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return {"file": self.path.name, "rows": self.shape[0], "bytes": self.nbytes, "sha256": self.hash.hexdigest()}
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 class StoreWriter:
-    """Appends shards to a store, committing each one atomically; reopening resumes."""
+    """Appends shards to a store, committing each one atomically; reopening resumes.
+
+    A shard is written in three steps, so that the model's forward overlaps the disk:
+    `begin_shard(tokens)`, `append(acts)` once per forward batch, `commit_shard()`."""
 
     def __init__(self, root: str | os.PathLike, *, model: str, sites: dict[str, int], dtype: str,
-                 seq_len: int, corpus: dict, shard_rows: int):
+                 seq_len: int, corpus: dict, special_ids: list[int]):
         self.root = Path(root)
         self.dtype = dtype
-        self.shard_rows = shard_rows
         self.sites = dict(sites)
+        self.special_ids = list(special_ids)
+        self._open: dict[str, _ShardFile] = {}
         settings = {"model": model, "sites": list(self.sites), "dtype": dtype, "seq_len": seq_len, "corpus": corpus}
         record_path = self.root / STORE_FILE
         if record_path.is_file():
@@ -110,8 +170,8 @@ class StoreWriter:
         else:
             if self.root.exists() and any(self.root.iterdir()):
                 raise SaescopeError(f"output folder {self.root} exists and is not an activation store; use another folder")
-            self.record = {"format": FORMAT, **settings, "n_sequences": 0, "n_tokens": 0, "n_rows": 0,
-                           "complete": False, "shards": []}
+            self.record = {"format": FORMAT, **settings, "special_ids": self.special_ids, "n_sequences": 0,
+                           "n_tokens": 0, "n_rows": 0, "complete": False, "shards": []}
             self.manifests = {}
             for site, d_in in self.sites.items():
                 self.manifests[site] = {"format": FORMAT, "model": model, "site": site, "d_in": d_in, "dtype": dtype,
@@ -127,10 +187,7 @@ class StoreWriter:
         for site in self.sites:
             m = _read_json(self.root / site / MANIFEST)
             if len(m["shards"]) > n:
-                m["shards"] = m["shards"][:n]
-                m["n_rows"] = sum(s["rows"] for s in m["shards"])
-                m["sum_sq_norm"] = sum(s["sum_sq_norm"] for s in m["shards"])
-                m["norm_scalar"] = _norm_scalar(m)
+                _trim(m, n)
                 _write_json(self.root / site / MANIFEST, m)
             self.manifests[site] = m
         keep = {_shard_name(k) for k in range(n)}
@@ -149,24 +206,37 @@ class StoreWriter:
     def n_sequences(self) -> int:
         return self.record["n_sequences"]
 
-    def write_shard(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor], token_id: torch.Tensor,
-                    sequence: torch.Tensor, position: torch.Tensor) -> None:
-        """Commit one shard: `tokens` are its packed rows, `acts` each site's kept positions."""
-        k = len(self.record["shards"])
-        name = _shard_name(k)
-        meta = {"token_id": token_id.to(torch.int32).contiguous(), "sequence": sequence.to(torch.int32).contiguous(),
-                "position": position.to(torch.int32).contiguous()}
-        rows = int(token_id.numel())
-        for site, x in acts.items():  # check everything before writing anything
-            if x.shape != (rows, self.sites[site]):
-                raise SaescopeError(f"shard for {site}: got {tuple(x.shape)}, expected ({rows}, {self.sites[site]})")
-            if not torch.isfinite(x).all():
-                raise SaescopeError(f"non-finite activations at {site} in sequences {int(sequence.min())}..{int(sequence.max())}; "
-                                    f"the store keeps its first {k} shards")
-        seq_entry = self._put(SEQUENCES, name, {"tokens": tokens.to(torch.int32).contiguous()})
+    def begin_shard(self, tokens: torch.Tensor) -> None:
+        """Open shard files for these packed rows; their non-special positions are the shard's rows."""
+        tokens = tokens.to(torch.int32)
+        keep = ~torch.isin(tokens, torch.tensor(self.special_ids, dtype=torch.int32))
+        seq, pos = torch.nonzero(keep, as_tuple=True)
+        meta = {"token_id": tokens[keep], "sequence": (seq + self.n_sequences).to(torch.int32),
+                "position": pos.to(torch.int32)}
+        rows = int(keep.sum())
+        name = _shard_name(len(self.record["shards"]))
+        self._tokens = tokens
+        self._sum_sq = dict.fromkeys(self.sites, 0.0)
+        self._open = {site: _ShardFile(self.root / site / name, meta, ("acts", (rows, d), _DTYPES[self.dtype]))
+                      for site, d in self.sites.items()}
+
+    def append(self, acts: dict[str, torch.Tensor]) -> None:
+        """Add the next rows of every site (in token order); non-finite values stop the harvest."""
         for site, x in acts.items():
-            entry = self._put(site, name, {"acts": x.to(_DTYPES[self.dtype]).contiguous(), **meta})
-            entry["sum_sq_norm"] = float(x.double().pow(2).sum())
+            sum_sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+            if not math.isfinite(sum_sq):
+                k = len(self.record["shards"])
+                self.abandon()
+                raise SaescopeError(f"non-finite activations at {site} in shard {k}; the store keeps its first {k} shards")
+            self._sum_sq[site] += sum_sq
+            self._open[site].append(x)
+
+    def commit_shard(self) -> None:
+        entries = {site: f.commit() for site, f in self._open.items()}
+        seq_entry = self._put(SEQUENCES, _shard_name(len(self.record["shards"])), {"tokens": self._tokens.contiguous()})
+        rows = next(iter(entries.values()))["rows"]
+        for site, entry in entries.items():
+            entry["sum_sq_norm"] = self._sum_sq[site]
             m = self.manifests[site]
             m["shards"].append(entry)
             m["n_rows"] += rows
@@ -175,10 +245,16 @@ class StoreWriter:
             _write_json(self.root / site / MANIFEST, m)
         rec = self.record
         rec["shards"].append(seq_entry)
-        rec["n_sequences"] += int(tokens.shape[0])
-        rec["n_tokens"] += int(tokens.numel())
+        rec["n_sequences"] += int(self._tokens.shape[0])
+        rec["n_tokens"] += int(self._tokens.numel())
         rec["n_rows"] += rows
         _write_json(self.root / STORE_FILE, rec)
+        self._open = {}
+
+    def abandon(self) -> None:
+        for f in self._open.values():
+            f.abandon()
+        self._open = {}
 
     def _put(self, folder: str, name: str, tensors: dict[str, torch.Tensor]) -> dict:
         data = st_save(tensors)
@@ -189,6 +265,14 @@ class StoreWriter:
     def finish(self, **info) -> None:
         self.record.update(info, complete=True)
         _write_json(self.root / STORE_FILE, self.record)
+
+
+def _trim(m: dict, n: int) -> None:
+    """Cut a site manifest back to its first n shards (a crash left it ahead of store.json)."""
+    m["shards"] = m["shards"][:n]
+    m["n_rows"] = sum(e["rows"] for e in m["shards"])
+    m["sum_sq_norm"] = sum(e["sum_sq_norm"] for e in m["shards"])
+    m["norm_scalar"] = _norm_scalar(m)
 
 
 def _norm_scalar(m: dict) -> float | None:
@@ -213,12 +297,9 @@ class ActivationStore:
         self.manifests = {s: _read_json(d / MANIFEST) for s, d in self._site_dirs.items()}
         if self.record is not None:
             n = len(self.record["shards"])
-            for s, m in self.manifests.items():  # a crash between manifest and record writes: trust the record
-                if len(m["shards"]) != n:
-                    m["shards"] = m["shards"][:n]
-                    m["n_rows"] = sum(e["rows"] for e in m["shards"])
-                    m["sum_sq_norm"] = sum(e["sum_sq_norm"] for e in m["shards"])
-                    m["norm_scalar"] = _norm_scalar(m)
+            for m in self.manifests.values():  # a crash between manifest and record writes: trust the record
+                if len(m["shards"]) > n:
+                    _trim(m, n)
 
     @property
     def sites(self) -> list[str]:

@@ -1,0 +1,89 @@
+"""Fixtures: a small BPE tokenizer trained in memory and tiny random-weight Gemma 2 / Gemma 3 models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SAMPLE_DOCS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Sparse autoencoders find features in the residual stream of a language model.",
+    "JumpReLU sets pre-activations at or below a threshold to zero.",
+    "Python's standard library has modules for text, numbers, files and the network.",
+    "A transcoder reads the MLP input and predicts the MLP output.",
+    "Gemma Scope trained SAEs on every layer and site of Gemma 2.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SAMPLE_DOCS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+    """Norm weights start at zero in Gemma; give every parameter a random value so each site differs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def tiny_model(kind: str, n_layers: int = 3):
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config,
+                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+
+    common = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                  num_attention_heads=2, num_key_value_heads=1, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    if kind == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(head_dim=24, **common))
+    elif kind == "gemma3":
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=24, sliding_window=4, **common))
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=n_layers, n_head=2,
+                                           bos_token_id=2, eos_token_id=1))
+    else:
+        raise ValueError(kind)
+    _randomise(model, seed=1)
+    return model.eval()
+
+
+@pytest.fixture(params=["gemma2", "gemma3"])
+def gemma_lm(request, tokenizer):
+    from saescope import LanguageModel
+
+    return LanguageModel(tiny_model(request.param), tokenizer=tokenizer, name=f"tiny-{request.param}")
+
+
+@pytest.fixture
+def tiny_lm(tokenizer):
+    from saescope import LanguageModel
+
+    return LanguageModel(tiny_model("gemma3"), tokenizer=tokenizer, name="tiny-gemma3")
+
+
+@pytest.fixture
+def doc_folder(tmp_path):
+    """A folder corpus with enough text for a few dozen 32-token rows."""
+    import json
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i, doc in enumerate(SAMPLE_DOCS):
+        (folder / f"{i}.txt").write_text(doc * 4)
+    with (folder / "more.jsonl").open("w") as f:
+        for i in range(20):
+            f.write(json.dumps({"text": f"Document number {i}: " + SAMPLE_DOCS[i % len(SAMPLE_DOCS)]}) + "\n")
+    return folder
