@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .errors import SaescopeError
@@ -13,6 +14,7 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("corpus")
     g.add_argument("--corpus", default=None, help="'python-docs' (built-in, default), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG]")
     g.add_argument("--text-field", default=None, help="text column of .jsonl/.parquet/datasets (default: text)")
+    g.add_argument("--hf-split", default=None, help="split of a hf: dataset (default: train)")
     g.add_argument("--split", default=None, choices=["train", "heldout", "all"], help="documents to read (default: train)")
     g.add_argument("--holdout-fraction", type=float, default=None, help="share of documents held out (default: 0.05)")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per packed row (default: 1024)")
@@ -20,7 +22,7 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _corpus_values(args) -> dict:
-    names = {"corpus": "source", "text_field": "text_field", "split": "split",
+    names = {"corpus": "source", "text_field": "text_field", "hf_split": "hf_split", "split": "split",
              "holdout_fraction": "holdout_fraction", "seq_len": "seq_len", "seed": "seed"}
     return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
 
@@ -54,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `saescope ... | head` ends quietly
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -94,7 +98,8 @@ def _dispatch(args) -> int:
         lm = load_model(args.model)
         print(f"{lm}; sites KIND.LAYER for layers 0..{lm.n_layers - 1}:")
         for kind in KINDS:
-            print(f"  {kind}.L  width {Site(kind, 0).width(lm):>6}  ({Site(kind, 0).tl_name.replace('.0.', '.L.')})")
+            site = Site(kind, 0)
+            print(f"  {kind + '.L':<9} width {site.width(lm):>6}  ({site.tl_name.replace('.0.', '.L.')})")
     elif args.command == "info":
         from .data import ActivationStore
 

