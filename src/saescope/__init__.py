@@ -1,12 +1,18 @@
 """saescope: read activations from any transformer LM, train and evaluate JumpReLU SAEs and
 transcoders by the Gemma Scope recipe, and explore their features."""
 
+from .checks import check_sae
 from .config import CorpusConfig, HarvestConfig
 from .data import ActivationStore, HarvestStream, harvest, iter_documents, pack
 from .errors import SaescopeError
-from .lm import DEFAULT_MODEL, LanguageModel, Site, capture, load_model, splice
+from .lm import DEFAULT_MODEL, LanguageModel, capture, load_model, splice
+from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, SparseAutoencoder, TopKSAE, build_sae
+from .sae.formats import load_sae, save_sae
+from .site import Site
 
 __version__ = "0.1.0"
 
-__all__ = ["DEFAULT_MODEL", "ActivationStore", "CorpusConfig", "HarvestConfig", "HarvestStream", "LanguageModel",
-           "SaescopeError", "Site", "capture", "harvest", "iter_documents", "load_model", "pack", "splice"]
+__all__ = ["DEFAULT_MODEL", "ActivationStore", "BatchTopKSAE", "CorpusConfig", "HarvestConfig", "HarvestStream",
+           "JumpReLUSAE", "LanguageModel", "ReLUSAE", "SAEConfig", "SaescopeError", "Site", "SparseAutoencoder",
+           "TopKSAE", "build_sae", "capture", "check_sae", "harvest", "iter_documents", "load_model", "load_sae", "pack",
+           "save_sae", "splice"]

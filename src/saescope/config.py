@@ -49,7 +49,7 @@ class HarvestConfig(_Config):
     @field_validator("sites", mode="before")
     @classmethod
     def _sites(cls, v):
-        from .lm.sites import parse_sites
+        from .site import parse_sites
 
         return [str(s) for s in parse_sites(v)]
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import SaescopeError
+from ..files import atomic_write
 from .stream import default_buffer_rows, shuffled_batches
 
 FORMAT = 1
@@ -39,21 +39,6 @@ STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
 SEQUENCES = "sequences"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_json(path: Path, obj: dict) -> None:

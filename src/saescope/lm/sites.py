@@ -4,83 +4,13 @@ splicing a function into one of them."""
 from __future__ import annotations
 
 import contextlib
-import re
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
 from ..errors import SaescopeError
+from ..site import KINDS, Site, parse_sites
 from .model import LanguageModel, _get
-
-KINDS = ("resid", "attn", "mlp", "mlp_in")
-_TL_NAMES = {  # TransformerLens hook names for the same points
-    "hook_resid_post": "resid",
-    "attn.hook_z": "attn",
-    "hook_mlp_out": "mlp",
-    "ln2.hook_normalized": "mlp_in",
-}
-_SHORT = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>-?\d+)$")
-_TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
-
-
-@dataclass(frozen=True, order=True)
-class Site:
-    """A point in the model: `kind` in resid / attn / mlp / mlp_in, at decoder block `layer`."""
-
-    kind: str
-    layer: int
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise SaescopeError(f"unknown site kind '{self.kind}'; available: {', '.join(KINDS)}")
-        if not isinstance(self.layer, int) or self.layer < 0:
-            raise SaescopeError(f"site layer must be a non-negative integer, got {self.layer!r}")
-
-    @classmethod
-    def parse(cls, value: "str | Site") -> "Site":
-        """Accept `resid.6` or TransformerLens names like `blocks.6.attn.hook_z`."""
-        if isinstance(value, Site):
-            return value
-        text = str(value).strip()
-        if m := _SHORT.match(text):
-            return cls(m["kind"], int(m["layer"]))
-        if (m := _TL.match(text)) and m["hook"] in _TL_NAMES:
-            return cls(_TL_NAMES[m["hook"]], int(m["layer"]))
-        raise SaescopeError(
-            f"unknown site '{text}'; use KIND.LAYER with KIND in {', '.join(KINDS)} (e.g. resid.6), "
-            f"or blocks.L.{{{', '.join(_TL_NAMES)}}}")
-
-    def __str__(self) -> str:
-        return f"{self.kind}.{self.layer}"
-
-    @property
-    def tl_name(self) -> str:
-        hook = next(h for h, k in _TL_NAMES.items() if k == self.kind)
-        return f"blocks.{self.layer}.{hook}"
-
-    def check(self, lm: LanguageModel) -> "Site":
-        if self.layer >= lm.n_layers:
-            raise SaescopeError(f"site {self}: layer {self.layer} out of range; {lm.name} has layers 0..{lm.n_layers - 1}")
-        return self
-
-    def width(self, lm: LanguageModel) -> int:
-        return lm.attn_width if self.kind == "attn" else lm.d_model
-
-
-def parse_sites(sites: "str | Site | Iterable[str | Site]") -> list[Site]:
-    """A comma-separated string or a list of sites, parsed and de-duplicated in order."""
-    if isinstance(sites, (str, Site)):
-        sites = [s for s in str(sites).split(",") if s.strip()] if isinstance(sites, str) else [sites]
-    out = []
-    for s in sites:
-        site = Site.parse(s)
-        if site not in out:
-            out.append(site)
-    if not out:
-        raise SaescopeError("no sites given")
-    return out
-
 
 def available_sites(lm: LanguageModel) -> list[str]:
     return [str(Site(k, layer)) for layer in range(lm.n_layers) for k in KINDS]

@@ -1,0 +1,172 @@
+"""What every dictionary shares: parameters, the normalisation scalar, decoding, folding, and the
+decoder-row constraint. Subclasses say how latents are chosen (`_activate`) and what sparsity costs.
+
+Every SAE takes *raw* activations. An unfolded SAE (as trained) holds the scalar C and a
+pre-encoder bias and computes C·f(x/C); `fold()` moves C and the pre-encoder bias into the
+weights (SPEC §2) and gives the released form with identical outputs."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+ARCHS = ("jumprelu", "topk", "batchtopk", "relu")
+
+
+@dataclass
+class SAEConfig:
+    """Shape, kind and provenance of one SAE or transcoder."""
+
+    arch: str = "jumprelu"
+    d_in: int = 0
+    d_sae: int = 0
+    d_out: int | None = None            # transcoders: the target's width (default d_in)
+    site: str | None = None             # where it reads, e.g. "resid.6" or "mlp_in.6"
+    target_site: str | None = None      # transcoders: what it predicts, e.g. "mlp.6"
+    model: str | None = None
+    k: int | None = None                # topk / batchtopk
+    theta_param: str = "theta"          # jumprelu: train θ directly ("theta") or log θ ("log")
+    bandwidth: float = 0.001            # ε of the rectangle kernel
+    extra: dict = field(default_factory=dict)  # provenance: training config, metrics, ...
+
+    def __post_init__(self):
+        from ..errors import SaescopeError
+
+        if self.arch not in ARCHS:
+            raise SaescopeError(f"unknown SAE architecture '{self.arch}'; available: {', '.join(ARCHS)}")
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise SaescopeError(f"SAE needs positive d_in and d_sae, got {self.d_in} and {self.d_sae}")
+        if self.arch in ("topk", "batchtopk") and not (self.k and 0 < self.k <= self.d_sae):
+            raise SaescopeError(f"{self.arch} SAE needs k in 1..{self.d_sae}, got {self.k}")
+        if self.theta_param not in ("theta", "log"):
+            raise SaescopeError(f"theta_param must be 'theta' or 'log', got '{self.theta_param}'")
+
+    @property
+    def transcoder(self) -> bool:
+        return self.target_site is not None
+
+    @property
+    def width_out(self) -> int:
+        return self.d_out or self.d_in
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SparseAutoencoder(nn.Module):
+    """Parameters W_enc (d_in × m), b_enc (m), W_dec (m × d_out), b_dec (d_out) as in SPEC §3."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        m, d_in, d_out = cfg.d_sae, cfg.d_in, cfg.width_out
+        self.W_enc = nn.Parameter(torch.zeros(d_in, m))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.zeros(m, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        self.register_buffer("norm_scalar", torch.tensor(1.0))     # C: the SAE sees x / C
+        self.register_buffer("pre_encoder_bias", torch.tensor(False))
+
+    # --- the two forms -------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activations of *normalised* input (training form)."""
+        if self.pre_encoder_bias:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations of raw input x [..., d_in] → [..., d_sae]."""
+        c = self.norm_scalar
+        return self._activate(self.pre_acts(x / c)) * c
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Raw reconstruction from raw latents [..., d_sae] → [..., d_out]."""
+        return f @ self.W_dec + self.b_dec * self.norm_scalar
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- training ------------------------------------------------------------------------------
+    def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_coeff: float,
+                      dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss on normalised input and target: {"loss", "mse", "l0", "acts" (f), ...}.
+        `dead` marks latents that have not fired for a while (used by AuxK)."""
+        raise NotImplementedError
+
+    def _reconstruction(self, f: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x̂ in the normalised space and the summed squared error, batch-averaged."""
+        x_hat = f @ self.W_dec + self.b_dec
+        return x_hat, (x_hat - target).pow(2).sum(-1).mean()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """SPEC §2: W_dec He-uniform with unit-norm rows; W_enc = W_decᵀ, except for transcoders
+        (their encoder reads another space), whose W_enc is He-uniform with unit-norm columns."""
+        w = torch.empty_like(self.W_dec)
+        bound = math.sqrt(6.0 / w.shape[1])  # He-uniform, fan_in = d_out
+        w.uniform_(-bound, bound, generator=generator)
+        self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+        if not self.cfg.transcoder:
+            self.W_enc.copy_(self.W_dec.T)
+        else:
+            bound = math.sqrt(6.0 / self.W_enc.shape[0])
+            self.W_enc.uniform_(-bound, bound, generator=generator)
+            self.W_enc.mul_(1.0 / self.W_enc.norm(dim=0, keepdim=True))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the part of each decoder row's gradient that would change the row's norm."""
+        if self.W_dec.grad is not None:
+            w, g = self.W_dec, self.W_dec.grad
+            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # --- folding -------------------------------------------------------------------------------
+    @property
+    def folded(self) -> bool:
+        return float(self.norm_scalar) == 1.0 and not bool(self.pre_encoder_bias)
+
+    @torch.no_grad()
+    def fold(self) -> "SparseAutoencoder":
+        """A copy in the released form: raw input, no pre-encoder bias, C = 1 (SPEC §2 folding)."""
+        out = copy.deepcopy(self)
+        c = float(self.norm_scalar)
+        b_enc = self.b_enc - (self.b_dec @ self.W_enc if bool(self.pre_encoder_bias) else 0.0)
+        out.b_enc.copy_(c * b_enc)
+        out.b_dec.copy_(c * self.b_dec)
+        out._fold_threshold(c)
+        out.norm_scalar.fill_(1.0)
+        out.pre_encoder_bias.fill_(False)
+        out.cfg = replace(self.cfg)
+        return out
+
+    def _fold_threshold(self, c: float) -> None:
+        """Scale whatever thresholds the architecture has by C."""
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """Per-latent thresholds of the inference form (zeros where the architecture has none)."""
+        return torch.zeros_like(self.b_enc)
+
+    def save(self, path, format: str = "native"):
+        """Write to folder `path` as "gemmascope" (params.npz), "saelens" or "native"."""
+        from .formats import save_sae
+
+        return save_sae(self, path, format)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        site = f", {c.site}" + (f" → {c.target_site}" if c.transcoder else "") if c.site else ""
+        return f"{c.arch}, d_in={c.d_in}, d_sae={c.d_sae}{site}{', folded' if self.folded else ''}"

@@ -1,0 +1,85 @@
+"""Baselines on the same interface and trainer: TopK, BatchTopK (both with AuxK) and ReLU + L1."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SAEConfig, SparseAutoencoder
+
+AUXK_COEFF = 1 / 32  # weight of the AuxK loss (Gao et al. 2024)
+
+
+class TopKSAE(SparseAutoencoder):
+    """f = the k largest of ReLU(pre) per token, the rest zero."""
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        vals, idx = pre.relu().topk(self.cfg.k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, idx, vals)
+
+    def _select(self, pre: torch.Tensor) -> torch.Tensor:
+        return self._activate(pre)
+
+    def training_loss(self, x, target, sparsity_coeff, dead=None):
+        pre = self.pre_acts(x)
+        f = self._select(pre)
+        x_hat, mse = self._reconstruction(f, target)
+        aux = self._auxk(pre, target - x_hat.detach(), dead)
+        l0 = (f > 0).sum(-1).float().mean()
+        return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": l0, "acts": f.detach()}
+
+    def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+        """Reconstruct the residual error from the top dead latents, so dead latents get gradient."""
+        if dead is None or not bool(dead.any()):
+            return pre.new_zeros(())
+        k_aux = min(int(dead.sum()), max(1, self.cfg.d_in // 2))
+        vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
+        rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
+        return (rec - residual).pow(2).sum(-1).mean()
+
+
+class BatchTopKSAE(TopKSAE):
+    """Training keeps the k·batch largest activations of the whole batch; inference uses one
+    threshold (an average of the smallest kept activation), i.e. a JumpReLU with a shared θ."""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__(cfg)
+        self.register_buffer("shared_threshold", torch.tensor(-1.0))  # < 0: not yet estimated
+
+    def _select(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = pre.relu()
+        flat = acts.reshape(-1)
+        n = min(self.cfg.k * acts.shape[0], flat.numel())
+        vals, idx = flat.topk(n)
+        f = torch.zeros_like(flat).scatter(0, idx, vals).reshape(acts.shape)
+        with torch.no_grad():
+            smallest = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_zeros(())
+            t = self.shared_threshold
+            t.copy_(smallest if float(t) < 0 else 0.99 * t + 0.01 * smallest)
+        return f
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if float(self.shared_threshold) < 0:
+            return super()._activate(pre)
+        return pre * (pre > self.shared_threshold).to(pre.dtype)
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.shared_threshold.clamp_min(0).expand(self.cfg.d_sae)
+
+    def _fold_threshold(self, c: float) -> None:
+        if float(self.shared_threshold) >= 0:
+            self.shared_threshold.mul_(c)
+
+
+class ReLUSAE(SparseAutoencoder):
+    """f = ReLU(pre); sparsity by an L1 penalty weighted by decoder row norms (unit here)."""
+
+    def _activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre.relu()
+
+    def training_loss(self, x, target, sparsity_coeff, dead=None):
+        f = self._activate(self.pre_acts(x))
+        _, mse = self._reconstruction(f, target)
+        l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l0 = (f > 0).sum(-1).float().mean()
+        return {"loss": mse + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": l0, "acts": f.detach()}
