@@ -61,6 +61,81 @@ class HarvestConfig(_Config):
         return v
 
 
+class SAESpec(_Config):
+    """A family of SAEs on the same data: every site × width × (λ, k or target L0) combination."""
+
+    sites: list[str] = Field(default_factory=lambda: ["resid.6"], description="input sites; for transcoders mlp_in.L")
+    arch: str = Field("jumprelu", description="jumprelu, topk, batchtopk or relu")
+    widths: list[int] = Field(default_factory=lambda: [4096], description="numbers of latents")
+    lambdas: list[float] = Field(default_factory=lambda: [6e-4], description="sparsity coefficients (jumprelu: L0, relu: L1)")
+    ks: list[int] = Field(default_factory=lambda: [32], description="active latents per token (topk, batchtopk)")
+    target_l0: list[float] = Field(default_factory=list, description="jumprelu: adapt λ to land on each of these L0s")
+    transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
+    theta_param: str = Field("theta", description="train θ directly ('theta') or as log θ ('log', the paper)")
+    bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
+    b_dec_init: str = Field("zeros", description="'zeros' (the paper) or 'mean' of the first batch")
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _sites(cls, v):
+        from .site import parse_sites
+
+        return [str(s) for s in parse_sites(v)]
+
+    @field_validator("arch")
+    @classmethod
+    def _arch(cls, v: str) -> str:
+        from .sae.base import ARCHS
+
+        if v not in ARCHS:
+            raise ValueError(f"must be one of {', '.join(ARCHS)}")
+        return v
+
+    @field_validator("widths", "ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(x <= 0 for x in v):
+            raise ValueError("must be a non-empty list of positive integers")
+        return v
+
+    @field_validator("b_dec_init")
+    @classmethod
+    def _b_dec_init(cls, v: str) -> str:
+        if v not in ("zeros", "mean"):
+            raise ValueError("must be 'zeros' or 'mean'")
+        return v
+
+    @field_validator("theta_param")
+    @classmethod
+    def _theta(cls, v: str) -> str:
+        if v not in ("theta", "log"):
+            raise ValueError("must be 'theta' or 'log'")
+        return v
+
+
+class TrainConfig(_Config):
+    """Activations → SAEs: the data source, the suite, and the recipe (SPEC §2 defaults)."""
+
+    store: str | None = Field(None, description="activation store folder (else stream from `harvest`)")
+    harvest: HarvestConfig | None = Field(None, description="stream activations from a model, no disk")
+    saes: list[SAESpec] = Field(default_factory=lambda: [SAESpec()])
+    tokens: int = Field(1_000_000, gt=0, description="training tokens (steps = tokens // batch_size)")
+    batch_size: int = Field(4096, gt=0)
+    lr: float = Field(7e-5, gt=0)
+    lr_warmup_steps: int | None = Field(None, ge=0, description="cosine warm-up from 0.1·lr; default min(1000, 5% of steps)")
+    lambda_warmup_steps: int | None = Field(None, ge=0, description="linear λ warm-up from 0; default min(10000, 20% of steps)")
+    adam_beta1: float = Field(0.0, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    target_l0_gain: float = Field(0.01, gt=0, description="target-L0 mode: step of log λ per unit of log(L0/target)")
+    dead_tokens: int | None = Field(None, gt=0, description="a latent unfired this long is dead; default min(10M, tokens/10)")
+    buffer_rows: int | None = Field(None, gt=0, description="shuffle buffer rows (default ~10^6 or what memory allows)")
+    seed: int = 0
+    checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
+    log_every: int = Field(10, gt=0, description="steps between metrics lines")
+    device: str = "cpu"
+
+
 def validated(cls: type[_Config], **values) -> _Config:
     """Build a config, turning pydantic's multi-line report into one SaescopeError line."""
     try:

@@ -119,6 +119,10 @@ class HarvestStream:
     def sites(self) -> list[str]:
         return [str(s) for s in self._sites]
 
+    @property
+    def model_name(self) -> str:
+        return self.lm.name
+
     def d_in(self, site) -> int:
         return self._site(site).width(self.lm)
 

@@ -290,6 +290,10 @@ class ActivationStore:
     def sites(self) -> list[str]:
         return list(self.manifests)
 
+    @property
+    def model_name(self) -> str | None:
+        return next(iter(self.manifests.values())).get("model")
+
     def _site(self, site) -> str:
         key = str(site)
         if key not in self.manifests:

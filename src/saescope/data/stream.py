@@ -60,3 +60,35 @@ def shuffled_batches(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int,
                 yield from drain(buffer_rows // 2)
     if fill:
         yield from drain(fill)
+
+
+class TensorSource:
+    """Activations already in memory ({site: [rows, d]}, rows aligned), behind the store's interface."""
+
+    def __init__(self, acts: dict[str, torch.Tensor], model_name: str | None = None):
+        rows = {x.shape[0] for x in acts.values()}
+        if len(rows) != 1:
+            raise ValueError(f"all sites need the same number of rows, got {sorted(rows)}")
+        self.acts = {str(k): v.float() for k, v in acts.items()}
+        self.model_name = model_name
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.acts)
+
+    def d_in(self, site) -> int:
+        return self.acts[str(site)].shape[1]
+
+    def n_rows(self, site=None) -> int:
+        return next(iter(self.acts.values())).shape[0]
+
+    def norm_scalar(self, site) -> float:
+        return float(self.acts[str(site)].double().pow(2).sum(1).mean().sqrt())
+
+    def batches(self, batch_size: int, *, sites=None, seed: int = 0, epochs: int = 1,
+                buffer_rows: int | None = None, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        keys = [str(s) for s in (sites if sites is not None else self.sites)]
+        gen = torch.Generator().manual_seed(seed)
+        chunks = ({k: self.acts[k] for k in keys} for _ in range(epochs))
+        rows = buffer_rows or self.n_rows()
+        return shuffled_batches(chunks, batch_size, max(rows, batch_size), gen, drop_last=drop_last)

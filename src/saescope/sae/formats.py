@@ -156,6 +156,8 @@ def _from_arrays(arrays: dict[str, torch.Tensor], cfg_values: dict, where: Path)
 
 
 def _load_gemmascope(path: Path) -> SparseAutoencoder:
+    if not zipfile.is_zipfile(path):  # np.load would otherwise try a pickle
+        raise SaescopeError(f"{path} is not a readable npz file (not a zip archive, or truncated)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: torch.from_numpy(np.ascontiguousarray(npz[k], dtype=np.float32)) for k in npz.files}

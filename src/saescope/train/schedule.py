@@ -1,0 +1,46 @@
+"""Learning-rate and sparsity-coefficient schedules (SPEC §2), and the target-L0 controller."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def warmup_steps(configured: int | None, total: int, paper: int, share: float) -> int:
+    """The paper's warm-up length, shortened to `share` of the run when the run is short (choice)."""
+    return configured if configured is not None else min(paper, int(share * total))
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Cosine warm-up from 0.1·lr to lr over `warmup` steps, then constant (no decay)."""
+    if step >= warmup:
+        return lr
+    return lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warmup)))
+
+
+def coeff_at(step: int, coeff: float, warmup: int) -> float:
+    """λ warmed up linearly from 0 over `warmup` steps."""
+    return coeff if step >= warmup else coeff * step / warmup
+
+
+@dataclass
+class TargetL0:
+    """Adapts λ so that the SAE's L0 settles on `target`: log λ moves by gain · log(L0/target),
+    on an exponential average of L0 (the L0 answers λ with a lag, through θ)."""
+
+    target: float
+    log_lambda: float
+    gain: float
+    ema_l0: float | None = None
+
+    @property
+    def coeff(self) -> float:
+        return math.exp(self.log_lambda)
+
+    def update(self, l0: float) -> None:
+        self.ema_l0 = l0 if self.ema_l0 is None else 0.9 * self.ema_l0 + 0.1 * l0
+        error = math.log(max(self.ema_l0, 1e-3) / self.target)
+        self.log_lambda += max(-0.05, min(0.05, self.gain * error))  # θ follows λ slowly: small steps
+
+    def state(self) -> dict:
+        return {"target": self.target, "log_lambda": self.log_lambda, "gain": self.gain, "ema_l0": self.ema_l0}

@@ -1,0 +1,305 @@
+"""Many SAEs from one activation stream, by the Gemma Scope recipe (SPEC §2).
+
+Every SAE of a suite sees the same shuffled batches (one read of the store, or one harvest),
+each with its own Adam state and sparsity schedule. Checkpoints hold weights, optimizer and
+controller states, the dead-latent counters and the step; the data position is the step, since
+the stream is a deterministic function of the seed, so a resumed run replays it and skips ahead."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import SAESpec, TrainConfig
+from ..errors import SaescopeError
+from ..files import atomic_write
+from ..sae import SAEConfig, SparseAutoencoder, build_sae
+from ..sae.formats import width_label
+from ..site import Site
+from .schedule import TargetL0, coeff_at, lr_at, warmup_steps
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class Member:
+    """One SAE of the suite with everything that trains it."""
+
+    name: str
+    sae: SparseAutoencoder
+    site: str
+    target: str
+    coeff: float
+    optimizer: torch.optim.Adam
+    controller: TargetL0 | None = None
+    since_fired: torch.Tensor | None = None  # tokens since each latent last fired
+    sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
+
+
+def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str:
+    kind = f"{spec.arch}-tc" if spec.transcoder else spec.arch
+    if spec.arch in ("topk", "batchtopk"):
+        tag = f"k{value}"
+    elif spec.target_l0:
+        tag = f"l0_{value:g}"
+    else:
+        tag = f"lam{value:g}"
+    return f"{site}-{kind}-{width_label(width)}-{tag}"
+
+
+def expand(cfg: TrainConfig) -> list[tuple[str, SAESpec, str, str, int, float]]:
+    """(name, spec, site, target site, width, λ / k / target L0) for every SAE of the suite."""
+    out = []
+    for spec in cfg.saes:
+        values = spec.ks if spec.arch in ("topk", "batchtopk") else (spec.target_l0 or spec.lambdas)
+        if spec.target_l0 and spec.arch != "jumprelu":
+            raise SaescopeError(f"target_l0 is for jumprelu SAEs; {spec.arch} sets sparsity with ks or lambdas")
+        for site in spec.sites:
+            target = site
+            if spec.transcoder:
+                s = Site.parse(site)
+                if s.kind != "mlp_in":
+                    raise SaescopeError(f"a transcoder reads mlp_in.L, not {site}")
+                target = str(Site("mlp", s.layer))
+            for width in spec.widths:
+                for value in values:
+                    out.append((member_name(spec, site, width, value), spec, site, target, width, value))
+    names = [o[0] for o in out]
+    if len(set(names)) != len(names):
+        raise SaescopeError("the suite lists the same SAE twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: str | Path, source=None, *, model_name: str | None = None):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.source = source if source is not None else _open_source(cfg)
+        self.plan = expand(cfg)
+        self.sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        missing = [s for s in self.sites if s not in self.source.sites]
+        if missing:
+            raise SaescopeError(f"the activation source has no {', '.join(missing)}; it holds {', '.join(self.source.sites)}")
+        self.model_name = model_name or getattr(self.source, "model_name", None)
+        self.steps = cfg.tokens // cfg.batch_size
+        if self.steps < 1:
+            raise SaescopeError(f"tokens ({cfg.tokens}) must cover at least one batch of {cfg.batch_size}")
+        self.lr_warmup = warmup_steps(cfg.lr_warmup_steps, self.steps, 1000, 0.05)
+        self.coeff_warmup = warmup_steps(cfg.lambda_warmup_steps, self.steps, 10_000, 0.2)
+        self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.tokens // 10, cfg.batch_size))
+        self.device = torch.device(cfg.device)
+        self.members: list[Member] = []
+        self.step = 0
+
+    # --- set-up --------------------------------------------------------------------------------
+    def _build(self, first_batch: dict[str, torch.Tensor]) -> None:
+        for i, (name, spec, site, target, width, value) in enumerate(self.plan):
+            d_in = first_batch[site].shape[1]
+            sae_cfg = SAEConfig(
+                arch=spec.arch, d_in=d_in, d_sae=width, d_out=first_batch[target].shape[1] if spec.transcoder else None,
+                site=site, target_site=target if spec.transcoder else None, model=self.model_name,
+                k=int(value) if spec.arch in ("topk", "batchtopk") else None,
+                theta_param=spec.theta_param, bandwidth=spec.bandwidth)
+            sae = build_sae(sae_cfg)
+            sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 1000 + i))
+            # SPEC §2: SAEs see x / C with E‖x/C‖² = 1; transcoders divide input and target by √d_model
+            c = math.sqrt(d_in) if spec.transcoder else self.source.norm_scalar(site)
+            sae.norm_scalar.fill_(c)
+            sae.pre_encoder_bias.fill_(not spec.transcoder)
+            if spec.b_dec_init == "mean":
+                with torch.no_grad():
+                    sae.b_dec.copy_((first_batch[target] / c).mean(0))
+            sae = sae.to(self.device)
+            opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
+                                   eps=self.cfg.adam_eps)
+            controller = None
+            if spec.target_l0:
+                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain)
+            coeff = 0.0 if spec.arch in ("topk", "batchtopk") else float(value if not spec.target_l0 else spec.lambdas[0])
+            self.members.append(Member(name, sae, site, target, coeff, opt, controller,
+                                       torch.zeros(width, dtype=torch.long, device=self.device)))
+
+    def _batches(self):
+        rows = self.source.n_rows(self.sites[0]) if hasattr(self.source, "n_rows") else None
+        needed = self.steps * self.cfg.batch_size
+        epochs = max(1, math.ceil(needed / rows)) if rows else 1
+        return self.source.batches(self.cfg.batch_size, sites=self.sites, seed=self.cfg.seed, epochs=epochs,
+                                   buffer_rows=self.cfg.buffer_rows, drop_last=True)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        state = {
+            "step": self.step, "config": self.cfg.model_dump_json(),
+            "members": {m.name: {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
+                                 "optimizer": m.optimizer.state_dict(), "since_fired": m.since_fired,
+                                 "controller": json.dumps(m.controller.state() if m.controller else None)}
+                        for m in self.members},
+            "rng": torch.get_rng_state(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write(self.out / CHECKPOINT, buf.getvalue())
+
+    def _load_checkpoint(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.is_file():
+            return False
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # torch raises several types for a damaged file
+            raise SaescopeError(f"checkpoint {path} cannot be read ({str(exc).splitlines()[0]}); move it away to start over") from None
+        if state["config"] != self.cfg.model_dump_json():
+            raise SaescopeError(f"{self.out} holds a run with another configuration; use another output folder")
+        for m in self.members:
+            s = state["members"][m.name]
+            m.sae.load_state_dict(s["sae"])
+            m.optimizer.load_state_dict(s["optimizer"])
+            m.since_fired.copy_(s["since_fired"])
+            ctl = json.loads(s["controller"])
+            if ctl:
+                m.controller = TargetL0(**ctl)
+        torch.set_rng_state(state["rng"])
+        self.step = state["step"]
+        return True
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> list[Path]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(self.cfg.model_dump_json(indent=1))
+        stream = self._batches()
+        first = next(stream, None)
+        if first is None:
+            raise SaescopeError("the activation source gave no batch; it holds fewer rows than one batch")
+        torch.manual_seed(self.cfg.seed)
+        self._build(first)
+        resumed = self._load_checkpoint()
+        if resumed:  # the stream is a function of the seed: replay it up to the checkpoint's step
+            stream = islice(stream, self.step - 1, None)
+        else:
+            stream = _chain_first(first, stream)
+        bar = tqdm(total=self.steps * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
+                   unit_scale=True, desc=f"train {len(self.members)} SAEs", disable=not progress)
+        last_good = self.step if resumed else None
+        start, start_step = time.perf_counter(), self.step
+        with (self.out / METRICS).open("a") as log:
+            while self.step < self.steps:
+                batch = next(stream, None)
+                if batch is None:
+                    raise SaescopeError(f"the activation source ran out at step {self.step} of {self.steps}")
+                self._check_batch(batch, last_good)
+                for m in self.members:
+                    self._train_step(m, batch, last_good)
+                self.step += 1
+                bar.update(self.cfg.batch_size)
+                if self.step % self.cfg.log_every == 0 or self.step == self.steps:
+                    rate = (self.step - start_step) * self.cfg.batch_size / max(time.perf_counter() - start, 1e-9)
+                    self._log(log, rate, bar)
+                if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self._save_checkpoint()
+                    last_good = self.step
+        bar.close()
+        self._save_checkpoint()
+        return self._write_saes()
+
+    def _check_batch(self, batch: dict[str, torch.Tensor], last_good: int | None) -> None:
+        for site in self.sites:
+            if not torch.isfinite(batch[site]).all():
+                raise SaescopeError(f"NaN or Inf in the activations of {site} at step {self.step}; {_kept(last_good)}")
+
+    def _train_step(self, m: Member, batch: dict[str, torch.Tensor], last_good: int | None) -> None:
+        c = m.sae.norm_scalar
+        x = batch[m.site].to(self.device) / c
+        y = x if m.target == m.site else batch[m.target].to(self.device) / c
+        coeff = m.controller.coeff if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
+        dead = m.since_fired >= self.dead_tokens
+        out = m.sae.training_loss(x, y, coeff, dead=dead)
+        loss = float(out["loss"].detach())
+        if not math.isfinite(loss):
+            raise SaescopeError(f"{m.name}: the loss is {loss} at step {self.step}; {_kept(last_good)}")
+        lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
+        for group in m.optimizer.param_groups:
+            group["lr"] = lr
+        m.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        m.sae.remove_parallel_grad()
+        m.optimizer.step()
+        m.sae.normalize_decoder()
+        if hasattr(m.sae, "clamp_threshold"):
+            m.sae.clamp_threshold()
+        fired = (out["acts"] > 0).any(0)
+        m.since_fired += x.shape[0]
+        m.since_fired[fired] = 0
+        l0 = float(out["l0"])
+        if m.controller:
+            m.controller.update(l0)
+        with torch.no_grad():
+            var = (y - y.mean(0)).pow(2).sum(-1).mean()
+        mse = float(out["mse"].detach())
+        for key, value in (("loss", loss), ("mse", mse), ("l0", l0), ("fvu", mse / float(var)), ("lambda", coeff), ("lr", lr)):
+            m.sums[key] = m.sums.get(key, 0.0) + value
+        m.sums["n"] = m.sums.get("n", 0) + 1
+
+    def _log(self, log, rate: float, bar) -> None:
+        shown = None
+        for m in self.members:
+            n = m.sums.pop("n", 1)
+            line = {"sae": m.name, "step": self.step, "tokens": self.step * self.cfg.batch_size,
+                    **{k: v / n for k, v in m.sums.items()},
+                    "dead_fraction": float((m.since_fired >= self.dead_tokens).float().mean()), "tokens_per_s": rate}
+            log.write(json.dumps(line) + "\n")
+            m.sums.clear()
+            shown = shown or f"{m.name}: L0 {line.get('l0', float('nan')):.1f}, FVU {line.get('fvu', float('nan')):.3f}"
+        log.flush()
+        bar.set_postfix_str(shown, refresh=False)
+
+    def _write_saes(self) -> list[Path]:
+        paths = []
+        final = _last_metrics(self.out / METRICS)
+        for m in self.members:
+            m.sae.cfg.extra = {"training": json.loads(self.cfg.model_dump_json()), "final_metrics": final.get(m.name, {}),
+                               "steps": self.step}
+            paths.append(m.sae.cpu().save(self.out / "saes" / m.name, format="native"))
+        return paths
+
+
+def _kept(last_good: int | None) -> str:
+    return (f"stopped; the checkpoint of step {last_good} is kept" if last_good is not None
+            else "stopped before the first checkpoint")
+
+
+def _chain_first(first, rest):
+    yield first
+    yield from rest
+
+
+def _last_metrics(path: Path) -> dict[str, dict]:
+    last: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            last[rec["sae"]] = rec
+    return last
+
+
+def _open_source(cfg: TrainConfig):
+    from ..data import ActivationStore, HarvestStream
+
+    if cfg.store:
+        return ActivationStore(cfg.store)
+    if cfg.harvest:
+        return HarvestStream(cfg.harvest)
+    raise SaescopeError("training needs activations: set `store` (a harvest folder) or `harvest` (stream from a model)")
+
+
+def train(cfg: TrainConfig, out: str | Path, *, source=None, progress: bool = True) -> list[Path]:
+    """Train every SAE of `cfg` into `out/saes/<name>/`; rerunning resumes from the checkpoint."""
+    return Trainer(cfg, out, source).run(progress=progress)

@@ -1,0 +1,133 @@
+"""Save/load round trips in all three formats, Gemma Scope release paths, and refused files."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from saescope import LanguageModel, SAEConfig, SaescopeError, build_sae, check_sae, load_sae
+from saescope.sae.formats import gemmascope_dir, width_label
+
+
+def _trained_like(arch="jumprelu", **kw):
+    cfg = SAEConfig(arch=arch, d_in=32, d_sae=64, site="resid.1", model="tiny", **kw)
+    sae = build_sae(cfg)
+    gen = torch.Generator().manual_seed(0)
+    sae.init_weights(gen)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(64, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(cfg.width_out, generator=gen))
+        if arch == "jumprelu":
+            sae.set_threshold(torch.rand(64, generator=gen) * 0.2)
+    sae.norm_scalar.fill_(12.5)
+    sae.pre_encoder_bias.fill_(not cfg.transcoder)
+    return sae
+
+
+@pytest.mark.parametrize("fmt", ["gemmascope", "saelens", "native"])
+@pytest.mark.parametrize("arch, kw", [("jumprelu", {}), ("jumprelu", {"theta_param": "log"}), ("topk", {"k": 4}),
+                                      ("relu", {}), ("jumprelu", {"target_site": "mlp.1", "site": None})])
+def test_round_trip(tmp_path, fmt, arch, kw):
+    if kw.get("site", "x") is None:
+        kw = {**kw}
+        kw.pop("site")
+    sae = _trained_like(arch, **kw)
+    if arch == "topk" and fmt == "gemmascope":
+        with pytest.raises(SaescopeError, match="Gemma Scope format holds JumpReLU"):
+            sae.save(tmp_path / "s", format=fmt)
+        return
+    sae.save(tmp_path / "s", format=fmt)
+    back = load_sae(tmp_path / "s")
+    x = torch.randn(16, 32) * 12.5
+    if fmt == "native":
+        for k, v in sae.state_dict().items():
+            assert torch.equal(back.state_dict()[k], v), k
+        assert back.cfg == sae.cfg
+    else:  # released form: folded, float32; the same function of raw activations
+        assert back.folded
+        folded = sae.fold()
+        for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(back, k), getattr(folded, k)), k
+        torch.testing.assert_close(back.threshold, folded.threshold)
+    torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-4)
+    assert back.cfg.arch == sae.cfg.arch or (fmt == "gemmascope" and back.cfg.arch == "jumprelu")
+
+
+def test_gemmascope_npz_layout(tmp_path):
+    sae = _trained_like()
+    sae.save(tmp_path, format="gemmascope")
+    with np.load(tmp_path / "params.npz", allow_pickle=False) as npz:
+        assert sorted(npz.files) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
+        assert all(npz[k].dtype == np.float32 for k in npz.files)
+        assert npz["W_enc"].shape == (32, 64) and npz["W_dec"].shape == (64, 32)
+
+
+def test_release_tree_and_canonical(tmp_path):
+    root = tmp_path / "gemma-scope-2b-pt-res"
+    for l0 in (22, 71, 141, 300):
+        _trained_like().save(gemmascope_dir(root, 20, 16384, l0 + 0.4), format="gemmascope")
+    assert (root / "layer_20" / "width_16k" / "average_l0_71" / "params.npz").is_file()
+    sae = load_sae(root / "layer_20" / "width_16k" / "average_l0_71")
+    assert sae.cfg.site == "resid.20" and sae.cfg.model == "gemma-2-2b"
+    canon = load_sae(root / "layer_20" / "width_16k" / "canonical")   # |141 − 100| < |71 − 100|
+    assert torch.equal(canon.W_enc, load_sae(root / "layer_20/width_16k/average_l0_141/params.npz").W_enc)
+    tc = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_9"
+    _trained_like().save(tc, format="gemmascope")
+    assert (load_sae(tc).cfg.site, load_sae(tc).cfg.target_site) == ("mlp_in.3", "mlp.3")
+    assert [width_label(w) for w in (4096, 16384, 65536, 131072, 2**20)] == ["4k", "16k", "65k", "131k", "1m"]
+
+
+def test_saelens_hook_names(tmp_path):
+    _trained_like().save(tmp_path, format="saelens")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["hook_layer"] == 1
+    assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False
+    assert cfg["normalize_activations"] == "none" and cfg["d_sae"] == 64
+    del cfg["saescope"]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    assert load_sae(tmp_path).cfg.site == "resid.1"
+
+
+def test_object_arrays_are_refused(tmp_path):
+    buf = io.BytesIO()
+    np.savez(buf, W_enc=np.array([{"evil": 1}], dtype=object))
+    (tmp_path / "params.npz").write_bytes(buf.getvalue())
+    with pytest.raises(SaescopeError, match="need unpickling; refused"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable npz file"),
+    (lambda p: p.write_bytes(b"not a zip"), "not a readable npz file"),
+])
+def test_damaged_npz(tmp_path, damage, message):
+    _trained_like().save(tmp_path, format="gemmascope")
+    damage(tmp_path / "params.npz")
+    with pytest.raises(SaescopeError, match=message):
+        load_sae(tmp_path)
+
+
+def test_bad_shapes_and_missing(tmp_path):
+    np.savez(tmp_path / "params.npz", W_enc=np.zeros((4, 8), np.float32), W_dec=np.zeros((8, 4), np.float32),
+             b_enc=np.zeros(8, np.float32), b_dec=np.zeros(5, np.float32), threshold=np.zeros(8, np.float32))
+    with pytest.raises(SaescopeError, match=r"b_dec has shape \(5,\), expected \(4,\)"):
+        load_sae(tmp_path)
+    with pytest.raises(SaescopeError, match="holds no SAE"):
+        load_sae(tmp_path / "..")
+    with pytest.raises(SaescopeError, match="SAE not found"):
+        load_sae(tmp_path / "nope")
+
+
+def test_sae_must_fit_the_model():
+    lm = LanguageModel(tiny_model("gemma2"))
+    sae = _trained_like()
+    assert str(check_sae(sae, lm)) == "resid.1"
+    with pytest.raises(SaescopeError, match=r"SAE d_in 32 does not match attn\.1 of .*, which is 48 wide"):
+        check_sae(sae, lm, "attn.1")
+    with pytest.raises(SaescopeError, match="layer 7 out of range"):
+        check_sae(sae, lm, "resid.7")
