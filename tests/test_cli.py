@@ -49,3 +49,38 @@ def test_errors_are_one_line(args, message, model_dir, tmp_path, capsys):
     assert main(["-q", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("saescope: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_path, capsys):
+    store = tmp_path / "st"
+    assert main(["-q", "harvest", "--model", str(model_dir), "--sites", "resid.1,mlp_in.1,mlp.1", "--tokens", "1024",
+                 "--out", str(store), "--corpus", str(doc_folder), "--seq-len", "64"]) == 0
+    (tmp_path / "train.toml").write_text(
+        f'store = "{store}"\ntokens = 2048\nbatch_size = 128\nlr = 1e-3\n'
+        '[[saes]]\nsites = ["resid.1"]\nwidths = [16, 32]\nlambdas = [1e-2]\n'
+        '[[saes]]\nsites = ["mlp_in.1"]\ntranscoder = true\nwidths = [16]\n')
+    assert main(["-q", "train", "--config", str(tmp_path / "train.toml"), "--out", str(tmp_path / "run")]) == 0
+    assert "3 SAEs in" in capsys.readouterr().out
+    names = sorted(p.name for p in (tmp_path / "run" / "saes").iterdir())
+    assert names == ["mlp_in.1-jumprelu-tc-16-lam0.0006", "resid.1-jumprelu-16-lam0.01", "resid.1-jumprelu-32-lam0.01"]
+    assert main(["-q", "train", "--store", str(store), "--sites", "resid.1", "--arch", "topk", "--ks", "2,4",
+                 "--widths", "16", "--tokens", "1024", "--batch-size", "128", "--out", str(tmp_path / "run2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "run2" / "saes").iterdir()) == ["resid.1-topk-16-k2", "resid.1-topk-16-k4"]
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("tokens = 100\n[[saes]]\nwidth = [16]\n", "saes.0.width: Extra inputs are not permitted"),
+    ("lr = -1\n", "lr: Input should be greater than 0"),
+    ("[[saes]]\narch = 'gated'\n", "saes.0.arch: must be one of jumprelu, topk, batchtopk, relu"),
+    ("tokens = = 3\n", "cannot be parsed"),
+])
+def test_train_config_errors_name_the_field(tmp_path, capsys, toml, message):
+    (tmp_path / "bad.toml").write_text(toml)
+    assert main(["-q", "train", "--config", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_train_needs_activations(tmp_path, capsys):
+    assert main(["-q", "train", "--out", str(tmp_path / "o")]) == 2
+    assert "training needs activations" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 from .errors import SaescopeError
 
@@ -42,6 +43,30 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
     h.add_argument("--device", default="cpu")
     _corpus_args(h)
+
+    t = sub.add_parser("train", help="train a suite of SAEs / transcoders from a store or a streaming harvest",
+                       description="Flags override the --config file; any SAE flag replaces the file's [[saes]] with one family.")
+    t.add_argument("--config", default=None, help="a .toml or .json TrainConfig (see README)")
+    t.add_argument("--out", required=True, help="output folder; a rerun resumes from its checkpoint")
+    t.add_argument("--store", default=None, help="activation store folder")
+    t.add_argument("--model", default=None, help="stream from this model instead of a store (no disk)")
+    t.add_argument("--harvest-tokens", type=int, default=None, help="with --model: tokens to harvest (default: --tokens)")
+    g = t.add_argument_group("the SAE family (sites × widths × λ / k / target L0)")
+    g.add_argument("--sites", default=None, help="comma-separated input sites, e.g. resid.6,resid.12")
+    g.add_argument("--arch", default=None, choices=["jumprelu", "topk", "batchtopk", "relu"])
+    g.add_argument("--widths", default=None, help="comma-separated, e.g. 4096,16384")
+    g.add_argument("--lambdas", default=None, help="comma-separated sparsity coefficients")
+    g.add_argument("--ks", default=None, help="comma-separated k for topk / batchtopk")
+    g.add_argument("--target-l0", default=None, help="comma-separated L0 targets (jumprelu; adapts λ)")
+    g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
+    g.add_argument("--theta-param", default=None, choices=["theta", "log"])
+    g.add_argument("--b-dec-init", default=None, choices=["zeros", "mean"])
+    h2 = t.add_argument_group("recipe")
+    for flag, kind, text in (("--tokens", int, "training tokens"), ("--batch-size", int, "activations per step"),
+                             ("--lr", float, "learning rate (paper 7e-5)"), ("--seed", int, "data and init seed"),
+                             ("--checkpoint-every", int, "steps between checkpoints"),
+                             ("--log-every", int, "steps between metrics lines"), ("--device", str, "cpu, cuda, ...")):
+        h2.add_argument(flag, type=kind, default=None, help=text)
 
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
@@ -86,6 +111,11 @@ def _dispatch(args) -> int:
                         dtype=args.dtype, shard_mb=args.shard_mb, device=args.device, corpus=corpus)
         store = harvest(cfg, args.out, progress=not args.quiet)
         print(store.summary())
+    elif args.command == "train":
+        from .train import train
+
+        paths = train(_train_config(args), args.out, progress=not args.quiet)
+        print(f"{len(paths)} SAEs in {Path(args.out) / 'saes'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
     elif args.command == "run":
         from .pipeline import load_config, run
 
@@ -105,6 +135,38 @@ def _dispatch(args) -> int:
 
         print(ActivationStore(args.path).summary())
     return 0
+
+
+def _train_config(args):
+    from .config import HarvestConfig, TrainConfig, config_from_file, validated
+
+    def numbers(text, kind):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise SaescopeError(f"cannot read '{text}' as a comma-separated list of {kind.__name__} values") from None
+
+    spec = {k: v for k, v in {
+        "sites": args.sites, "arch": args.arch, "transcoder": args.transcoder, "theta_param": args.theta_param,
+        "b_dec_init": args.b_dec_init,
+        "widths": args.widths and numbers(args.widths, int), "lambdas": args.lambdas and numbers(args.lambdas, float),
+        "ks": args.ks and numbers(args.ks, int), "target_l0": args.target_l0 and numbers(args.target_l0, float),
+    }.items() if v is not None}
+    top = {k: v for k, v in {
+        "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "device": args.device,
+    }.items() if v is not None}
+    if spec:
+        top["saes"] = [spec]
+    if args.model:
+        tokens = args.harvest_tokens or args.tokens or 1_000_000
+        top["harvest"] = validated(HarvestConfig, model=args.model, sites=spec.get("sites", "resid.6"), tokens=tokens,
+                                   device=args.device or "cpu").model_dump()
+        if spec.get("transcoder"):
+            top["harvest"]["sites"] += [s.replace("mlp_in.", "mlp.") for s in top["harvest"]["sites"]]
+    if args.config:
+        return config_from_file(TrainConfig, args.config, **top)
+    return validated(TrainConfig, **top)
 
 
 if __name__ == "__main__":

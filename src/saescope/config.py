@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SaescopeError
@@ -134,6 +138,34 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
     log_every: int = Field(10, gt=0, description="steps between metrics lines")
     device: str = "cpu"
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A .toml or .json file as a dict, or a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SaescopeError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:
+                import tomli as tomllib
+            return tomllib.loads(path.read_text())
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise SaescopeError(f"config {path} cannot be parsed: {exc}") from None
+    raise SaescopeError(f"config {path}: use a .toml or .json file")
+
+
+def config_from_file(cls: type[_Config], path: str | Path, **overrides) -> _Config:
+    """`cls` from a config file, with `overrides` (e.g. from flags) on top; misspelt keys are errors."""
+    values = {**read_config_file(path), **overrides}
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise SaescopeError(f"config {path}: " + one_line(exc, cls.__name__)) from None
 
 
 def validated(cls: type[_Config], **values) -> _Config:

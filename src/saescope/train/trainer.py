@@ -11,6 +11,7 @@ import io
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -102,7 +103,7 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------
     def _build(self, first_batch: dict[str, torch.Tensor]) -> None:
-        for i, (name, spec, site, target, width, value) in enumerate(self.plan):
+        for name, spec, site, target, width, value in self.plan:
             d_in = first_batch[site].shape[1]
             sae_cfg = SAEConfig(
                 arch=spec.arch, d_in=d_in, d_sae=width, d_out=first_batch[target].shape[1] if spec.transcoder else None,
@@ -110,7 +111,8 @@ class Trainer:
                 k=int(value) if spec.arch in ("topk", "batchtopk") else None,
                 theta_param=spec.theta_param, bandwidth=spec.bandwidth)
             sae = build_sae(sae_cfg)
-            sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 1000 + i))
+            # seeded by name: an SAE starts the same whether trained alone or within any suite
+            sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(name.encode())))
             # SPEC §2: SAEs see x / C with E‖x/C‖² = 1; transcoders divide input and target by √d_model
             c = math.sqrt(d_in) if spec.transcoder else self.source.norm_scalar(site)
             sae.norm_scalar.fill_(c)

@@ -1,0 +1,153 @@
+"""The trainer: a planted dictionary recovered, target-L0 mode, exact resume, NaN stops, many SAEs at once."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from saescope import SaescopeError, load_sae
+from saescope.config import SAESpec, TrainConfig
+from saescope.data import TensorSource
+from saescope.train import Trainer, coeff_at, lr_at, train
+
+
+def planted(n=60_000, d=32, m=64, l0=4.0, seed=0):
+    """x = codes @ D: m known unit directions, each token using about `l0` of them with size U(1, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    codes = (torch.rand(n, m, generator=g) < l0 / m) * (torch.rand(n, m, generator=g) * 2 + 1)
+    return codes @ D, D, codes
+
+
+@pytest.fixture(scope="module")
+def planted_data():
+    return planted()
+
+
+def _recovered(sae, D) -> float:
+    W = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    return float(((D @ W.T).max(1).values > 0.9).float().mean())
+
+
+def test_schedules():
+    assert lr_at(0, 1.0, 100) == pytest.approx(0.1) and lr_at(50, 1.0, 100) == pytest.approx(0.55)
+    assert lr_at(100, 1.0, 100) == 1.0 and lr_at(10**6, 1.0, 100) == 1.0
+    assert coeff_at(0, 2.0, 10) == 0.0 and coeff_at(5, 2.0, 10) == 1.0 and coeff_at(10, 2.0, 10) == 2.0
+
+
+def test_planted_dictionary_is_recovered(planted_data, tmp_path):
+    x, D, codes = planted_data
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[128], lambdas=[2e-2])], tokens=3000 * 1024,
+                      batch_size=1024, lr=3e-3, checkpoint_every=0, log_every=100)
+    [path] = train(cfg, tmp_path, source=TensorSource({"resid.0": x}), progress=False)
+    sae = load_sae(path)
+    planted_l0 = float((codes > 0).sum(1).float().mean())
+    l0 = float((sae.encode(x[:10_000]) > 0).sum(1).float().mean())
+    assert _recovered(sae, D) >= 0.9
+    assert abs(l0 - planted_l0) <= 0.25 * planted_l0
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(128))  # unit rows all the way
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 30 and {"loss", "mse", "l0", "fvu", "dead_fraction", "lambda", "lr", "tokens_per_s"} <= set(lines[-1])
+    assert lines[-1]["fvu"] < lines[0]["fvu"] and lines[-1]["lambda"] == pytest.approx(2e-2)
+    assert sae.cfg.extra["final_metrics"]["l0"] == lines[-1]["l0"]
+
+
+def test_target_l0_mode_lands_on_the_target(planted_data, tmp_path):
+    x, _, _ = planted_data
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[128], lambdas=[2e-2], target_l0=[6.0])],
+                      tokens=3000 * 1024, batch_size=1024, lr=3e-3, checkpoint_every=0, log_every=100)
+    [path] = train(cfg, tmp_path, source=TensorSource({"resid.0": x}), progress=False)
+    l0 = float((load_sae(path).encode(x[:10_000]) > 0).sum(1).float().mean())
+    assert abs(l0 - 6.0) <= 0.15 * 6.0
+
+
+def _suite_cfg(**kw):
+    values = dict(saes=[SAESpec(sites=["resid.0", "resid.1"], widths=[16, 24], lambdas=[1e-2, 3e-2]),
+                        SAESpec(sites=["resid.0"], arch="topk", widths=[16], ks=[3]),
+                        SAESpec(sites=["resid.0"], arch="batchtopk", widths=[16], ks=[3]),
+                        SAESpec(sites=["resid.0"], arch="relu", widths=[16], lambdas=[1e-2]),
+                        SAESpec(sites=["mlp_in.0"], transcoder=True, widths=[16], lambdas=[1e-2])],
+                  tokens=40 * 256, batch_size=256, lr=1e-3, checkpoint_every=10, log_every=5, dead_tokens=512)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def suite_source():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 8, generator=g) * 5 + 2
+    return TensorSource({"resid.0": x, "resid.1": x.roll(1, 1) * 2, "mlp_in.0": x[:, :6], "mlp.0": x.tanh() * 3})
+
+
+def _weights(folder):
+    return {p.name: load_sae(p).state_dict() for p in sorted((folder / "saes").iterdir())}
+
+
+def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypatch):
+    cfg = _suite_cfg()
+    train(cfg, tmp_path / "whole", source=suite_source, progress=False)
+    whole = _weights(tmp_path / "whole")
+    assert len(whole) == 12  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder
+
+    real = Trainer._train_step
+
+    def dying(self, m, batch, last_good):
+        if self.step == 25:
+            raise KeyboardInterrupt
+        return real(self, m, batch, last_good)
+
+    monkeypatch.setattr(Trainer, "_train_step", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", source=suite_source, progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "cut" / "saes").exists()
+    train(cfg, tmp_path / "cut", source=suite_source, progress=False)
+    resumed = _weights(tmp_path / "cut")
+    for name, state in whole.items():
+        for k, v in state.items():
+            torch.testing.assert_close(resumed[name][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+
+
+def test_each_sae_of_a_suite_equals_training_it_alone(suite_source, tmp_path):
+    train(_suite_cfg(checkpoint_every=0), tmp_path / "suite", source=suite_source, progress=False)
+    alone = _suite_cfg(saes=[SAESpec(sites=["resid.1"], widths=[24], lambdas=[3e-2])], checkpoint_every=0)
+    [path] = train(alone, tmp_path / "alone", source=suite_source, progress=False)
+    suite = load_sae(tmp_path / "suite" / "saes" / path.name).state_dict()
+    for k, v in load_sae(path).state_dict().items():
+        torch.testing.assert_close(v, suite[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_nan_in_a_batch_stops_with_the_checkpoint_kept(tmp_path):
+    x = torch.randn(4000, 8)
+    x[3000:] = float("nan")
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[16])], tokens=30 * 128, batch_size=128, lr=1e-3,
+                      checkpoint_every=5, buffer_rows=128)
+    src = TensorSource({"resid.0": x})
+    src.norm_scalar = lambda site: 1.0
+    with pytest.raises(SaescopeError, match=r"NaN or Inf in the activations of resid\.0 at step 2\d; stopped; the checkpoint of step 2\d is kept"):
+        train(cfg, tmp_path, source=src, progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["step"] in (20, 25)
+    assert all(torch.isfinite(v).all() for v in state["members"]["resid.0-jumprelu-16-lam0.0006"]["sae"].values()
+               if v.is_floating_point())
+
+
+def test_diverging_loss_stops(tmp_path):
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[16])], tokens=10 * 128, batch_size=128, lr=1e30,
+                      checkpoint_every=0)
+    with pytest.raises(SaescopeError, match=r"resid\.0-jumprelu-16-lam0\.0006: the loss is (nan|inf)"):
+        train(cfg, tmp_path, source=TensorSource({"resid.0": torch.randn(2000, 8) * 1e3}), progress=False)
+
+
+def test_bad_suites(suite_source, tmp_path):
+    with pytest.raises(SaescopeError, match="a transcoder reads mlp_in.L, not resid.0"):
+        Trainer(TrainConfig(saes=[SAESpec(sites=["resid.0"], transcoder=True)]), tmp_path, suite_source)
+    with pytest.raises(SaescopeError, match=r"the activation source has no attn\.3"):
+        Trainer(TrainConfig(saes=[SAESpec(sites=["attn.3"])]), tmp_path, suite_source)
+    with pytest.raises(SaescopeError, match="target_l0 is for jumprelu SAEs"):
+        Trainer(TrainConfig(saes=[SAESpec(arch="topk", target_l0=[5.0])]), tmp_path, suite_source)
+    assert math.isfinite(suite_source.norm_scalar("resid.0"))
