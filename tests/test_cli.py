@@ -84,3 +84,28 @@ def test_train_config_errors_name_the_field(tmp_path, capsys, toml, message):
 def test_train_needs_activations(tmp_path, capsys):
     assert main(["-q", "train", "--out", str(tmp_path / "o")]) == 2
     assert "training needs activations" in capsys.readouterr().err
+
+
+def test_eval_writes_json_and_markdown(model_dir, doc_folder, tmp_path, capsys):
+    import json
+
+    from saescope import ReLUSAE, SAEConfig
+
+    for site, d in (("resid.1", 32), ("attn.0", 48)):
+        sae = ReLUSAE(SAEConfig(arch="relu", d_in=d, d_sae=8, site=site))
+        sae.init_weights()
+        sae.save(tmp_path / "saes" / site, format="saelens" if site == "attn.0" else "gemmascope")
+    out = tmp_path / "eval.json"
+    args = ["-q", "eval", "--sae", str(tmp_path / "saes"), "--model", str(model_dir), "--tokens", "128",
+            "--corpus", str(doc_folder), "--seq-len", "32", "--holdout-fraction", "0.5", "--out", str(out)]
+    assert main(args) == 2  # gemmascope folder has no site recorded → resid.1 unknown: a clear error
+    assert "does not say which site it reads" in capsys.readouterr().err
+    (tmp_path / "saes" / "resid.1" / "params.npz").unlink()
+    ReLUSAE(SAEConfig(arch="relu", d_in=32, d_sae=8, site="resid.1")).save(tmp_path / "saes" / "resid.1")
+    assert main(args) == 0
+    records = json.loads(out.read_text())
+    assert [r["sae"] for r in records] == ["attn.0", "resid.1"]
+    assert {"l0", "fvu", "delta_loss", "ce_loss_clean", "ce_loss_spliced", "ce_loss_recovered", "kl",
+            "dead_fraction", "dense_fraction", "n_tokens", "site", "path"} <= set(records[0])
+    assert records[0]["n_tokens"] == 128
+    assert "| attn.0 | attn.0 | 8 |" in out.with_suffix(".md").read_text()

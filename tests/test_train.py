@@ -70,7 +70,8 @@ def _suite_cfg(**kw):
                         SAESpec(sites=["resid.0"], arch="topk", widths=[16], ks=[3]),
                         SAESpec(sites=["resid.0"], arch="batchtopk", widths=[16], ks=[3]),
                         SAESpec(sites=["resid.0"], arch="relu", widths=[16], lambdas=[1e-2]),
-                        SAESpec(sites=["mlp_in.0"], transcoder=True, widths=[16], lambdas=[1e-2])],
+                        SAESpec(sites=["mlp_in.0"], transcoder=True, widths=[16], lambdas=[1e-2]),
+                        SAESpec(sites=["resid.1"], widths=[16], lambdas=[1e-2], target_l0=[3.0])],
                   tokens=40 * 256, batch_size=256, lr=1e-3, checkpoint_every=10, log_every=5, dead_tokens=512)
     values.update(kw)
     return TrainConfig(**values)
@@ -91,7 +92,7 @@ def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypa
     cfg = _suite_cfg()
     train(cfg, tmp_path / "whole", source=suite_source, progress=False)
     whole = _weights(tmp_path / "whole")
-    assert len(whole) == 12  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder
+    assert len(whole) == 13  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder + target L0
 
     real = Trainer._train_step
 
@@ -151,3 +152,16 @@ def test_bad_suites(suite_source, tmp_path):
     with pytest.raises(SaescopeError, match="target_l0 is for jumprelu SAEs"):
         Trainer(TrainConfig(saes=[SAESpec(arch="topk", target_l0=[5.0])]), tmp_path, suite_source)
     assert math.isfinite(suite_source.norm_scalar("resid.0"))
+
+
+def test_training_straight_from_a_model(tiny_lm, doc_folder, tmp_path):
+    from saescope import CorpusConfig, HarvestConfig, HarvestStream
+
+    harvest_cfg = HarvestConfig(sites=["mlp_in.1", "mlp.1"], tokens=640, batch_size=4,
+                                corpus=CorpusConfig(source=str(doc_folder), seq_len=32))
+    cfg = TrainConfig(harvest=harvest_cfg, saes=[SAESpec(sites=["mlp_in.1"], transcoder=True, widths=[16])],
+                      tokens=4 * 128, batch_size=128, lr=1e-3, buffer_rows=256)
+    [path] = train(cfg, tmp_path, source=HarvestStream(harvest_cfg, lm=tiny_lm), progress=False)
+    sae = load_sae(path)
+    assert sae.cfg.transcoder and sae.cfg.model == "tiny-gemma3"
+    assert float(sae.norm_scalar) == pytest.approx(math.sqrt(32))  # transcoders: √d_model (SPEC §2)

@@ -12,7 +12,7 @@ def check_sae(sae: SparseAutoencoder, lm: LanguageModel, site: str | Site | None
     """The site `sae` reads in `lm` (its own unless `site` is given), or a one-line error."""
     cfg = sae.cfg
     if site is None and cfg.site is None:
-        raise SaescopeError("the SAE does not say which site it reads; pass the site")
+        raise SaescopeError("the SAE does not say which site it reads; pass the site (e.g. --site resid.6)")
     where = Site.parse(site if site is not None else cfg.site).check(lm)
     if where.width(lm) != cfg.d_in:
         raise SaescopeError(f"SAE d_in {cfg.d_in} does not match {where} of {lm.name}, which is {where.width(lm)} wide")

@@ -68,6 +68,17 @@ def _parser() -> argparse.ArgumentParser:
                              ("--log-every", int, "steps between metrics lines"), ("--device", str, "cpu, cuda, ...")):
         h2.add_argument(flag, type=kind, default=None, help=text)
 
+    e = sub.add_parser("eval", help="evaluate SAEs / transcoders on held-out tokens (L0, FVU, delta loss, KL, ...)")
+    e.add_argument("--sae", action="append", required=True,
+                   help="an SAE folder or params.npz (any format), or a folder of SAE folders; repeatable")
+    e.add_argument("--model", default="gemma-3-270m")
+    e.add_argument("--site", default=None, help="the site, for SAE files that do not say where they read")
+    e.add_argument("--tokens", type=int, default=8192, help="held-out tokens to evaluate on")
+    e.add_argument("--out", required=True, help="JSON file for the results (a markdown table goes beside it)")
+    e.add_argument("--batch-size", type=int, default=1, help="sequences per forward")
+    e.add_argument("--device", default="cpu")
+    _corpus_args(e)
+
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
     r.add_argument("--out", required=True, help="output folder; a rerun skips finished stages")
@@ -116,6 +127,14 @@ def _dispatch(args) -> int:
 
         paths = train(_train_config(args), args.out, progress=not args.quiet)
         print(f"{len(paths)} SAEs in {Path(args.out) / 'saes'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
+    elif args.command == "eval":
+        from .evals.report import evaluate_paths
+
+        corpus = validated(CorpusConfig, **{"split": "heldout", **_corpus_values(args)})
+        records = evaluate_paths(args.sae, args.model, corpus, args.tokens, args.out, batch_size=args.batch_size,
+                                 device=args.device, site=args.site, progress=not args.quiet)
+        print(Path(args.out).with_suffix(".md").read_text())
+        print(f"{len(records)} SAEs evaluated; results in {args.out}")
     elif args.command == "run":
         from .pipeline import load_config, run
 

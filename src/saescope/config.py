@@ -14,6 +14,15 @@ BUILTIN_CORPUS = "python-docs"
 DTYPES = ("float32", "bfloat16")
 
 
+def _site_list(value) -> list[str]:
+    from .site import parse_sites
+
+    try:
+        return [str(s) for s in parse_sites(value)]
+    except SaescopeError as exc:  # as a ValueError, pydantic names the field
+        raise ValueError(str(exc)) from None
+
+
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -50,12 +59,7 @@ class HarvestConfig(_Config):
     device: str = "cpu"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
 
-    @field_validator("sites", mode="before")
-    @classmethod
-    def _sites(cls, v):
-        from .site import parse_sites
-
-        return [str(s) for s in parse_sites(v)]
+    _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
 
     @field_validator("dtype")
     @classmethod
@@ -79,12 +83,7 @@ class SAESpec(_Config):
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
     b_dec_init: str = Field("zeros", description="'zeros' (the paper) or 'mean' of the first batch")
 
-    @field_validator("sites", mode="before")
-    @classmethod
-    def _sites(cls, v):
-        from .site import parse_sites
-
-        return [str(s) for s in parse_sites(v)]
+    _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
 
     @field_validator("arch")
     @classmethod

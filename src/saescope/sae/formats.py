@@ -81,22 +81,35 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
     return path
 
 
+def detect_format(path: str | os.PathLike) -> str | None:
+    """"native", "saelens" or "gemmascope" by the files at `path`, or None if it holds no SAE."""
+    path = Path(path)
+    if path.is_file():
+        return "gemmascope" if path.name == "params.npz" else None
+    if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
+        return "native"
+    if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+        return "saelens"
+    if (path / "params.npz").is_file():
+        return "gemmascope"
+    return None
+
+
 def load_sae(path: str | os.PathLike) -> SparseAutoencoder:
     """Load an SAE from a native folder, a SAELens folder, a Gemma Scope `params.npz` (or its
     folder), or a Gemma Scope `.../width_W/canonical` path (the sibling with L0 closest to 100)."""
     path = Path(path)
     if path.name == "canonical" and not path.exists():
         path = _canonical(path.parent)
-    if path.is_file() and path.name == "params.npz":
-        return _load_gemmascope(path)
-    if not path.is_dir():
+    if not path.exists():
         raise SaescopeError(f"SAE not found: {path}")
-    if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
+    fmt = detect_format(path)
+    if fmt == "native":
         return _load_native(path)
-    if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
+    if fmt == "saelens":
         return _load_saelens(path)
-    if (path / "params.npz").is_file():
-        return _load_gemmascope(path / "params.npz")
+    if fmt == "gemmascope":
+        return _load_gemmascope(path if path.is_file() else path / "params.npz")
     raise SaescopeError(f"{path} holds no SAE: expected params.npz (Gemma Scope), cfg.json + "
                         f"sae_weights.safetensors (SAELens) or config.json + sae.safetensors (saescope)")
 

