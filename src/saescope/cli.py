@@ -139,8 +139,11 @@ def _dispatch(args) -> int:
         from .pipeline import load_config, run
 
         outputs = run(load_config(args.config), args.out, progress=not args.quiet)
-        print(outputs["activations"].summary())
-        print(f"activation store: {outputs['activations'].root}")
+        from .evals.report import markdown_table
+
+        print(markdown_table(outputs["records"]))
+        print("wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in outputs["timings"].items()))
+        print(f"report: {outputs['report']}")
     elif args.command == "sites":
         from .lm import KINDS, Site, load_model
 

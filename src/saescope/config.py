@@ -81,7 +81,7 @@ class SAESpec(_Config):
     transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
     theta_param: str = Field("theta", description="train θ directly ('theta') or as log θ ('log', the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
-    b_dec_init: str = Field("zeros", description="'zeros' (the paper) or 'mean' of the first batch")
+    b_dec_init: str = Field("mean", description="'mean' of the first batch (measured better, see README) or 'zeros' (the paper)")
 
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
 
@@ -130,7 +130,7 @@ class TrainConfig(_Config):
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
-    target_l0_gain: float = Field(0.01, gt=0, description="target-L0 mode: step of log λ per unit of log(L0/target)")
+    target_l0_gain: float = Field(0.03, gt=0, description="target-L0 mode: step of log λ per unit of log(L0/target)")
     dead_tokens: int | None = Field(None, gt=0, description="a latent unfired this long is dead; default min(10M, tokens/10)")
     buffer_rows: int | None = Field(None, gt=0, description="shuffle buffer rows (default ~10^6 or what memory allows)")
     seed: int = 0

@@ -1,22 +1,46 @@
-"""`saescope run`: the pipeline's stages in order, each skipped when its output is complete.
-
-Stages so far: harvest. Training, evaluation and the explorer join as they land."""
+"""`saescope run`: corpus → harvest → train a suite → evaluate → report, each stage skipped when
+its output is already complete, so a rerun after an interruption picks up where it stopped."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from pydantic import Field
 
-from .config import HarvestConfig, _Config, config_from_file
+from .config import CorpusConfig, HarvestConfig, SAESpec, TrainConfig, _Config, config_from_file
 from .data import harvest
+from .errors import SaescopeError
+from .files import atomic_write
+
+STAGES = ("harvest", "train", "eval", "report")
+
+
+def _default_train() -> TrainConfig:
+    """A small suite that fits the 20-minute budget on a 2-core CPU: a λ ladder at two widths,
+    and TopK, BatchTopK and ReLU-L1 at the wider width, all on the same activations."""
+    common = dict(sites=["resid.6"])
+    return TrainConfig(
+        saes=[SAESpec(widths=[1024, 2048], lambdas=[1e-4, 3e-4, 1e-3], **common),
+              SAESpec(arch="topk", widths=[2048], ks=[16, 48], **common),
+              SAESpec(arch="batchtopk", widths=[2048], ks=[32], **common),
+              SAESpec(arch="relu", widths=[2048], lambdas=[3e-3], **common)],
+        tokens=150 * 2048, batch_size=2048, lr=1e-3, checkpoint_every=25, log_every=10)
+
+
+class EvalConfig(_Config):
+    tokens: int = Field(2048, gt=0, description="held-out tokens for every SAE's metrics")
+    seq_len: int = Field(256, ge=2, description="row length of the held-out text")
+    batch_size: int = Field(2, gt=0)
 
 
 class RunConfig(_Config):
     """The whole pipeline; the defaults are the embedded Gemma 3 270M on the built-in corpus."""
 
-    harvest: HarvestConfig = Field(default_factory=lambda: HarvestConfig(
-        sites=["resid.6", "attn.6", "mlp.6", "mlp_in.6"], tokens=8192))
+    harvest: HarvestConfig = Field(default_factory=lambda: HarvestConfig(sites=["resid.6"], tokens=204_800))
+    train: TrainConfig = Field(default_factory=_default_train)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:
@@ -25,7 +49,45 @@ def load_config(path: str | Path | None) -> RunConfig:
 
 
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
-    """Run every stage into `out`; returns each stage's output."""
+    """Run every stage into `out`; returns the report's records and where things are."""
+    from .evals.report import evaluate_paths, write_report
+    from .train import train
+
     out = Path(out)
-    store = harvest(cfg.harvest, out / "activations", progress=progress)
-    return {"activations": store}
+    out.mkdir(parents=True, exist_ok=True)
+    timing_path = out / "timings.json"
+    timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+
+    def stage(name: str, done: bool, fn):
+        if done:
+            return
+        t = time.perf_counter()
+        fn()
+        timings[name] = round(time.perf_counter() - t, 1)
+        atomic_write(timing_path, json.dumps(timings, indent=1).encode())
+
+    store_dir, train_dir, eval_path = out / "activations", out / "train", out / "eval.json"
+    stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, progress=progress))
+    train_cfg = cfg.train.model_copy(update={"store": str(store_dir)})
+    stage("train", (train_dir / "done.json").is_file(), lambda: _train(train, train_cfg, train_dir, progress))
+    corpus = CorpusConfig(**{**cfg.harvest.corpus.model_dump(), "split": "heldout", "seq_len": cfg.eval.seq_len})
+    stage("eval", eval_path.is_file(), lambda: evaluate_paths(
+        [str(train_dir / "saes")], cfg.harvest.model, corpus, cfg.eval.tokens, eval_path,
+        batch_size=cfg.eval.batch_size, device=cfg.harvest.device, progress=progress))
+    records = json.loads(eval_path.read_text())
+    stage("report", False, lambda: write_report(records, out, timings))
+    return {"report": out / "report.md", "records": records, "timings": timings}
+
+
+def _complete(record: Path) -> bool:
+    if not record.is_file():
+        return False
+    try:
+        return bool(json.loads(record.read_text()).get("complete"))
+    except json.JSONDecodeError:
+        raise SaescopeError(f"{record} is damaged; remove its folder to harvest again") from None
+
+
+def _train(train, cfg: TrainConfig, out: Path, progress: bool) -> None:
+    paths = train(cfg, out, progress=progress)
+    atomic_write(out / "done.json", json.dumps({"saes": [str(p) for p in paths]}).encode())

@@ -14,7 +14,7 @@ from ..data import token_rows
 from ..errors import SaescopeError
 from ..files import atomic_write
 from ..lm import load_model
-from ..sae.formats import detect_format, load_sae
+from ..sae.formats import detect_format, gemmascope_dir, load_sae
 from .metrics import evaluate
 
 TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_recovered", "kl", "dead_fraction",
@@ -69,3 +69,55 @@ def markdown_table(records: list[dict]) -> str:
         cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in TABLE_KEYS]
         lines.append(f"| {r['sae']} | {r['site']} | {r['d_sae']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def export_released(records: list[dict], root: Path) -> None:
+    """Copy each SAE into `root` in the Gemma Scope layout (TopK, which that format cannot hold,
+    as a SAELens folder under layer_L/topk/), and point each record at its copy."""
+    from ..site import Site
+
+    for r in records:
+        sae = load_sae(r["path"])
+        layer = Site.parse(r["site"]).layer
+        if sae.cfg.arch == "topk":
+            dest = root / f"layer_{layer}" / "topk" / r["sae"]
+            sae.save(dest, format="saelens")
+        else:
+            dest = gemmascope_dir(root, layer, sae.cfg.d_sae, r["l0"])
+            if (dest / "params.npz").exists() and str(dest) != r.get("released"):
+                dest = dest.with_name(dest.name + "_" + r["sae"])  # two SAEs with the same rounded L0
+            sae.save(dest, format="gemmascope")
+        r["released"] = str(dest)
+
+
+def write_report(records: list[dict], out: Path, timings: dict) -> Path:
+    """report.md (table, timings, plots), report.json, the PNGs and the released SAEs."""
+    from . import plots
+
+    export_released(records, out / "saes")
+    widest = max(r["d_sae"] for r in records)
+    plots.pareto(records, out / "pareto.png")
+    plots.pareto([r for r in records if r["d_sae"] == widest], out / "architectures.png",
+                 title=f"architectures at width {widest}: same activations, same token budget")
+    plots.frequency_histograms(records, out / "firing_frequency.png")
+    plots.by_position(records, out / "by_position.png")
+    atomic_write(out / "report.json", json.dumps(records, indent=1).encode())
+    first = records[0]
+    lines = [
+        "# saescope report", "",
+        f"{len(records)} SAEs, evaluated on {first['n_tokens']} held-out tokens ({first['n_scored']} scored: "
+        "BOS, EOS and padding excluded). Delta loss is the next-token cross-entropy with the reconstruction "
+        "spliced in, minus the clean one (nats); CE recovered is relative to zero-ablation.", "",
+        markdown_table(records),
+        f"Clean CE loss {first['ce_loss_clean']:.4f}; zero-ablation CE loss {first['ce_loss_zero_ablation']:.4f}. "
+        f"Massive dimensions left out of `fvu_without_massive_dims`: {first['massive_dims']}.", "",
+        "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
+        "## Pareto: delta loss and FVU against L0", "", "![pareto](pareto.png)", "",
+        "## Architectures on the same activations and token budget", "", "![architectures](architectures.png)", "",
+        "## Firing frequencies", "", "![firing frequency](firing_frequency.png)", "",
+        "## Reconstruction loss by token position", "", "![by position](by_position.png)", "",
+        "## Where the SAEs are", "",
+        *[f"- `{r['sae']}`: {r['released']}" for r in records], "",
+    ]
+    atomic_write(out / "report.md", "\n".join(lines).encode())
+    return out / "report.md"

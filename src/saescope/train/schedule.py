@@ -27,15 +27,15 @@ def coeff_at(step: int, coeff: float, warmup: int) -> float:
 class TargetL0:
     """Adapts λ so that the SAE's L0 settles on `target`.
 
-    L0 answers λ with a lag: thresholds move at most about lr per Adam step. So log λ follows the
-    error log(L0/target) *predicted `horizon` steps ahead* from its current trend; while L0 is
-    already falling (or rising) fast enough, λ holds still instead of winding up and overshooting."""
+    L0 answers λ with a lag: thresholds move at most about lr per Adam step. So log λ moves by
+    gain × the error log(L0/target) *predicted `horizon` steps ahead* from its current trend;
+    while L0 already heads for the target fast enough, λ holds still instead of winding up and
+    overshooting. (Measured on Gemma 3 270M and on a planted dictionary; see the README.)"""
 
     target: float
     log_lambda: float
     gain: float
-    horizon: float = 20.0
-    down: float = 3.0
+    horizon: float = 50.0
     ema_l0: float | None = None
     last_error: float | None = None
 
@@ -48,11 +48,7 @@ class TargetL0:
         error = math.log(max(self.ema_l0, 1e-3) / self.target)
         trend = 0.0 if self.last_error is None else error - self.last_error
         self.last_error = error
-        move = self.gain * (error + self.horizon * trend)
-        if move < 0:  # thresholds climb fast but sink slowly (Adam remembers the large L0 gradients): cut λ faster
-            move *= self.down
-        self.log_lambda += max(-0.1, min(0.1, move))
+        self.log_lambda += max(-0.1, min(0.1, self.gain * (error + self.horizon * trend)))
 
     def state(self) -> dict:
-        return {"target": self.target, "log_lambda": self.log_lambda, "gain": self.gain, "horizon": self.horizon, "down": self.down,
-                "ema_l0": self.ema_l0, "last_error": self.last_error}
+        return {k: getattr(self, k) for k in ("target", "log_lambda", "gain", "horizon", "ema_l0", "last_error")}

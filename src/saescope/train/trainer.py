@@ -54,7 +54,9 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
         tag = f"l0_{value:g}"
     else:
         tag = f"lam{value:g}"
-    return f"{site}-{kind}-{width_label(width)}-{tag}"
+    options = ("-logtheta" if spec.arch == "jumprelu" and spec.theta_param == "log" else "") + (
+        "-bzeros" if spec.b_dec_init == "zeros" else "")
+    return f"{site}-{kind}-{width_label(width)}-{tag}{options}"
 
 
 def expand(cfg: TrainConfig) -> list[tuple[str, SAESpec, str, str, int, float]]:
@@ -125,8 +127,7 @@ class Trainer:
                                    eps=self.cfg.adam_eps)
             controller = None
             if spec.target_l0:
-                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain,
-                                      **json.loads(__import__("os").environ.get("SAESCOPE_CTL", "{}")))
+                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain)
             coeff = 0.0 if spec.arch in ("topk", "batchtopk") else float(value if not spec.target_l0 else spec.lambdas[0])
             self.members.append(Member(name, sae, site, target, coeff, opt, controller,
                                        torch.zeros(width, dtype=torch.long, device=self.device)))

@@ -1,0 +1,81 @@
+"""The report's pictures (PNG): the Pareto view, firing-frequency histograms, loss by position."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _family(r: dict) -> str:
+    kind = r["arch"] + (" transcoder" if r.get("target_site") else "")
+    return f"{r['site']} {kind} {r['d_sae']}"
+
+
+def pareto(records: list[dict], out: Path, title: str | None = None) -> Path:
+    """Delta LM loss and FVU against L0, one line per site × architecture × width."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[_family(r)].append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["l0"])
+        l0 = [r["l0"] for r in rs]
+        axes[0].plot(l0, [r["delta_loss"] for r in rs], "o-", label=label)
+        axes[1].plot(l0, [r["fvu"] for r in rs], "o-", label=label)
+    for ax, name in zip(axes, ("delta LM loss (nats)", "FVU")):
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("delta loss vs L0 (lower left is better)")
+    axes[1].set_title("FVU vs L0")
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def frequency_histograms(records: list[dict], out: Path) -> Path:
+    """log10 firing frequency of each SAE's live latents; dead ones are counted in the legend."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(-6, 0, 49)
+    for r in records:
+        f = np.asarray(r["firing_frequency"])
+        live = f[f > 0]
+        ax.hist(np.log10(live), bins=bins, histtype="step",
+                label=f"{r['sae']} ({int((f == 0).sum())} dead)")
+    ax.axvline(-1, color="grey", ls="--", lw=1)
+    ax.set_xlabel("log10 firing frequency (dashed: 10%, dense above)")
+    ax.set_ylabel("latents")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def by_position(records: list[dict], out: Path) -> Path:
+    """Reconstruction loss (share of variance) against token position."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in records:
+        curve = np.asarray(r["recon_loss_by_position"])
+        ax.plot(np.arange(1, len(curve)), curve[1:], lw=1, label=r["sae"])  # position 0 is BOS
+    ax.set_xscale("log")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("reconstruction loss / variance")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

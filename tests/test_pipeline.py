@@ -1,0 +1,61 @@
+"""`saescope run` end to end on a tiny model: every stage, the report, and a rerun that skips them."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import tiny_model
+from saescope.cli import main
+
+
+def test_run_writes_the_report_and_reruns_skip_finished_stages(tmp_path, tokenizer, doc_folder, capsys):
+    model = tmp_path / "model"
+    tiny_model("gemma3").save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    corpus = f'corpus = {{ source = "{doc_folder}", seq_len = 32, holdout_fraction = 0.3 }}'
+    (tmp_path / "run.toml").write_text(f"""
+[harvest]
+model = "{model}"
+sites = ["resid.1", "mlp_in.1", "mlp.1"]
+tokens = 1024
+{corpus}
+
+[train]
+tokens = 2048
+batch_size = 128
+lr = 1e-3
+[[train.saes]]
+sites = ["resid.1"]
+widths = [16, 32]
+lambdas = [1e-3, 1e-2]
+[[train.saes]]
+sites = ["resid.1"]
+arch = "topk"
+widths = [32]
+ks = [4]
+[[train.saes]]
+sites = ["mlp_in.1"]
+transcoder = true
+widths = [32]
+
+[eval]
+tokens = 192
+seq_len = 32
+""")
+    out = tmp_path / "out"
+    assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
+    assert "report:" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for picture in ("pareto.png", "architectures.png", "firing_frequency.png", "by_position.png"):
+        assert (out / picture).stat().st_size > 5000 and f"]({picture})" in report
+    records = json.loads((out / "report.json").read_text())
+    assert len(records) == 6 and all("path" in r and "delta_loss" in r for r in records)
+    assert (out / "saes" / "layer_1" / "width_32" / "topk").exists() is False
+    assert list((out / "saes" / "layer_1").glob("width_*/average_l0_*/params.npz"))
+    assert list((out / "saes" / "layer_1" / "topk").iterdir())
+    timings = json.loads((out / "timings.json").read_text())
+    assert set(timings) == {"harvest", "train", "eval", "report"}
+    before = {k: v for k, v in timings.items() if k != "report"}
+    assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
+    after = json.loads((out / "timings.json").read_text())
+    assert {k: after[k] for k in before} == before  # harvest, train and eval were skipped
