@@ -62,3 +62,53 @@ def test_identity_and_zero_splices(tiny_lm, rows):
         assert key in ident
     assert ident["n_tokens"] == rows.numel() and ident["n_scored"] < rows.numel()  # BOS/EOS/pad not scored
     assert len(ident["recon_loss_by_position"]) == 32 and len(ident["firing_frequency"]) == 64
+
+
+def _letter_words(n_per_letter=80, n_marked=40, seed=0):
+    """Words of letters a–d along e0..e3; the first `n_marked` 'a' words also carry their own marker
+    direction e(4 + w), which lets a word-specific latent absorb the letter."""
+    g = torch.Generator().manual_seed(seed)
+    d = 4 + n_marked
+    xs, labels = [], []
+    for li, letter in enumerate("abcd"):
+        for w in range(n_per_letter):
+            x = torch.randn(d, generator=g) * 0.05
+            x[li] += 3.0
+            if letter == "a" and w < n_marked:
+                x[4 + w] += 1.5
+            xs.append(x)
+            labels.append(letter)
+    return torch.stack(xs), labels, d
+
+
+def _dictionary(enc: torch.Tensor, dec: torch.Tensor, theta: float):
+    from saescope import JumpReLUSAE
+
+    sae = JumpReLUSAE(SAEConfig(d_in=enc.shape[0], d_sae=enc.shape[1], site="resid.0"))
+    with torch.no_grad():
+        sae.W_enc.copy_(enc)
+        sae.W_dec.copy_(torch.nn.functional.normalize(dec, dim=1))
+        sae.set_threshold(torch.full((enc.shape[1],), theta))
+    return sae
+
+
+def test_absorption_on_a_planted_split():
+    from saescope.evals.absorption import absorption_from_activations
+
+    x, labels, d = _letter_words()
+    eye = torch.eye(d)
+    clean = _dictionary(eye[:, :4], eye[:4], theta=1.0)
+    result = absorption_from_activations(clean, x, labels)
+    assert result["probe_accuracy"] > 0.95 and result["absorption_rate"] == 0.0
+    assert result["letters"]["a"]["main_latents"] == [0]
+    # the 'a' latent goes silent on marked words; one latent per marked word fires instead and
+    # writes along e0 + its marker, so it carries the letter's direction
+    enc = torch.cat([eye[:, :4], eye[:, 4:]], 1)
+    enc[4:, 0] = -2.0
+    dec = torch.cat([eye[:4], eye[4:] + eye[0]], 0)
+    absorbing = _dictionary(enc, dec, theta=1.0)
+    result = absorption_from_activations(absorbing, x, labels)
+    a = result["letters"]["a"]
+    assert a["main_latents"][0] == 0 and a["absorbed"] > 0 and a["absorbed"] == a["missed_by_main"]
+    assert all(result["letters"][c]["absorbed"] == 0 for c in "bcd")
+    assert 0.05 < result["absorption_rate"] < 0.25

@@ -53,9 +53,15 @@ seq_len = 32
     assert (out / "saes" / "layer_1" / "width_32" / "topk").exists() is False
     assert list((out / "saes" / "layer_1").glob("width_*/average_l0_*/params.npz"))
     assert list((out / "saes" / "layer_1" / "topk").iterdir())
+    assert "Not measured: the tokenizer has too few whole-word tokens" in report  # a 400-token BPE
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {"harvest", "train", "eval", "report"}
+    assert set(timings) == {"harvest", "train", "eval", "absorption", "report"}
     before = {k: v for k, v in timings.items() if k != "report"}
     assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
     after = json.loads((out / "timings.json").read_text())
     assert {k: after[k] for k in before} == before  # harvest, train and eval were skipped
+    config = (tmp_path / "run.toml").read_text().replace("tokens = 2048", "tokens = 4096")
+    (tmp_path / "run.toml").write_text(config)
+    capsys.readouterr()
+    assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 2
+    assert "holds SAEs trained with another configuration" in capsys.readouterr().err

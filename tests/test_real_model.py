@@ -55,3 +55,19 @@ def test_harvest_a_few_hundred_tokens(gemma, tmp_path):
     assert 2000 < store.norm_scalar("resid.6") < 5000
     batch = next(store.batches(64, seed=0))
     assert batch["resid.6"].shape == (64, 640) and torch.isfinite(batch["mlp_in.6"]).all()
+
+
+def test_first_letter_absorption_runs_on_gemma(gemma):
+    from saescope import JumpReLUSAE, SAEConfig
+    from saescope.evals.absorption import absorption, word_tokens
+
+    words = word_tokens(gemma.tokenizer, max_per_letter=10)
+    assert len({c for _, c in words}) >= 20
+    text = gemma.tokenizer.convert_tokens_to_string([gemma.tokenizer.convert_ids_to_tokens(words[0][0])])
+    assert text.startswith(" ") and text[1] == words[0][1]
+    sae = JumpReLUSAE(SAEConfig(d_in=640, d_sae=256, site="resid.6"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae.norm_scalar.fill_(4000.0)
+    result = absorption(sae, gemma, max_per_letter=10)
+    assert result["probe_accuracy"] > 1 / 26 * 3  # the letter is linearly readable, well above chance
+    assert 0.0 <= result["absorption_rate"] <= 1.0 and len(result["letters"]) >= 20

@@ -14,7 +14,7 @@ from .data import harvest
 from .errors import SaescopeError
 from .files import atomic_write
 
-STAGES = ("harvest", "train", "eval", "report")
+STAGES = ("harvest", "train", "eval", "absorption", "report")
 
 
 def _default_train() -> TrainConfig:
@@ -25,7 +25,7 @@ def _default_train() -> TrainConfig:
         saes=[SAESpec(widths=[1024, 2048], lambdas=[1e-4, 3e-4, 1e-3], **common),
               SAESpec(arch="topk", widths=[2048], ks=[16, 48], **common),
               SAESpec(arch="batchtopk", widths=[2048], ks=[32], **common),
-              SAESpec(arch="relu", widths=[2048], lambdas=[3e-3], **common)],
+              SAESpec(arch="relu", widths=[2048], lambdas=[3e-2], **common)],
         tokens=150 * 2048, batch_size=2048, lr=1e-3, checkpoint_every=25, log_every=10)
 
 
@@ -33,6 +33,8 @@ class EvalConfig(_Config):
     tokens: int = Field(2048, gt=0, description="held-out tokens for every SAE's metrics")
     seq_len: int = Field(256, ge=2, description="row length of the held-out text")
     batch_size: int = Field(2, gt=0)
+    absorption: bool = Field(True, description="first-letter absorption on one SAE of the suite")
+    absorption_words_per_letter: int = Field(60, gt=1)
 
 
 class RunConfig(_Config):
@@ -69,13 +71,17 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     store_dir, train_dir, eval_path = out / "activations", out / "train", out / "eval.json"
     stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, progress=progress))
     train_cfg = cfg.train.model_copy(update={"store": str(store_dir)})
-    stage("train", (train_dir / "done.json").is_file(), lambda: _train(train, train_cfg, train_dir, progress))
+    stage("train", _trained(train_dir, train_cfg), lambda: _train(train, train_cfg, train_dir, progress))
     corpus = CorpusConfig(**{**cfg.harvest.corpus.model_dump(), "split": "heldout", "seq_len": cfg.eval.seq_len})
     stage("eval", eval_path.is_file(), lambda: evaluate_paths(
         [str(train_dir / "saes")], cfg.harvest.model, corpus, cfg.eval.tokens, eval_path,
         batch_size=cfg.eval.batch_size, device=cfg.harvest.device, progress=progress))
     records = json.loads(eval_path.read_text())
-    stage("report", False, lambda: write_report(records, out, timings))
+    absorption_path = out / "absorption.json"
+    stage("absorption", absorption_path.is_file() or not cfg.eval.absorption,
+          lambda: _absorption(records, cfg, absorption_path))
+    absorbed = json.loads(absorption_path.read_text()) if absorption_path.is_file() else None
+    stage("report", False, lambda: write_report(records, out, timings, absorbed))
     return {"report": out / "report.md", "records": records, "timings": timings}
 
 
@@ -88,6 +94,35 @@ def _complete(record: Path) -> bool:
         raise SaescopeError(f"{record} is damaged; remove its folder to harvest again") from None
 
 
+def _trained(out: Path, cfg: TrainConfig) -> bool:
+    done = out / "done.json"
+    if not done.is_file():
+        return False
+    if json.loads(done.read_text()).get("config") != cfg.model_dump(mode="json"):
+        raise SaescopeError(f"{out} holds SAEs trained with another configuration; use another --out")
+    return True
+
+
 def _train(train, cfg: TrainConfig, out: Path, progress: bool) -> None:
     paths = train(cfg, out, progress=progress)
-    atomic_write(out / "done.json", json.dumps({"saes": [str(p) for p in paths]}).encode())
+    done = {"saes": [str(p) for p in paths], "config": cfg.model_dump(mode="json")}
+    atomic_write(out / "done.json", json.dumps(done).encode())
+
+
+def _absorption(records: list[dict], cfg: RunConfig, path: Path) -> None:
+    """Absorption for the widest JumpReLU SAE whose L0 is closest to 30 (one SAE: the probe and
+    the word activations cost a forward pass over a few thousand short prompts)."""
+    from .evals.absorption import absorption
+    from .lm import load_model
+    from .sae.formats import load_sae
+
+    candidates = [r for r in records if r["arch"] == "jumprelu" and not r.get("target_site")] or records
+    widest = max(r["d_sae"] for r in candidates)
+    chosen = min((r for r in candidates if r["d_sae"] == widest), key=lambda r: abs(r["l0"] - 30))
+    lm = load_model(cfg.harvest.model, device=cfg.harvest.device)
+    try:
+        result = absorption(load_sae(chosen["path"]).to(lm.device), lm, chosen["site"],
+                            max_per_letter=cfg.eval.absorption_words_per_letter)
+    except SaescopeError as exc:  # e.g. a tokenizer without enough whole-word tokens: say so in the report
+        result = {"skipped": str(exc)}
+    atomic_write(path, json.dumps({"sae": chosen["sae"], "l0": chosen["l0"], **result}, indent=1).encode())

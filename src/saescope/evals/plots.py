@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 
 def _family(r: dict) -> str:
@@ -30,6 +31,9 @@ def pareto(records: list[dict], out: Path, title: str | None = None) -> Path:
         axes[1].plot(l0, [r["fvu"] for r in rs], "o-", label=label)
     for ax, name in zip(axes, ("delta LM loss (nats)", "FVU")):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

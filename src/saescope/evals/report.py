@@ -90,7 +90,7 @@ def export_released(records: list[dict], root: Path) -> None:
         r["released"] = str(dest)
 
 
-def write_report(records: list[dict], out: Path, timings: dict) -> Path:
+def write_report(records: list[dict], out: Path, timings: dict, absorbed: dict | None = None) -> Path:
     """report.md (table, timings, plots), report.json, the PNGs and the released SAEs."""
     from . import plots
 
@@ -112,6 +112,7 @@ def write_report(records: list[dict], out: Path, timings: dict) -> Path:
         f"Clean CE loss {first['ce_loss_clean']:.4f}; zero-ablation CE loss {first['ce_loss_zero_ablation']:.4f}. "
         f"Massive dimensions left out of `fvu_without_massive_dims`: {first['massive_dims']}.", "",
         "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
+        *(_absorption_lines(absorbed) if absorbed else []),
         "## Pareto: delta loss and FVU against L0", "", "![pareto](pareto.png)", "",
         "## Architectures on the same activations and token budget", "", "![architectures](architectures.png)", "",
         "## Firing frequencies", "", "![firing frequency](firing_frequency.png)", "",
@@ -121,3 +122,19 @@ def write_report(records: list[dict], out: Path, timings: dict) -> Path:
     ]
     atomic_write(out / "report.md", "\n".join(lines).encode())
     return out / "report.md"
+
+
+def _absorption_lines(a: dict) -> list[str]:
+    if "skipped" in a:
+        return ["## Feature absorption (first letters)", "", f"Not measured: {a['skipped']}.", ""]
+    worst = sorted(a["letters"].items(), key=lambda kv: -kv[1]["absorbed"] / max(kv[1]["test_words"], 1))[:5]
+    return [
+        "## Feature absorption (first letters)", "",
+        f"`{a['sae']}` (L0 {a['l0']:.1f}): absorption rate **{a['absorption_rate']:.3f}** over {a['n_words']} "
+        f"whole-word tokens; the first-letter probe is right on {a['probe_accuracy']:.1%} of held-out words. "
+        "A word counts as absorbed when the probe gets its letter right, the letter's main latents stay "
+        f"silent, and one other active latent aligned with the letter (decoder cosine > {a['cos_threshold']}) carries "
+        f"at least {a['share']:.0%} of the reconstruction along the letter's probe direction.", "",
+        "Most absorbed letters: " + ", ".join(
+            f"{c} ({v['absorbed']}/{v['test_words']})" for c, v in worst), "",
+    ]
