@@ -71,7 +71,7 @@ def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_pat
 @pytest.mark.parametrize("toml, message", [
     ("tokens = 100\n[[saes]]\nwidth = [16]\n", "saes.0.width: Extra inputs are not permitted"),
     ("lr = -1\n", "lr: Input should be greater than 0"),
-    ("[[saes]]\narch = 'gated'\n", "saes.0.arch: must be one of jumprelu, topk, batchtopk, relu"),
+    ("[[saes]]\narch = 'gated'\n", "saes.0.arch: Input should be 'jumprelu', 'topk', 'batchtopk' or 'relu'"),
     ("tokens = = 3\n", "cannot be parsed"),
 ])
 def test_train_config_errors_name_the_field(tmp_path, capsys, toml, message):

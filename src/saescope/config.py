@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import SaescopeError
 
 BUILTIN_CORPUS = "python-docs"
-DTYPES = ("float32", "bfloat16")
 
 
 def _site_list(value) -> list[str]:
@@ -33,18 +33,11 @@ class CorpusConfig(_Config):
     source: str = Field(BUILTIN_CORPUS, description=f"'{BUILTIN_CORPUS}', a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG]")
     text_field: str = Field("text", description="the text column of .jsonl/.parquet files and datasets")
     hf_split: str = Field("train", description="split of a Hugging Face dataset")
-    split: str = Field("train", description="'train', 'heldout' (the held-out documents) or 'all'")
+    split: Literal["train", "heldout", "all"] = Field("train", description="'heldout' is the held-out documents")
     holdout_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents (by text hash) held out")
     seed: int = Field(0, description="document shuffle seed")
     shuffle_documents: int = Field(10_000, ge=0, description="document shuffle buffer (0 keeps corpus order)")
     seq_len: int = Field(1024, ge=2, description="tokens per packed row, BOS included")
-
-    @field_validator("split")
-    @classmethod
-    def _split(cls, v: str) -> str:
-        if v not in ("train", "heldout", "all"):
-            raise ValueError("must be 'train', 'heldout' or 'all'")
-        return v
 
 
 class HarvestConfig(_Config):
@@ -54,65 +47,35 @@ class HarvestConfig(_Config):
     sites: list[str] = Field(default_factory=lambda: ["resid.6"])
     tokens: int = Field(100_000, gt=0, description="tokens to run through the model (rows = tokens minus BOS/EOS/pad)")
     batch_size: int = Field(4, gt=0, description="sequences per forward pass")
-    dtype: str = Field("float32", description="stored activation dtype: float32 or bfloat16")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="stored activation dtype")
     shard_mb: float = Field(128.0, gt=0, description="target shard size in MiB")
     device: str = "cpu"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
 
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
 
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"must be one of {', '.join(DTYPES)}")
-        return v
-
 
 class SAESpec(_Config):
     """A family of SAEs on the same data: every site × width × (λ, k or target L0) combination."""
 
     sites: list[str] = Field(default_factory=lambda: ["resid.6"], description="input sites; for transcoders mlp_in.L")
-    arch: str = Field("jumprelu", description="jumprelu, topk, batchtopk or relu")
+    arch: Literal["jumprelu", "topk", "batchtopk", "relu"] = "jumprelu"
     widths: list[int] = Field(default_factory=lambda: [4096], description="numbers of latents")
     lambdas: list[float] = Field(default_factory=lambda: [6e-4], description="sparsity coefficients (jumprelu: L0, relu: L1)")
     ks: list[int] = Field(default_factory=lambda: [32], description="active latents per token (topk, batchtopk)")
     target_l0: list[float] = Field(default_factory=list, description="jumprelu: adapt λ to land on each of these L0s")
     transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
-    theta_param: str = Field("theta", description="train θ directly ('theta') or as log θ ('log', the paper)")
+    theta_param: Literal["theta", "log"] = Field("theta", description="train θ directly or as log θ (the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
-    b_dec_init: str = Field("mean", description="'mean' of the first batch (measured better, see README) or 'zeros' (the paper)")
+    b_dec_init: Literal["mean", "zeros"] = Field("mean", description="the first batch's mean (measured better, see README) or zeros (the paper)")
 
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
-
-    @field_validator("arch")
-    @classmethod
-    def _arch(cls, v: str) -> str:
-        from .sae.base import ARCHS
-
-        if v not in ARCHS:
-            raise ValueError(f"must be one of {', '.join(ARCHS)}")
-        return v
 
     @field_validator("widths", "ks")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or any(x <= 0 for x in v):
             raise ValueError("must be a non-empty list of positive integers")
-        return v
-
-    @field_validator("b_dec_init")
-    @classmethod
-    def _b_dec_init(cls, v: str) -> str:
-        if v not in ("zeros", "mean"):
-            raise ValueError("must be 'zeros' or 'mean'")
-        return v
-
-    @field_validator("theta_param")
-    @classmethod
-    def _theta(cls, v: str) -> str:
-        if v not in ("theta", "log"):
-            raise ValueError("must be 'theta' or 'log'")
         return v
 
 

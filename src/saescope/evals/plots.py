@@ -13,6 +13,13 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 
+def _save(fig, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def _family(r: dict) -> str:
     kind = r["arch"] + (" transcoder" if r.get("target_site") else "")
     return f"{r['site']} {kind} {r['d_sae']}"
@@ -42,10 +49,7 @@ def pareto(records: list[dict], out: Path, title: str | None = None) -> Path:
     axes[1].legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def frequency_histograms(records: list[dict], out: Path) -> Path:
@@ -62,10 +66,7 @@ def frequency_histograms(records: list[dict], out: Path) -> Path:
     ax.set_ylabel("latents")
     ax.set_yscale("log")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def by_position(records: list[dict], out: Path) -> Path:
@@ -79,7 +80,4 @@ def by_position(records: list[dict], out: Path) -> Path:
     ax.set_ylabel("reconstruction loss / variance")
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
