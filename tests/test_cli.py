@@ -109,3 +109,20 @@ def test_eval_writes_json_and_markdown(model_dir, doc_folder, tmp_path, capsys):
             "dead_fraction", "dense_fraction", "n_tokens", "site", "path"} <= set(records[0])
     assert records[0]["n_tokens"] == 128
     assert "| attn.0 | attn.0 | 8 |" in out.with_suffix(".md").read_text()
+
+
+def test_explore_build_on_a_folder_of_saes(model_dir, doc_folder, tmp_path, capsys):
+    from saescope import JumpReLUSAE, SAEConfig
+    from saescope.explore import connect
+
+    sae = JumpReLUSAE(SAEConfig(d_in=32, d_sae=16, site="resid.1"))
+    sae.init_weights()
+    sae.save(tmp_path / "saes" / "one")
+    assert main(["-q", "explore", "build", str(tmp_path / "saes"), "--tokens", "128", "--corpus", str(doc_folder),
+                 "--split", "all", "--seq-len", "32"]) == 2
+    assert "pass --model" in capsys.readouterr().err
+    assert main(["-q", "explore", "build", str(tmp_path / "saes"), "--model", str(model_dir), "--tokens", "128",
+                 "--corpus", str(doc_folder), "--split", "all", "--seq-len", "32"]) == 0
+    assert "1 SAEs, " in capsys.readouterr().out
+    con = connect(tmp_path / "saes" / "features.db", readonly=True)
+    assert con.execute("SELECT count(*) FROM latents").fetchone()[0] == 16

@@ -79,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     _corpus_args(e)
 
+    x = sub.add_parser("explore", help="the feature explorer's database")
+    xs = x.add_subparsers(dest="explore_command", metavar="ACTION", required=True)
+    xb = xs.add_parser("build", help="per-latent examples, quantile samples, histograms, logits and neighbours (SQLite)")
+    xb.add_argument("dir", help="a `saescope run` output folder, or a folder of SAEs (then give --model)")
+    xb.add_argument("--model", default=None, help="the model (default: the one the run's store was harvested from)")
+    xb.add_argument("--tokens", type=int, default=32_768, help="held-out tokens to scan")
+    xb.add_argument("--out", default=None, help="database file (default: DIR/features.db)")
+    xb.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    xb.add_argument("--device", default="cpu")
+    _corpus_args(xb)
+
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
     r.add_argument("--out", required=True, help="output folder; a rerun skips finished stages")
@@ -135,6 +146,14 @@ def _dispatch(args) -> int:
                                  device=args.device, site=args.site, progress=not args.quiet)
         print(Path(args.out).with_suffix(".md").read_text())
         print(f"{len(records)} SAEs evaluated; results in {args.out}")
+    elif args.command == "explore":
+        from .explore.build import build_dir
+
+        corpus = validated(CorpusConfig, **{"split": "heldout", "seq_len": 128, **_corpus_values(args)})
+        info = build_dir(args.dir, corpus, args.tokens, model=args.model, out=args.out, batch_size=args.batch_size,
+                         device=args.device, progress=not args.quiet)
+        print(f"feature database {info['path']}: {info['saes']} SAEs, {info['tokens']} tokens, "
+              f"{info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.0f} s")
     elif args.command == "run":
         from .pipeline import load_config, run
 
