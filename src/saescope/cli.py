@@ -22,6 +22,15 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="document shuffle seed (default: 0)")
 
 
+def _heldout_args(p: argparse.ArgumentParser, *, model: str | None, tokens: int, batch: int) -> None:
+    """Options of the stages that run a model over held-out text (eval, explore build)."""
+    p.add_argument("--model", default=model, help="the model" + ("" if model else " (default: the run's own)"))
+    p.add_argument("--tokens", type=int, default=tokens, help="held-out tokens to read")
+    p.add_argument("--batch-size", type=int, default=batch, help="sequences per forward")
+    p.add_argument("--device", default="cpu")
+    _corpus_args(p)
+
+
 def _corpus_values(args) -> dict:
     names = {"corpus": "source", "text_field": "text_field", "hf_split": "hf_split", "split": "split",
              "holdout_fraction": "holdout_fraction", "seq_len": "seq_len", "seed": "seed"}
@@ -71,24 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate SAEs / transcoders on held-out tokens (L0, FVU, delta loss, KL, ...)")
     e.add_argument("--sae", action="append", required=True,
                    help="an SAE folder or params.npz (any format), or a folder of SAE folders; repeatable")
-    e.add_argument("--model", default="gemma-3-270m")
     e.add_argument("--site", default=None, help="the site, for SAE files that do not say where they read")
-    e.add_argument("--tokens", type=int, default=8192, help="held-out tokens to evaluate on")
     e.add_argument("--out", required=True, help="JSON file for the results (a markdown table goes beside it)")
-    e.add_argument("--batch-size", type=int, default=1, help="sequences per forward")
-    e.add_argument("--device", default="cpu")
-    _corpus_args(e)
+    _heldout_args(e, model="gemma-3-270m", tokens=8192, batch=1)
 
     x = sub.add_parser("explore", help="the feature explorer's database")
     xs = x.add_subparsers(dest="explore_command", metavar="ACTION", required=True)
     xb = xs.add_parser("build", help="per-latent examples, quantile samples, histograms, logits and neighbours (SQLite)")
     xb.add_argument("dir", help="a `saescope run` output folder, or a folder of SAEs (then give --model)")
-    xb.add_argument("--model", default=None, help="the model (default: the one the run's store was harvested from)")
-    xb.add_argument("--tokens", type=int, default=32_768, help="held-out tokens to scan")
     xb.add_argument("--out", default=None, help="database file (default: DIR/features.db)")
-    xb.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
-    xb.add_argument("--device", default="cpu")
-    _corpus_args(xb)
+    _heldout_args(xb, model=None, tokens=32_768, batch=8)
 
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
