@@ -87,3 +87,26 @@ def doc_folder(tmp_path):
         for i in range(20):
             f.write(json.dumps({"text": f"Document number {i}: " + SAMPLE_DOCS[i % len(SAMPLE_DOCS)]}) + "\n")
     return folder
+
+
+@pytest.fixture
+def feature_db(tiny_lm, doc_folder, tmp_path):
+    """Two JumpReLU SAEs (resid.1, attn.0), saved, and their feature database over 10 rows of 32."""
+    import numpy as np
+
+    from saescope import CorpusConfig, JumpReLUSAE, SAEConfig
+    from saescope.data import token_rows
+    from saescope.explore import build
+
+    cfg = CorpusConfig(source=str(doc_folder), seq_len=32, split="all")
+    rows = torch.from_numpy(np.stack(list(token_rows(tiny_lm, cfg))[:10]))
+    saes = {}
+    for site, d in (("resid.1", 32), ("attn.0", 48)):
+        sae = JumpReLUSAE(SAEConfig(d_in=d, d_sae=24, site=site))
+        sae.init_weights(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            sae.set_threshold(torch.full((24,), 0.05))
+        saes[site] = (sae, sae.save(tmp_path / "saes" / site))
+    info = build(saes, tiny_lm, rows, tmp_path / "features.db", batch_size=3, top_k=5, sample=16, bands=4,
+                 per_band=2, progress=False)
+    return rows, saes, info, tmp_path / "features.db"

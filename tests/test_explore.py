@@ -8,25 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from saescope import CorpusConfig, JumpReLUSAE, SAEConfig, capture
-from saescope.data import SpecialTokens, token_rows
-from saescope.explore import build, connect
+from saescope import capture
+from saescope.data import SpecialTokens
+from saescope.explore import connect
 
 
 @pytest.fixture
-def setup(tiny_lm, doc_folder, tmp_path):
-    rows = torch.from_numpy(np.stack(list(token_rows(tiny_lm, CorpusConfig(source=str(doc_folder), seq_len=32,
-                                                                            split="all")))[:10]))
-    saes = {}
-    for site, d in (("resid.1", 32), ("attn.0", 48)):
-        sae = JumpReLUSAE(SAEConfig(d_in=d, d_sae=24, site=site))
-        sae.init_weights(torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            sae.set_threshold(torch.full((24,), 0.05))
-        saes[site] = (sae, f"/saes/{site}")
-    info = build(saes, tiny_lm, rows, tmp_path / "features.db", batch_size=3, top_k=5, sample=16, bands=4,
-                 per_band=2, progress=False)
-    return rows, saes, info, connect(tmp_path / "features.db", readonly=True)
+def setup(feature_db):
+    rows, saes, info, path = feature_db
+    return rows, saes, info, connect(path, readonly=True)
 
 
 def test_statistics_match_direct_computation(tiny_lm, setup):

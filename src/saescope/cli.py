@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     xb.add_argument("--out", default=None, help="database file (default: DIR/features.db)")
     _heldout_args(xb, model=None, tokens=32_768, batch=8)
 
+    sv = sub.add_parser("serve", help="the explorer's JSON API over a feature database (loopback by default)")
+    sv.add_argument("dir", help="a folder holding features.db (from `saescope explore build`)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--model", default=None, help="the model for live text and steering (default: the run's own)")
+    sv.add_argument("--device", default="cpu")
+
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
     r.add_argument("--out", required=True, help="output folder; a rerun skips finished stages")
@@ -155,6 +162,20 @@ def _dispatch(args) -> int:
                          device=args.device, progress=not args.quiet)
         print(f"feature database {info['path']}: {info['saes']} SAEs, {info['tokens']} tokens, "
               f"{info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.0f} s")
+    elif args.command == "serve":
+        import uvicorn
+
+        from .explore.server import create_app
+        from .lm import load_model
+
+        db = Path(args.dir) / "features.db"
+        if not db.is_file():
+            raise SaescopeError(f"no feature database at {db}; run `saescope explore build {args.dir}` first")
+        from .explore import connect
+
+        model = args.model or connect(db, readonly=True).execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0]
+        uvicorn.run(create_app(db, load_model(model, device=args.device)), host=args.host, port=args.port,
+                    log_level="warning" if args.quiet else "info")
     elif args.command == "run":
         from .pipeline import load_config, run
 
