@@ -16,11 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from saescope import CorpusConfig, HarvestConfig, harvest, load_model
-from saescope.data import token_rows
+from saescope.data import token_tensor
 from saescope.lm import forward_until
 
 
@@ -42,8 +41,7 @@ def main() -> int:
 
     lm = load_model(a.model)
     corpus = CorpusConfig(seq_len=a.seq_len)
-    n_seq = -(-a.tokens // a.seq_len)
-    rows = torch.from_numpy(np.stack([r for _, r in zip(range(n_seq), token_rows(lm, corpus))])).long()
+    rows = token_tensor(lm, corpus, a.tokens).long()
     tokens = rows.numel()
     sites = [f"{k}.{a.layer}" for k in a.kinds.split(",")]
     cfg = HarvestConfig(model=a.model, sites=sites, tokens=tokens, batch_size=a.batch, dtype=a.dtype, corpus=corpus)

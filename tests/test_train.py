@@ -96,10 +96,10 @@ def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypa
 
     real = Trainer._train_step
 
-    def dying(self, m, batch, last_good):
+    def dying(self, batch):
         if self.step == 25:
             raise KeyboardInterrupt
-        return real(self, m, batch, last_good)
+        return real(self, batch)
 
     monkeypatch.setattr(Trainer, "_train_step", dying)
     with pytest.raises(KeyboardInterrupt):

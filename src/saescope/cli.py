@@ -165,14 +165,13 @@ def _dispatch(args) -> int:
     elif args.command == "serve":
         import uvicorn
 
+        from .explore import connect
         from .explore.server import create_app
         from .lm import load_model
 
         db = Path(args.dir) / "features.db"
         if not db.is_file():
             raise SaescopeError(f"no feature database at {db}; run `saescope explore build {args.dir}` first")
-        from .explore import connect
-
         model = args.model or connect(db, readonly=True).execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0]
         uvicorn.run(create_app(db, load_model(model, device=args.device)), host=args.host, port=args.port,
                     log_level="warning" if args.quiet else "info")
@@ -202,6 +201,7 @@ def _dispatch(args) -> int:
 
 def _train_config(args):
     from .config import HarvestConfig, TrainConfig, config_from_file, validated
+    from .site import Site
 
     def numbers(text, kind):
         try:
@@ -225,8 +225,8 @@ def _train_config(args):
         tokens = args.harvest_tokens or args.tokens or 1_000_000
         top["harvest"] = validated(HarvestConfig, model=args.model, sites=spec.get("sites", "resid.6"), tokens=tokens,
                                    device=args.device or "cpu").model_dump()
-        if spec.get("transcoder"):
-            top["harvest"]["sites"] += [s.replace("mlp_in.", "mlp.") for s in top["harvest"]["sites"]]
+        if spec.get("transcoder"):  # a transcoder also reads its target, mlp.L
+            top["harvest"]["sites"] += [str(Site("mlp", Site.parse(s).layer)) for s in top["harvest"]["sites"]]
     if args.config:
         return config_from_file(TrainConfig, args.config, **top)
     return validated(TrainConfig, **top)

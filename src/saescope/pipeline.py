@@ -3,7 +3,7 @@ its output is already complete, so a rerun after an interruption picks up where 
 
 from __future__ import annotations
 
-import json
+import functools
 import time
 from pathlib import Path
 
@@ -12,7 +12,7 @@ from pydantic import Field
 from .config import CorpusConfig, HarvestConfig, SAESpec, TrainConfig, _Config, config_from_file
 from .data import harvest
 from .errors import SaescopeError
-from .files import atomic_write
+from .files import read_json, write_json
 
 STAGES = ("harvest", "train", "eval", "absorption", "report")
 
@@ -53,12 +53,17 @@ def load_config(path: str | Path | None) -> RunConfig:
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     """Run every stage into `out`; returns the report's records and where things are."""
     from .evals.report import evaluate_paths, write_report
+    from .lm import load_model
     from .train import train
+
+    @functools.cache
+    def model():  # loaded once, by the first stage that needs it
+        return load_model(cfg.harvest.model, device=cfg.harvest.device)
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timing_path = out / "timings.json"
-    timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    timings = read_json(timing_path) if timing_path.is_file() else {}
 
     def stage(name: str, done: bool, fn):
         if done:
@@ -66,39 +71,34 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         t = time.perf_counter()
         fn()
         timings[name] = round(time.perf_counter() - t, 1)
-        atomic_write(timing_path, json.dumps(timings, indent=1).encode())
+        write_json(timing_path, timings)
 
     store_dir, train_dir, eval_path = out / "activations", out / "train", out / "eval.json"
-    stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, progress=progress))
+    stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, lm=model(), progress=progress))
     train_cfg = cfg.train.model_copy(update={"store": str(store_dir)})
     stage("train", _trained(train_dir, train_cfg), lambda: _train(train, train_cfg, train_dir, progress))
     corpus = CorpusConfig(**{**cfg.harvest.corpus.model_dump(), "split": "heldout", "seq_len": cfg.eval.seq_len})
     stage("eval", eval_path.is_file(), lambda: evaluate_paths(
-        [str(train_dir / "saes")], cfg.harvest.model, corpus, cfg.eval.tokens, eval_path,
+        [str(train_dir / "saes")], model(), corpus, cfg.eval.tokens, eval_path,
         batch_size=cfg.eval.batch_size, device=cfg.harvest.device, progress=progress))
-    records = json.loads(eval_path.read_text())
+    records = read_json(eval_path)
     absorption_path = out / "absorption.json"
     stage("absorption", absorption_path.is_file() or not cfg.eval.absorption,
-          lambda: _absorption(records, cfg, absorption_path))
-    absorbed = json.loads(absorption_path.read_text()) if absorption_path.is_file() else None
+          lambda: _absorption(records, cfg, absorption_path, model()))
+    absorbed = read_json(absorption_path) if absorption_path.is_file() else None
     stage("report", False, lambda: write_report(records, out, timings, absorbed))
     return {"report": out / "report.md", "records": records, "timings": timings}
 
 
 def _complete(record: Path) -> bool:
-    if not record.is_file():
-        return False
-    try:
-        return bool(json.loads(record.read_text()).get("complete"))
-    except json.JSONDecodeError:
-        raise SaescopeError(f"{record} is damaged; remove its folder to harvest again") from None
+    return record.is_file() and bool(read_json(record).get("complete"))
 
 
 def _trained(out: Path, cfg: TrainConfig) -> bool:
     done = out / "done.json"
     if not done.is_file():
         return False
-    if json.loads(done.read_text()).get("config") != cfg.model_dump(mode="json"):
+    if read_json(done).get("config") != cfg.model_dump(mode="json"):
         raise SaescopeError(f"{out} holds SAEs trained with another configuration; use another --out")
     return True
 
@@ -106,23 +106,21 @@ def _trained(out: Path, cfg: TrainConfig) -> bool:
 def _train(train, cfg: TrainConfig, out: Path, progress: bool) -> None:
     paths = train(cfg, out, progress=progress)
     done = {"saes": [str(p) for p in paths], "config": cfg.model_dump(mode="json")}
-    atomic_write(out / "done.json", json.dumps(done).encode())
+    write_json(out / "done.json", done)
 
 
-def _absorption(records: list[dict], cfg: RunConfig, path: Path) -> None:
+def _absorption(records: list[dict], cfg: RunConfig, path: Path, lm) -> None:
     """Absorption for the widest JumpReLU SAE whose L0 is closest to 30 (one SAE: the probe and
     the word activations cost a forward pass over a few thousand short prompts)."""
     from .evals.absorption import absorption
-    from .lm import load_model
     from .sae.formats import load_sae
 
     candidates = [r for r in records if r["arch"] == "jumprelu" and not r.get("target_site")] or records
     widest = max(r["d_sae"] for r in candidates)
     chosen = min((r for r in candidates if r["d_sae"] == widest), key=lambda r: abs(r["l0"] - 30))
-    lm = load_model(cfg.harvest.model, device=cfg.harvest.device)
     try:
         result = absorption(load_sae(chosen["path"]).to(lm.device), lm, chosen["site"],
                             max_per_letter=cfg.eval.absorption_words_per_letter)
     except SaescopeError as exc:  # e.g. a tokenizer without enough whole-word tokens: say so in the report
         result = {"skipped": str(exc)}
-    atomic_write(path, json.dumps({"sae": chosen["sae"], "l0": chosen["l0"], **result}, indent=1).encode())
+    write_json(path, {"sae": chosen["sae"], "l0": chosen["l0"], **result})

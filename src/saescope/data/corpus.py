@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import BUILTIN_CORPUS as BUILTIN
 from ..config import CorpusConfig
-from ..errors import SaescopeError
+from ..errors import SaescopeError, first_line
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Parts of the standard library that are tests, vendored code or generated tables, not prose.
@@ -111,8 +111,7 @@ def _hf_documents(cfg: CorpusConfig) -> Iterator[str]:
     except SaescopeError:
         raise
     except Exception as exc:  # network, missing dataset, bad config: all one line for the user
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SaescopeError(f"cannot stream dataset '{name}' ({first}); offline, use '{BUILTIN}' or local files") from None
+        raise SaescopeError(f"cannot stream dataset '{name}' ({first_line(exc)}); offline, use '{BUILTIN}' or local files") from None
 
 
 def builtin_documents() -> Iterator[str]:

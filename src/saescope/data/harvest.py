@@ -20,7 +20,7 @@ from ..errors import SaescopeError
 from ..lm import LanguageModel, capture, load_model, parse_sites
 from .corpus import iter_documents
 from .store import ActivationStore, StoreWriter
-from .stream import default_buffer_rows, shuffled_batches
+from .stream import default_buffer_rows, norm_scalar_of, shuffled_batches
 from .tokens import SpecialTokens, keep_mask, pack
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 def token_rows(lm: LanguageModel, corpus: CorpusConfig) -> Iterator[np.ndarray]:
     """The packed rows of the corpus for this model's tokenizer, in their deterministic order."""
     return pack(iter_documents(corpus), lm.tokenizer, corpus.seq_len)
+
+
+def token_tensor(lm: LanguageModel, corpus: CorpusConfig, tokens: int) -> torch.Tensor:
+    """The first ⌈tokens / seq_len⌉ packed rows of the corpus as one tensor [n_seq, seq_len]."""
+    rows = list(islice(token_rows(lm, corpus), max(1, math.ceil(tokens / corpus.seq_len))))
+    if not rows:
+        raise SaescopeError(f"the {corpus.split} split of {corpus.source} has no text")
+    return torch.from_numpy(np.stack(rows))
 
 
 def _kept(acts: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,8 +152,7 @@ class HarvestStream:
             if not self._head:
                 raise SaescopeError(f"corpus {self.cfg.corpus.source} gave no text")
             for s in self.sites:
-                x = torch.cat([c[s] for c in self._head]).double()
-                self._norm[s] = float(x.pow(2).sum(1).mean().sqrt())
+                self._norm[s] = norm_scalar_of(torch.cat([c[s] for c in self._head]))
         return self._norm[str(self._site(site))]
 
     def _next_chunk(self) -> dict[str, torch.Tensor] | None:

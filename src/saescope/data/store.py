@@ -31,7 +31,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import SaescopeError
-from ..files import atomic_write
+from ..files import atomic_write, read_json, write_json
 from .stream import default_buffer_rows, shuffled_batches
 
 FORMAT = 1
@@ -39,19 +39,6 @@ STORE_FILE = "store.json"
 MANIFEST = "manifest.json"
 SEQUENCES = "sequences"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise SaescopeError(f"missing file: {path}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SaescopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def _shard_name(k: int) -> str:
@@ -145,7 +132,7 @@ class StoreWriter:
         settings = {"model": model, "sites": list(self.sites), "dtype": dtype, "seq_len": seq_len, "corpus": corpus}
         record_path = self.root / STORE_FILE
         if record_path.is_file():
-            record = _read_json(record_path)
+            record = read_json(record_path)
             old = {k: record.get(k) for k in settings}
             if old != settings:
                 diff = ", ".join(f"{k}: {old[k]!r} → {settings[k]!r}" for k in settings if old[k] != settings[k])
@@ -162,18 +149,18 @@ class StoreWriter:
                 self.manifests[site] = {"format": FORMAT, "model": model, "site": site, "d_in": d_in, "dtype": dtype,
                                         "seq_len": seq_len, "n_rows": 0, "sum_sq_norm": 0.0, "norm_scalar": None,
                                         "shards": []}
-                _write_json(self.root / site / MANIFEST, self.manifests[site])
-            _write_json(record_path, self.record)
+                write_json(self.root / site / MANIFEST, self.manifests[site])
+            write_json(record_path, self.record)
 
     def _drop_uncommitted(self) -> None:
         """Trim manifests back to the committed shard count and delete stray files."""
         n = len(self.record["shards"])
         self.manifests = {}
         for site in self.sites:
-            m = _read_json(self.root / site / MANIFEST)
+            m = read_json(self.root / site / MANIFEST)
             if len(m["shards"]) > n:
                 _trim(m, n)
-                _write_json(self.root / site / MANIFEST, m)
+                write_json(self.root / site / MANIFEST, m)
             self.manifests[site] = m
         keep = {_shard_name(k) for k in range(n)}
         for folder in [SEQUENCES, *self.sites]:
@@ -227,13 +214,13 @@ class StoreWriter:
             m["n_rows"] += rows
             m["sum_sq_norm"] += entry["sum_sq_norm"]
             m["norm_scalar"] = _norm_scalar(m)
-            _write_json(self.root / site / MANIFEST, m)
+            write_json(self.root / site / MANIFEST, m)
         rec = self.record
         rec["shards"].append(seq_entry)
         rec["n_sequences"] += int(self._tokens.shape[0])
         rec["n_tokens"] += int(self._tokens.numel())
         rec["n_rows"] += rows
-        _write_json(self.root / STORE_FILE, rec)
+        write_json(self.root / STORE_FILE, rec)
         self._open = {}
 
     def abandon(self) -> None:
@@ -249,7 +236,7 @@ class StoreWriter:
 
     def finish(self, **info) -> None:
         self.record.update(info, complete=True)
-        _write_json(self.root / STORE_FILE, self.record)
+        write_json(self.root / STORE_FILE, self.record)
 
 
 def _trim(m: dict, n: int) -> None:
@@ -271,15 +258,15 @@ class ActivationStore:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         if (self.root / STORE_FILE).is_file():
-            self.record = _read_json(self.root / STORE_FILE)
+            self.record = read_json(self.root / STORE_FILE)
             self._site_dirs = {s: self.root / s for s in self.record["sites"]}
         elif (self.root / MANIFEST).is_file():
             self.record = None
-            m = _read_json(self.root / MANIFEST)
+            m = read_json(self.root / MANIFEST)
             self._site_dirs = {m["site"]: self.root}
         else:
             raise SaescopeError(f"{self.root} is not an activation store (no {STORE_FILE} or {MANIFEST})")
-        self.manifests = {s: _read_json(d / MANIFEST) for s, d in self._site_dirs.items()}
+        self.manifests = {s: read_json(d / MANIFEST) for s, d in self._site_dirs.items()}
         if self.record is not None:
             n = len(self.record["shards"])
             for m in self.manifests.values():  # a crash between manifest and record writes: trust the record

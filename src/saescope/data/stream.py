@@ -11,6 +11,11 @@ import torch
 DEFAULT_BUFFER_ROWS = 1_000_000  # the paper shuffles in buckets of about 10^6 activations
 
 
+def norm_scalar_of(x: torch.Tensor) -> float:
+    """C with E‖x/C‖² = 1 over the rows of x (SPEC §2)."""
+    return float(x.double().pow(2).sum(1).mean().sqrt())
+
+
 def default_buffer_rows(row_bytes: int, memory_share: float = 0.25) -> int:
     """About 10^6 rows, fewer when that would take more than `memory_share` of free memory."""
     try:
@@ -32,9 +37,9 @@ def shuffled_batches(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int,
     fill = 0
 
     def drain(n_out: int):
+        """Emit `n_out` random rows of the buffer as batches; keep the rest, moved to the front."""
         nonlocal fill
         perm = torch.randperm(fill, generator=generator)
-        n_out -= n_out % batch_size if n_out < fill else 0
         for i in range(0, n_out, batch_size):
             idx = perm[i:i + batch_size]
             if len(idx) < batch_size and drop_last:
@@ -56,8 +61,8 @@ def shuffled_batches(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int,
                 buf[s][fill:fill + take] = x[start:start + take]
             fill += take
             start += take
-            if fill == buffer_rows:
-                yield from drain(buffer_rows // 2)
+            if fill == buffer_rows:  # a random half, in whole batches
+                yield from drain(buffer_rows // 2 // batch_size * batch_size)
     if fill:
         yield from drain(fill)
 
@@ -83,7 +88,7 @@ class TensorSource:
         return next(iter(self.acts.values())).shape[0]
 
     def norm_scalar(self, site) -> float:
-        return float(self.acts[str(site)].double().pow(2).sum(1).mean().sqrt())
+        return norm_scalar_of(self.acts[str(site)])
 
     def batches(self, batch_size: int, *, sites=None, seed: int = 0, epochs: int = 1,
                 buffer_rows: int | None = None, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:

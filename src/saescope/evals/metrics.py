@@ -3,9 +3,9 @@ the model on held-out token rows and accumulates everything in one pass over the
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +104,9 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
             pred = (keep[:, :-1] & keep[:, 1:]).to(torch.float64)
             totals["n_pred"] += float(pred.sum())
             seen = {}
-            with _recording(lm, {str(s) for s in [*inputs.values(), *targets.values()]}, seen):
+            with contextlib.ExitStack() as stack:  # record the clean value at every site read
+                for site in {str(s) for s in [*inputs.values(), *targets.values()]}:
+                    stack.enter_context(splice(lm, site, lambda v, key=site: seen.__setitem__(key, v) or v))
                 clean = lm(ids)
             totals["ce_clean"] += float((_ce(clean, ids).double() * pred).sum())
             for target in zero_ce:
@@ -171,19 +173,4 @@ def _summary(name, sae, s: _Sums, totals, zero_ce_sum, site, rows, seconds) -> d
         "recon_loss_by_position": by_position,
         "eval_seconds": seconds,
     }
-
-
-class _recording:
-    """Record the clean value at each named site during one forward (no replacement)."""
-
-    def __init__(self, lm: LanguageModel, sites: Iterable[str], out: dict):
-        self.stack = [splice(lm, s, lambda v, key=s: out.__setitem__(key, v) or v) for s in sites]
-
-    def __enter__(self):
-        for ctx in self.stack:
-            ctx.__enter__()
-
-    def __exit__(self, *exc):
-        for ctx in reversed(self.stack):
-            ctx.__exit__(*exc)
 

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from ..config import CorpusConfig
-from ..data import token_rows
+from ..data import token_tensor
 from ..errors import SaescopeError
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from ..lm import load_model
-from ..sae.formats import detect_format, gemmascope_dir, load_sae
+from ..sae.formats import detect_format, gemmascope_dir, load_sae, resolve_sae_path
 from .metrics import evaluate
 
 TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_recovered", "kl", "dead_fraction",
@@ -25,9 +21,10 @@ def find_saes(paths: list[str]) -> dict[str, Path]:
     """Each path is an SAE (any format) or a folder whose subfolders are SAEs."""
     found: dict[str, Path] = {}
     for text in paths:
-        path = Path(text)
-        if detect_format(path) or path.name == "canonical":
-            found[path.parent.name if path.name in ("params.npz", "canonical") else path.name] = path
+        given = Path(text)
+        path = resolve_sae_path(given)
+        if detect_format(path):
+            found[given.parent.name if given.name in ("params.npz", "canonical") else given.name] = path
             continue
         subs = [p for p in sorted(path.iterdir()) if p.is_dir() and detect_format(p)] if path.is_dir() else []
         if not subs:
@@ -36,21 +33,14 @@ def find_saes(paths: list[str]) -> dict[str, Path]:
     return found
 
 
-def heldout_rows(lm, corpus: CorpusConfig, tokens: int) -> torch.Tensor:
-    n_seq = max(1, math.ceil(tokens / corpus.seq_len))
-    rows = [r for _, r in zip(range(n_seq), token_rows(lm, corpus))]
-    if not rows:
-        raise SaescopeError(f"the {corpus.split} split of {corpus.source} has no text")
-    return torch.from_numpy(np.stack(rows))
-
-
-def evaluate_paths(paths: list[str], model: str, corpus: CorpusConfig, tokens: int, out: str | Path, *,
+def evaluate_paths(paths: list[str], model, corpus: CorpusConfig, tokens: int, out: str | Path, *,
                    batch_size: int = 1, device: str = "cpu", site: str | None = None, progress: bool = True) -> list[dict]:
-    """Load the SAEs and the model, evaluate on held-out rows, write JSON and markdown."""
+    """Load the SAEs and the model (a name, path or LanguageModel), evaluate on held-out rows,
+    write JSON and markdown."""
     found = find_saes(paths)
     saes = {name: load_sae(p) for name, p in found.items()}
     lm = load_model(model, device=device)
-    records = evaluate({k: v.to(lm.device) for k, v in saes.items()}, lm, heldout_rows(lm, corpus, tokens),
+    records = evaluate({k: v.to(lm.device) for k, v in saes.items()}, lm, token_tensor(lm, corpus, tokens),
                        batch_size=batch_size, site=site, progress=progress)
     result = [{**rec, "path": str(found[name])} for name, rec in records.items()]
     write_results(result, Path(out))
@@ -58,7 +48,7 @@ def evaluate_paths(paths: list[str], model: str, corpus: CorpusConfig, tokens: i
 
 
 def write_results(records: list[dict], out: Path) -> None:
-    atomic_write(out, json.dumps(records, indent=1).encode())
+    write_json(out, records)
     atomic_write(out.with_suffix(".md"), markdown_table(records).encode())
 
 
@@ -101,7 +91,7 @@ def write_report(records: list[dict], out: Path, timings: dict, absorbed: dict |
                  title=f"architectures at width {widest}: same activations, same token budget")
     plots.frequency_histograms(records, out / "firing_frequency.png")
     plots.by_position(records, out / "by_position.png")
-    atomic_write(out / "report.json", json.dumps(records, indent=1).encode())
+    write_json(out / "report.json", records)
     first = records[0]
     lines = [
         "# saescope report", "",

@@ -194,7 +194,8 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model: str | None = No
               batch_size: int = 8, device: str = "cpu", progress: bool = True) -> dict:
     """`saescope explore build DIR`: the SAEs of a run folder (or a folder of SAEs) over held-out text."""
     from ..errors import SaescopeError
-    from ..evals.report import find_saes, heldout_rows
+    from ..data import token_tensor
+    from ..evals.report import find_saes
     from ..lm import load_model
     from ..sae.formats import load_sae
 
@@ -208,5 +209,5 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model: str | None = No
     lm = load_model(model, device=device)
     saes = {name: (load_sae(path).to(lm.device), path) for name, path in found.items()}
     db = Path(out) if out else folder / "features.db"
-    info = build(saes, lm, heldout_rows(lm, corpus, tokens), db, batch_size=batch_size, progress=progress)
+    info = build(saes, lm, token_tensor(lm, corpus, tokens), db, batch_size=batch_size, progress=progress)
     return {**info, "path": str(db), "saes": len(saes)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SaescopeError
+from ..errors import SaescopeError, first_line
 from .model import LanguageModel
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _from_folder(folder: Path, name: str, device, dtype) -> LanguageModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
-        raise SaescopeError(f"cannot load model from {folder}: {_first_line(exc)}") from exc
+        raise SaescopeError(f"cannot load model from {folder}: {first_line(exc)}") from exc
     return LanguageModel(model.to(device).eval(), tokenizer=_tokenizer(folder), name=name)
 
 
@@ -104,7 +104,7 @@ def _from_hub(model_id: str, device, dtype) -> LanguageModel:
         tokenizer = _tokenizer(model_id)
     except OSError as exc:
         raise SaescopeError(
-            f"cannot get model '{model_id}' from the Hugging Face hub ({_first_line(exc)}); "
+            f"cannot get model '{model_id}' from the Hugging Face hub ({first_line(exc)}); "
             f"offline, download it elsewhere and pass its folder, pass a .gguf file, or use '{DEFAULT_MODEL}'"
         ) from exc
     return LanguageModel(model.to(device).eval(), tokenizer=tokenizer, name=model_id)
@@ -122,7 +122,7 @@ def _dequantised_folder(gguf: Path, folder: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = _tokenizer(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise SaescopeError(f"cannot read GGUF file {gguf}: {_first_line(exc)}") from exc
+        raise SaescopeError(f"cannot read GGUF file {gguf}: {first_line(exc)}") from exc
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
@@ -147,8 +147,3 @@ def _is_cached(folder: Path) -> bool:
         return json.loads(marker.read_text()).get("format") == _CACHE_FORMAT
     except (OSError, ValueError):
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]

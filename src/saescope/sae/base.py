@@ -133,6 +133,11 @@ class SparseAutoencoder(nn.Module):
     def normalize_decoder(self) -> None:
         self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Put the parameters back in their valid set after an optimizer step (unit decoder rows)."""
+        self.normalize_decoder()
+
     # --- folding -------------------------------------------------------------------------------
     @property
     def folded(self) -> bool:

@@ -4,7 +4,6 @@ the SAELens folder, and our own native folder. `load_sae` tells them apart by th
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import zipfile
@@ -17,7 +16,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import SaescopeError
-from ..files import atomic_write
+from ..files import atomic_write, read_json, write_json
 from ..site import Site
 from .base import SAEConfig, SparseAutoencoder
 
@@ -48,7 +47,7 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
         atomic_write(path / NATIVE_WEIGHTS, st_save(state))
         meta = {"format": "saescope-sae", "version": 1, "config": sae.cfg.to_dict()}
-        atomic_write(path / NATIVE_CONFIG, json.dumps(meta, indent=1).encode())
+        write_json(path / NATIVE_CONFIG, meta)
         return path
     if format not in FORMATS:
         raise SaescopeError(f"unknown SAE format '{format}'; available: {', '.join(FORMATS)}")
@@ -77,7 +76,7 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out},
     }
     atomic_write(path / SAELENS_WEIGHTS, st_save(arrays))
-    atomic_write(path / SAELENS_CONFIG, json.dumps(saelens, indent=1).encode())
+    write_json(path / SAELENS_CONFIG, saelens)
     return path
 
 
@@ -95,12 +94,16 @@ def detect_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def resolve_sae_path(path: str | os.PathLike) -> Path:
+    """`path` itself, or for a Gemma Scope `.../width_W/canonical` the sibling with L0 closest to 100."""
+    path = Path(path)
+    return _canonical(path.parent) if path.name == "canonical" and not path.exists() else path
+
+
 def load_sae(path: str | os.PathLike) -> SparseAutoencoder:
     """Load an SAE from a native folder, a SAELens folder, a Gemma Scope `params.npz` (or its
     folder), or a Gemma Scope `.../width_W/canonical` path (the sibling with L0 closest to 100)."""
-    path = Path(path)
-    if path.name == "canonical" and not path.exists():
-        path = _canonical(path.parent)
+    path = resolve_sae_path(path)
     if not path.exists():
         raise SaescopeError(f"SAE not found: {path}")
     fmt = detect_format(path)
@@ -130,13 +133,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return st_load(path.read_bytes())
     except SafetensorError as exc:
         raise SaescopeError(f"{path} is not a readable safetensors file ({exc})") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SaescopeError(f"{path} is not valid JSON ({exc.msg})") from None
 
 
 def _from_arrays(arrays: dict[str, torch.Tensor], cfg_values: dict, where: Path) -> SparseAutoencoder:
@@ -198,7 +194,7 @@ def _gemmascope_provenance(path: Path) -> dict:
 
 
 def _load_saelens(path: Path) -> SparseAutoencoder:
-    cfg = _read_json(path / SAELENS_CONFIG)
+    cfg = read_json(path / SAELENS_CONFIG)
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
     ours = cfg.get("saescope") or {}
@@ -228,7 +224,7 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
 def _load_native(path: Path) -> SparseAutoencoder:
     from . import build_sae
 
-    meta = _read_json(path / NATIVE_CONFIG)
+    meta = read_json(path / NATIVE_CONFIG)
     if meta.get("format") != "saescope-sae":
         raise SaescopeError(f"{path / NATIVE_CONFIG} is not a saescope SAE config")
     try:

@@ -94,8 +94,9 @@ class JumpReLUSAE(SparseAutoencoder):
         return {"loss": mse + sparsity_coeff * l0, "mse": mse, "l0": l0.detach(), "acts": f.detach()}
 
     @torch.no_grad()
-    def clamp_threshold(self) -> None:
-        """Keep θ positive after an optimizer step (log θ is positive by construction)."""
+    def apply_constraints(self) -> None:
+        """Unit decoder rows, and θ > 0 (log θ is positive by construction)."""
+        super().apply_constraints()
         if self.cfg.theta_param == "theta":
             self.theta.clamp_(min=1e-6)
 

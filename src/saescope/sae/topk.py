@@ -28,13 +28,15 @@ class TopKSAE(SparseAutoencoder):
         return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": l0, "acts": f.detach()}
 
     def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-        """Reconstruct the residual error from the top dead latents, so dead latents get gradient."""
-        if dead is None or not bool(dead.any()):
+        """Reconstruct the residual error from the top dead latents, so dead latents get gradient.
+        Live latents are zeroed rather than removed, so the step never asks the device how many
+        are dead; with none dead the term is multiplied away."""
+        if dead is None:
             return pre.new_zeros(())
-        k_aux = min(int(dead.sum()), max(1, self.cfg.d_in // 2))
+        k_aux = min(max(1, self.cfg.d_in // 2), self.cfg.d_sae)
         vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
         rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
-        return (rec - residual).pow(2).sum(-1).mean()
+        return (rec - residual).pow(2).sum(-1).mean() * dead.any()
 
 
 class BatchTopKSAE(TopKSAE):
@@ -51,10 +53,11 @@ class BatchTopKSAE(TopKSAE):
         n = min(self.cfg.k * acts.shape[0], flat.numel())
         vals, idx = flat.topk(n)
         f = torch.zeros_like(flat).scatter(0, idx, vals).reshape(acts.shape)
-        with torch.no_grad():
-            smallest = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_zeros(())
+        with torch.no_grad():  # running estimate of the smallest kept activation, without a host sync
+            smallest = torch.where(vals > 0, vals, torch.inf).min()
+            smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
             t = self.shared_threshold
-            t.copy_(smallest if float(t) < 0 else 0.99 * t + 0.01 * smallest)
+            t.copy_(torch.where(t < 0, smallest, 0.99 * t + 0.01 * smallest))
         return f
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+import torch
 
 
 def warmup_steps(configured: int | None, total: int, paper: int, share: float) -> int:
@@ -23,32 +24,40 @@ def coeff_at(step: int, coeff: float, warmup: int) -> float:
     return coeff if step >= warmup else coeff * step / warmup
 
 
-@dataclass
 class TargetL0:
     """Adapts λ so that the SAE's L0 settles on `target`.
 
     L0 answers λ with a lag: thresholds move at most about lr per Adam step. So log λ moves by
     gain × the error log(L0/target) *predicted `horizon` steps ahead* from its current trend;
     while L0 already heads for the target fast enough, λ holds still instead of winding up and
-    overshooting. (Measured on Gemma 3 270M and on a planted dictionary; see the README.)"""
+    overshooting. (Measured on Gemma 3 270M and on a planted dictionary; see the README.)
 
-    target: float
-    log_lambda: float
-    gain: float
-    horizon: float = 50.0
-    ema_l0: float | None = None
-    last_error: float | None = None
+    The state lives in tensors so that a training step never waits on the device."""
+
+    def __init__(self, target: float, log_lambda: float, gain: float, horizon: float = 50.0,
+                 ema_l0: float | None = None, last_error: float | None = None, device="cpu"):
+        self.target, self.gain, self.horizon = target, gain, horizon
+        self.started = ema_l0 is not None
+
+        def scalar(value):
+            return torch.tensor(float(value or 0.0), dtype=torch.float64, device=device)
+
+        self.log_lambda, self.ema_l0, self.last_error = scalar(log_lambda), scalar(ema_l0), scalar(last_error)
 
     @property
-    def coeff(self) -> float:
-        return math.exp(self.log_lambda)
+    def coeff(self) -> torch.Tensor:
+        return self.log_lambda.exp()
 
-    def update(self, l0: float) -> None:
-        self.ema_l0 = l0 if self.ema_l0 is None else 0.8 * self.ema_l0 + 0.2 * l0
-        error = math.log(max(self.ema_l0, 1e-3) / self.target)
-        trend = 0.0 if self.last_error is None else error - self.last_error
+    def update(self, l0: torch.Tensor) -> None:
+        l0 = l0.detach().to(self.ema_l0)
+        self.ema_l0 = 0.8 * self.ema_l0 + 0.2 * l0 if self.started else l0
+        error = (self.ema_l0.clamp_min(1e-3) / self.target).log()
+        trend = error - self.last_error if self.started else torch.zeros_like(error)
         self.last_error = error
-        self.log_lambda += max(-0.1, min(0.1, self.gain * (error + self.horizon * trend)))
+        self.started = True
+        self.log_lambda = self.log_lambda + (self.gain * (error + self.horizon * trend)).clamp(-0.1, 0.1)
 
     def state(self) -> dict:
-        return {k: getattr(self, k) for k in ("target", "log_lambda", "gain", "horizon", "ema_l0", "last_error")}
+        return {"target": self.target, "log_lambda": float(self.log_lambda), "gain": self.gain,
+                "horizon": self.horizon, "ema_l0": float(self.ema_l0) if self.started else None,
+                "last_error": float(self.last_error) if self.started else None}

@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SAESpec, TrainConfig
-from ..errors import SaescopeError
-from ..files import atomic_write
+from ..errors import SaescopeError, first_line
+from ..files import atomic_write, write_json
 from ..sae import SAEConfig, SparseAutoencoder, build_sae
 from ..sae.formats import width_label
 from ..site import Site
@@ -33,17 +33,22 @@ METRICS = "metrics.jsonl"
 
 @dataclass
 class Member:
-    """One SAE of the suite with everything that trains it."""
+    """One SAE of the suite with everything that trains it. Per-step state stays in tensors; the
+    host reads it only when it logs or checkpoints."""
 
     name: str
     sae: SparseAutoencoder
     site: str
     target: str
-    coeff: float
+    scale: float                # C: the SAE sees activations / C
+    coeff: float                # λ after warm-up (unused under a target-L0 controller)
     optimizer: torch.optim.Adam
+    since_fired: torch.Tensor   # tokens since each latent last fired
     controller: TargetL0 | None = None
-    since_fired: torch.Tensor | None = None  # tokens since each latent last fired
     sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
+    steps: int = 0                            # steps in `sums`
+    bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)
+    bad_loss: torch.Tensor | None = None
 
 
 def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str:
@@ -102,6 +107,7 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.members: list[Member] = []
         self.step = 0
+        self._bad_batch = {site: torch.tensor(-1) for site in self.sites}  # first step with NaN/Inf input
 
     # --- set-up --------------------------------------------------------------------------------
     def _build(self, first_batch: dict[str, torch.Tensor]) -> None:
@@ -126,11 +132,14 @@ class Trainer:
             opt = torch.optim.Adam(sae.parameters(), lr=self.cfg.lr, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
                                    eps=self.cfg.adam_eps)
             controller = None
-            if spec.target_l0:
-                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain)
-            coeff = 0.0 if spec.arch in ("topk", "batchtopk") else float(value if not spec.target_l0 else spec.lambdas[0])
-            self.members.append(Member(name, sae, site, target, coeff, opt, controller,
-                                       torch.zeros(width, dtype=torch.long, device=self.device)))
+            if spec.target_l0:  # λ starts at the first listed value and then follows L0
+                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain,
+                                      device=self.device)
+            coeff = float(value) if spec.arch in ("jumprelu", "relu") and not spec.target_l0 else 0.0
+            self.members.append(Member(name, sae, site, target, c, coeff, opt,
+                                       torch.zeros(width, dtype=torch.long, device=self.device), controller,
+                                       bad_step=torch.tensor(-1, device=self.device),
+                                       bad_loss=torch.tensor(0.0, device=self.device)))
 
     def _batches(self):
         rows = self.source.n_rows(self.sites[0]) if hasattr(self.source, "n_rows") else None
@@ -160,7 +169,7 @@ class Trainer:
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:  # torch raises several types for a damaged file
-            raise SaescopeError(f"checkpoint {path} cannot be read ({str(exc).splitlines()[0]}); move it away to start over") from None
+            raise SaescopeError(f"checkpoint {path} cannot be read ({first_line(exc)}); move it away to start over") from None
         if state["config"] != self.cfg.model_dump_json():
             raise SaescopeError(f"{self.out} holds a run with another configuration; use another output folder")
         for m in self.members:
@@ -170,7 +179,7 @@ class Trainer:
             m.since_fired.copy_(s["since_fired"])
             ctl = json.loads(s["controller"])
             if ctl:
-                m.controller = TargetL0(**ctl)
+                m.controller = TargetL0(**ctl, device=self.device)
         torch.set_rng_state(state["rng"])
         self.step = state["step"]
         return True
@@ -178,7 +187,7 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> list[Path]:
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(self.cfg.model_dump_json(indent=1))
+        write_json(self.out / "train_config.json", self.cfg.model_dump(mode="json"))
         stream = self._batches()
         first = next(stream, None)
         if first is None:
@@ -199,68 +208,83 @@ class Trainer:
                 batch = next(stream, None)
                 if batch is None:
                     raise SaescopeError(f"the activation source ran out at step {self.step} of {self.steps}")
-                self._check_batch(batch, last_good)
-                for m in self.members:
-                    self._train_step(m, batch, last_good)
+                self._train_step(batch)
                 self.step += 1
                 bar.update(self.cfg.batch_size)
                 if self.step % self.cfg.log_every == 0 or self.step == self.steps:
+                    self._check_finite(last_good)
                     rate = (self.step - start_step) * self.cfg.batch_size / max(time.perf_counter() - start, 1e-9)
                     self._log(log, rate, bar)
                 if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                    self._check_finite(last_good)
                     self._save_checkpoint()
                     last_good = self.step
         bar.close()
+        self._check_finite(last_good)
         self._save_checkpoint()
         return self._write_saes()
 
-    def _check_batch(self, batch: dict[str, torch.Tensor], last_good: int | None) -> None:
-        for site in self.sites:
-            if not torch.isfinite(batch[site]).all():
-                raise SaescopeError(f"NaN or Inf in the activations of {site} at step {self.step}; {_kept(last_good)}")
-
-    def _train_step(self, m: Member, batch: dict[str, torch.Tensor], last_good: int | None) -> None:
-        c = m.sae.norm_scalar
-        x = batch[m.site].to(self.device) / c
-        y = x if m.target == m.site else batch[m.target].to(self.device) / c
-        coeff = m.controller.coeff if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
-        dead = m.since_fired >= self.dead_tokens
-        out = m.sae.training_loss(x, y, coeff, dead=dead)
-        loss = float(out["loss"].detach())
-        if not math.isfinite(loss):
-            raise SaescopeError(f"{m.name}: the loss is {loss} at step {self.step}; {_kept(last_good)}")
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """One step of every SAE on the same batch. Each site is scaled (and its variance taken)
+        once per scale, however many SAEs read it."""
         lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
+        for site in self.sites:  # remember the first step with non-finite activations
+            bad = ~torch.isfinite(batch[site]).all() & (self._bad_batch[site] < 0)
+            self._bad_batch[site] = torch.where(bad, self.step, self._bad_batch[site])
+        scaled: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def view(site: str, c: float):
+            if (site, c) not in scaled:
+                x = batch[site].to(self.device) / c
+                scaled[site, c] = x, (x - x.mean(0)).pow(2).sum(-1).mean()
+            return scaled[site, c]
+
+        for m in self.members:
+            x, _ = view(m.site, m.scale)
+            y, var = view(m.target, m.scale)
+            self._step_member(m, x, y, var, lr)
+
+    def _step_member(self, m: Member, x: torch.Tensor, y: torch.Tensor, var: torch.Tensor, lr: float) -> None:
+        coeff = m.controller.coeff if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
+        out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= self.dead_tokens)
+        loss = out["loss"].detach()
+        bad = ~torch.isfinite(loss) & (m.bad_step < 0)
+        m.bad_step = torch.where(bad, self.step, m.bad_step)
+        m.bad_loss = torch.where(bad, loss, m.bad_loss)
         for group in m.optimizer.param_groups:
             group["lr"] = lr
         m.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         m.sae.remove_parallel_grad()
         m.optimizer.step()
-        m.sae.normalize_decoder()
-        if hasattr(m.sae, "clamp_threshold"):
-            m.sae.clamp_threshold()
-        fired = (out["acts"] > 0).any(0)
-        m.since_fired += x.shape[0]
-        m.since_fired[fired] = 0
-        l0 = float(out["l0"])
+        m.sae.apply_constraints()
+        m.since_fired.add_(x.shape[0]).masked_fill_((out["acts"] > 0).any(0), 0)
         if m.controller:
-            m.controller.update(l0)
-        with torch.no_grad():
-            var = (y - y.mean(0)).pow(2).sum(-1).mean()
-        mse = float(out["mse"].detach())
-        for key, value in (("loss", loss), ("mse", mse), ("l0", l0), ("fvu", mse / float(var)), ("lambda", coeff), ("lr", lr)):
+            m.controller.update(out["l0"])
+        mse = out["mse"].detach()
+        for key, value in (("loss", loss), ("mse", mse), ("l0", out["l0"]), ("fvu", mse / var), ("lambda", coeff),
+                           ("lr", lr)):
             m.sums[key] = m.sums.get(key, 0.0) + value
-        m.sums["n"] = m.sums.get("n", 0) + 1
+        m.steps += 1
+
+    def _check_finite(self, last_good: int | None) -> None:
+        """Stop on the first NaN or Inf seen since the last check (one read from the device)."""
+        for site, step in self._bad_batch.items():
+            if int(step) >= 0:
+                raise SaescopeError(f"NaN or Inf in the activations of {site} at step {int(step)}; {_kept(last_good)}")
+        for m in self.members:
+            if int(m.bad_step) >= 0:
+                raise SaescopeError(f"{m.name}: the loss is {float(m.bad_loss)} at step {int(m.bad_step)}; {_kept(last_good)}")
 
     def _log(self, log, rate: float, bar) -> None:
         shown = None
         for m in self.members:
-            n = m.sums.pop("n", 1)
             line = {"sae": m.name, "step": self.step, "tokens": self.step * self.cfg.batch_size,
-                    **{k: v / n for k, v in m.sums.items()},
+                    **{k: float(v) / max(m.steps, 1) for k, v in m.sums.items()},
                     "dead_fraction": float((m.since_fired >= self.dead_tokens).float().mean()), "tokens_per_s": rate}
             log.write(json.dumps(line) + "\n")
             m.sums.clear()
+            m.steps = 0
             shown = shown or f"{m.name}: L0 {line.get('l0', float('nan')):.1f}, FVU {line.get('fvu', float('nan')):.3f}"
         log.flush()
         bar.set_postfix_str(shown, refresh=False)
