@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import tiny_model
@@ -87,7 +89,6 @@ def test_train_needs_activations(tmp_path, capsys):
 
 
 def test_eval_writes_json_and_markdown(model_dir, doc_folder, tmp_path, capsys):
-    import json
 
     from saescope import ReLUSAE, SAEConfig
 
@@ -126,3 +127,18 @@ def test_explore_build_on_a_folder_of_saes(model_dir, doc_folder, tmp_path, caps
     assert "1 SAEs, " in capsys.readouterr().out
     con = connect(tmp_path / "saes" / "features.db", readonly=True)
     assert con.execute("SELECT count(*) FROM latents").fetchone()[0] == 16
+    (tmp_path / "mine.json").write_text(json.dumps({"one": {"3": "my own words"}}))
+    assert main(["-q", "explore", "neuronpedia", str(tmp_path / "saes"), "--out", str(tmp_path / "np"),
+                 "--source-set", "me-res-16", "--explanations", str(tmp_path / "mine.json"), "--batch-size", "8"]) == 0
+    assert "1 sources, 16 features" in capsys.readouterr().out
+    source = next((tmp_path / "np").glob("*/1-me-res-16__one"))
+    assert sorted(p.name for p in (source / "features").iterdir()) == ["batch-0.jsonl.gz", "batch-1.jsonl.gz"]
+    assert main(["-q", "explore", "neuronpedia", str(tmp_path / "nowhere"), "--out", str(tmp_path / "np")]) == 2
+    assert "no feature database at" in capsys.readouterr().err
+
+
+def test_serve_binds_loopback_unless_asked():
+    from saescope.cli import _parser
+
+    assert _parser().parse_args(["serve", "runs/x"]).host == "127.0.0.1"
+    assert _parser().parse_args(["serve", "runs/x", "--host", "0.0.0.0"]).host == "0.0.0.0"

@@ -38,6 +38,11 @@ def test_statistics_match_direct_computation(tiny_lm, setup):
         expected = f[:, j].topk(5)
         assert [r["act"] for r in top] == pytest.approx(expected.values.tolist(), rel=1e-5)
         assert [float(f[r["seq"] * 32 + r["pos"], j]) for r in top] == pytest.approx([r["act"] for r in top])
+        for r in con.execute("SELECT seq, pos, lo, acts FROM examples WHERE sae = ? AND latent = ?", (name, j)):
+            window = np.frombuffer(r["acts"], dtype=np.float32)  # the latent around the example, for shading
+            assert r["lo"] == max(0, r["pos"] - 12) and r["lo"] + len(window) == min(32, r["pos"] + 13)
+            start = r["seq"] * 32 + r["lo"]
+            assert window.tolist() == pytest.approx(f[start:start + len(window), j].tolist(), rel=1e-5, abs=1e-7)
         quant = con.execute("SELECT band, act FROM examples WHERE sae = ? AND latent = ? AND kind = 'quantile' "
                             "ORDER BY band, rank", (name, j)).fetchall()
         acts = [r["act"] for r in quant]
@@ -45,6 +50,7 @@ def test_statistics_match_direct_computation(tiny_lm, setup):
         assert {r["band"] for r in quant} == {0, 1, 2, 3}
         hist = json.loads(con.execute("SELECT histogram FROM latents WHERE sae = ? AND latent = ?", (name, j)).fetchone()[0])
         assert sum(hist["counts"]) == hist["sample"] == min(16, hist["firings"])
+        assert hist["edges"][0] == pytest.approx(acts[0], rel=1e-5)  # from the weakest sampled firing up
         neigh = con.execute("SELECT other, cosine FROM neighbours WHERE sae = ? AND latent = 0 ORDER BY rank",
                             (name,)).fetchall()
         dec = torch.nn.functional.normalize(sae.W_dec.detach(), dim=1)
@@ -69,3 +75,30 @@ def test_logits_and_context(tiny_lm, setup):
     assert con.execute("SELECT value FROM meta WHERE key = 'logits'").fetchone()[0].startswith("top logits")
     with pytest.raises(Exception):
         con.execute("DELETE FROM latents")  # the server's connection is read-only
+
+
+def test_running_state_is_bounded_and_merges_exactly():
+    """Top-k and the priority sample over sparse firings, merged every few entries or once, equal
+    a brute-force top-k and each other (the random keys do not depend on when merges happen)."""
+    from saescope.explore.build import _Running
+
+    rng = np.random.default_rng(0)
+    m, k, r = 7, 3, 4
+    batches = []
+    for b in range(6):
+        acts = rng.random((10, m)) * (rng.random((10, m)) < 0.4)
+        row, col = acts.nonzero()
+        batches.append((col, acts[row, col].astype(np.float32), b * 10 + row))
+    often, once = _Running(m, k, r, seed=1, merge_every=5), _Running(m, k, r, seed=1, merge_every=10**9)
+    for batch in batches:
+        often.update(*batch)
+        once.update(*batch)
+        assert len(often.top[0]) <= m * k and len(often.sample[0]) <= m * r
+    latent, val, tok = (np.concatenate(x) for x in zip(*batches))
+    for (j, (tv, tt), (sv, st)), (_, (tv2, _), (sv2, st2)) in zip(often.latents(), once.latents()):
+        mine = val[latent == j]
+        assert tv.tolist() == sorted(mine, reverse=True)[:k] and tv.tolist() == tv2.tolist()
+        assert all(val[(latent == j) & (tok == t)][0] == v for v, t in zip(tv, tt))
+        assert len(sv) == min(r, len(mine)) and sv.tolist() == sorted(sv.tolist())
+        assert sv.tolist() == sv2.tolist() and st.tolist() == st2.tolist()
+    assert often.count.tolist() == np.bincount(latent, minlength=m).tolist()

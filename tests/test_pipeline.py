@@ -41,10 +41,15 @@ widths = [32]
 [eval]
 tokens = 192
 seq_len = 32
+
+[explore]
+tokens = 256
+seq_len = 32
 """)
     out = tmp_path / "out"
     assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report:" in printed and f"saescope serve {out}" in printed
     report = (out / "report.md").read_text()
     for picture in ("pareto.png", "architectures.png", "firing_frequency.png", "by_position.png"):
         assert (out / picture).stat().st_size > 5000 and f"]({picture})" in report
@@ -55,7 +60,10 @@ seq_len = 32
     assert list((out / "saes" / "layer_1" / "topk").iterdir())
     assert "Not measured: the tokenizer has too few whole-word tokens" in report  # a 400-token BPE
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {"harvest", "train", "eval", "absorption", "report"}
+    assert set(timings) == {"harvest", "train", "eval", "absorption", "report", "explore"}
+    from saescope.explore import connect
+    saes = connect(out / "features.db", readonly=True).execute("SELECT id, n_tokens FROM saes").fetchall()
+    assert sorted(r["id"] for r in saes) == sorted(r["sae"] for r in records) and saes[0]["n_tokens"] > 100
     before = {k: v for k, v in timings.items() if k != "report"}
     assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
     after = json.loads((out / "timings.json").read_text())

@@ -48,9 +48,77 @@ def test_live_text_and_steering(client):
     assert set(s) >= {"unsteered", "steered"} and s["steered"] != s["unsteered"]
     assert client.post("/api/saes/resid.1/steer", json={"prompt": "a", "latent": 1, "alpha": 1,
                                                         "max_new_tokens": 10_000}).status_code == 422
+    assert client.post("/api/saes/resid.1/steer", json={"prompt": "a" * (MAX_TEXT + 1), "latent": 1,
+                                                        "alpha": 1}).status_code == 422
+    r = client.post("/api/saes/resid.1/steer", json={"prompt": "a", "latent": 24, "alpha": 1})
+    assert r.status_code == 404 and "latent 24 out of range" in r.json()["detail"]
+    assert client.post("/api/saes/nope/steer", json={"prompt": "a", "latent": 1, "alpha": 1}).status_code == 404
+    assert client.post("/api/saes/nope/activations", json={"text": "a"}).status_code == 404
 
 
 def test_openapi_lists_every_route(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/saes", "/api/saes/{sae_id}/latents/{latent}", "/api/saes/{sae_id}/activations",
-            "/api/saes/{sae_id}/steer"} <= set(paths)
+    assert {"/api/run", "/api/saes", "/api/saes/{sae_id}/latents", "/api/saes/{sae_id}/latents/{latent}",
+            "/api/saes/{sae_id}/activations", "/api/saes/{sae_id}/steer"} == set(paths)
+
+
+def test_latent_list_sorts_searches_and_pages(client):
+    page = client.get("/api/saes/resid.1/latents", params={"sort": "density", "order": "desc", "limit": 5}).json()
+    assert page["total"] == 24 and len(page["latents"]) == 5
+    densities = [r["density"] for r in page["latents"]]
+    assert densities == sorted(densities, reverse=True)
+    everything = client.get("/api/saes/resid.1/latents", params={"sort": "max_act", "order": "asc", "limit": 1000}).json()
+    maxes = [r["max_act"] for r in everything["latents"]]
+    assert maxes == sorted(maxes) and sorted(r["latent"] for r in everything["latents"]) == list(range(24))
+    second = client.get("/api/saes/resid.1/latents", params={"sort": "latent", "order": "asc", "offset": 5, "limit": 5}).json()
+    assert [r["latent"] for r in second["latents"]] == [5, 6, 7, 8, 9]
+    assert [r["latent"] for r in client.get("/api/saes/resid.1/latents", params={"q": "7"}).json()["latents"]][:1] == [7]
+    with_tokens = next(r for r in everything["latents"] if r["top_tokens"])
+    word = with_tokens["top_tokens"][0]
+    found = client.get("/api/saes/resid.1/latents", params={"q": word, "limit": 1000}).json()["latents"]
+    assert with_tokens["latent"] in [r["latent"] for r in found]
+    assert all(any(word.lower() in t.lower() for t in r["top_tokens"]) or str(r["latent"]) == word for r in found)
+    for bad in ({"sort": "density; DROP TABLE latents"}, {"order": "sideways"}, {"limit": 0}, {"q": "x" * 201}):
+        assert client.get("/api/saes/resid.1/latents", params=bad).status_code == 422
+    assert client.get("/api/saes/nope/latents").status_code == 404
+
+
+def test_examples_carry_shaded_windows(client):
+    body = client.get("/api/saes/resid.1/latents/3").json()
+    for ex in body["top_examples"] + body["quantile_examples"]:
+        assert len(ex["acts"]) == len(ex["tokens"]) and ex["acts"][ex["highlight"]] == pytest.approx(ex["act"])
+
+
+def test_pages_plots_and_file_traversal(tiny_lm, feature_db, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pareto.png").write_bytes(b"\x89PNG fake")
+    (run / "secret.txt").write_text("not for the web")
+    client = TestClient(create_app(feature_db[3], lm=None, run_dir=run))
+    assert client.get("/api/run").json() == {"model": tiny_lm.name, "plots": ["/plots/pareto.png"], "live": False}
+    assert client.get("/plots/pareto.png").content == b"\x89PNG fake"
+    index = client.get("/")
+    assert index.status_code == 200 and "/static/app.js" in index.text
+    for asset in ("/static/app.js", "/static/style.css", "/static/index.html"):
+        assert client.get(asset).status_code == 200
+    for path in ("/plots/secret.txt", "/plots/..%2Fsecret.txt", "/plots/../run/secret.txt", "/static/../server.py",
+                 "/static/..%2Fserver.py", "/static/%2e%2e/db.py", "/static/..%2F..%2F..%2Fetc%2Fpasswd", "/etc/passwd",
+                 "/plots/%2e%2e%2f%2e%2e%2fetc%2fpasswd"):
+        r = client.get(path)
+        assert r.status_code == 404 and b"not for the web" not in r.content and b"import" not in r.content, path
+    r = client.post("/api/saes/resid.1/activations", json={"text": "hello"})
+    assert r.status_code == 503 and "without a model" in r.json()["detail"]
+    assert client.get("/api/saes").json()[0]["metrics"] is None
+
+
+def test_steering_never_leaks_into_concurrent_requests(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    text = {"text": "The quick brown fox jumps over the lazy dog", "latent": 3}
+    clean = client.post("/api/saes/resid.1/activations", json=text).json()["activations"]
+    steer = {"prompt": "The quick", "latent": 3, "alpha": 500.0, "max_new_tokens": 16}
+    with ThreadPoolExecutor(6) as pool:
+        steering = [pool.submit(client.post, "/api/saes/resid.1/steer", json=steer) for _ in range(3)]
+        reads = [pool.submit(client.post, "/api/saes/resid.1/activations", json=text) for _ in range(24)]
+        assert all(f.result().status_code == 200 for f in steering)
+        assert all(f.result().json()["activations"] == pytest.approx(clean) for f in reads)

@@ -90,8 +90,21 @@ def _parser() -> argparse.ArgumentParser:
     xb.add_argument("dir", help="a `saescope run` output folder, or a folder of SAEs (then give --model)")
     xb.add_argument("--out", default=None, help="database file (default: DIR/features.db)")
     _heldout_args(xb, model=None, tokens=32_768, batch=8)
+    xn = xs.add_parser("neuronpedia", help="write the feature database in Neuronpedia's upload format (jsonl.gz batches)")
+    xn.add_argument("dir", help="a folder holding features.db")
+    xn.add_argument("--out", required=True, help="export folder (gets MODEL/SOURCE/… inside)")
+    xn.add_argument("--model-id", default=None, help="Neuronpedia's model id (default: the database's model name)")
+    xn.add_argument("--source-set", default="saescope", help="source set name, e.g. myname-res-2k")
+    xn.add_argument("--creator", default="saescope user", help="creator name shown on Neuronpedia")
+    xn.add_argument("--release-id", default=None)
+    xn.add_argument("--release-title", default=None)
+    xn.add_argument("--url", default="", help="paper or project URL")
+    xn.add_argument("--hf-repo", default=None, help="HuggingFace repo where the SAE folders are published")
+    xn.add_argument("--explanations", default=None,
+                    help='JSON file {"SAE id": {"latent": "explanation"}} (default: top-token descriptions)')
+    xn.add_argument("--batch-size", type=int, default=128, help="latents per jsonl.gz batch")
 
-    sv = sub.add_parser("serve", help="the explorer's JSON API over a feature database (loopback by default)")
+    sv = sub.add_parser("serve", help="the explorer's pages and JSON API over a feature database (loopback by default)")
     sv.add_argument("dir", help="a folder holding features.db (from `saescope explore build`)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     sv.add_argument("--port", type=int, default=8000)
@@ -154,6 +167,21 @@ def _dispatch(args) -> int:
                                  device=args.device, site=args.site, progress=not args.quiet)
         print(Path(args.out).with_suffix(".md").read_text())
         print(f"{len(records)} SAEs evaluated; results in {args.out}")
+    elif args.command == "explore" and args.explore_command == "neuronpedia":
+        from .explore.neuronpedia import export_neuronpedia
+
+        explanations = None
+        if args.explanations:
+            from .files import read_json
+
+            explanations = {sae: {int(i): text for i, text in by_latent.items()}
+                            for sae, by_latent in read_json(Path(args.explanations)).items()}
+        info = export_neuronpedia(Path(args.dir) / "features.db", args.out, model_id=args.model_id,
+                                  source_set=args.source_set, creator_name=args.creator, release_id=args.release_id,
+                                  release_title=args.release_title, url=args.url, hf_repo_id=args.hf_repo,
+                                  explanations=explanations, batch_size=args.batch_size, progress=not args.quiet)
+        print(f"Neuronpedia export {info['out']}: {len(info['sources'])} sources, {info['features']} features, "
+              f"{info['activations']} activations, {info['explanations']} explanations")
     elif args.command == "explore":
         from .explore.build import build_dir
 
@@ -173,7 +201,7 @@ def _dispatch(args) -> int:
         if not db.is_file():
             raise SaescopeError(f"no feature database at {db}; run `saescope explore build {args.dir}` first")
         model = args.model or connect(db, readonly=True).execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0]
-        uvicorn.run(create_app(db, load_model(model, device=args.device)), host=args.host, port=args.port,
+        uvicorn.run(create_app(db, load_model(model, device=args.device), run_dir=args.dir), host=args.host, port=args.port,
                     log_level="warning" if args.quiet else "info")
     elif args.command == "run":
         from .pipeline import load_config, run
@@ -184,6 +212,8 @@ def _dispatch(args) -> int:
         print(markdown_table(outputs["records"]))
         print("wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in outputs["timings"].items()))
         print(f"report: {outputs['report']}")
+        if outputs["features"]:
+            print(f"explore the features: saescope serve {args.out}")
     elif args.command == "sites":
         from .lm import KINDS, Site, load_model
 

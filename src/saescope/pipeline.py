@@ -1,5 +1,6 @@
-"""`saescope run`: corpus → harvest → train a suite → evaluate → report, each stage skipped when
-its output is already complete, so a rerun after an interruption picks up where it stopped."""
+"""`saescope run`: corpus → harvest → train a suite → evaluate → report → feature database, each
+stage skipped when its output is already complete, so a rerun after an interruption picks up where
+it stopped."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .data import harvest
 from .errors import SaescopeError
 from .files import read_json, write_json
 
-STAGES = ("harvest", "train", "eval", "absorption", "report")
+STAGES = ("harvest", "train", "eval", "absorption", "report", "explore")
 
 
 def _default_train() -> TrainConfig:
@@ -37,12 +38,20 @@ class EvalConfig(_Config):
     absorption_words_per_letter: int = Field(60, gt=1)
 
 
+class ExploreConfig(_Config):
+    enabled: bool = Field(True, description="build the explorer's feature database (features.db) for `saescope serve`")
+    tokens: int = Field(32_768, gt=0, description="held-out tokens the per-latent examples and statistics are read from")
+    seq_len: int = Field(128, ge=2, description="row length of that text (examples show ±12 tokens of it)")
+    batch_size: int = Field(8, gt=0)
+
+
 class RunConfig(_Config):
     """The whole pipeline; the defaults are the embedded Gemma 3 270M on the built-in corpus."""
 
     harvest: HarvestConfig = Field(default_factory=lambda: HarvestConfig(sites=["resid.6"], tokens=204_800))
     train: TrainConfig = Field(default_factory=_default_train)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    explore: ExploreConfig = Field(default_factory=ExploreConfig)
 
 
 def load_config(path: str | Path | None) -> RunConfig:
@@ -53,6 +62,7 @@ def load_config(path: str | Path | None) -> RunConfig:
 def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     """Run every stage into `out`; returns the report's records and where things are."""
     from .evals.report import evaluate_paths, write_report
+    from .explore.build import build_dir
     from .lm import load_model
     from .train import train
 
@@ -87,7 +97,11 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
           lambda: _absorption(records, cfg, absorption_path, model()))
     absorbed = read_json(absorption_path) if absorption_path.is_file() else None
     stage("report", False, lambda: write_report(records, out, timings, absorbed))
-    return {"report": out / "report.md", "records": records, "timings": timings}
+    explore_corpus = corpus.model_copy(update={"seq_len": cfg.explore.seq_len})
+    stage("explore", (out / "features.db").is_file() or not cfg.explore.enabled, lambda: build_dir(
+        out, explore_corpus, cfg.explore.tokens, model=model(), batch_size=cfg.explore.batch_size, progress=progress))
+    return {"report": out / "report.md", "records": records, "timings": timings,
+            "features": out / "features.db" if cfg.explore.enabled else None}
 
 
 def _complete(record: Path) -> bool:

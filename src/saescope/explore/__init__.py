@@ -1,4 +1,4 @@
-"""The feature explorer: the feature database (and, next, the web app on top of it)."""
+"""The feature explorer: the feature database, the web app on top of it, and the Neuronpedia export."""
 
 from .build import build
 from .db import connect

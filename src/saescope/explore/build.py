@@ -4,13 +4,18 @@ For each latent, across every batch, only fixed-size tensors are kept: its K str
 activations (a running top-k), and a uniform sample of R of its firings (priority sampling:
 each firing draws a random key and the R smallest keys are kept). Examples across the
 activation range are read off that uniform sample at its quantiles, and so is the histogram of
-non-zero activations. Memory is O(d_sae · (K + R)), never O(tokens)."""
+non-zero activations. Memory is O(d_sae · (K + R)), never O(tokens).
+
+The pages shade every token around an example by the latent's activation, which is only known
+once the examples are chosen. Rather than run the model twice, each batch's non-zero
+activations are spilled to disk as sorted (token · d_sae + latent) keys — about L0 · 12 bytes a
+token — and the windows are looked up there by binary search at the end."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,46 +30,93 @@ from ..sae import SparseAutoencoder
 from ..site import Site
 from .db import connect
 
+CONTEXT = 12  # tokens kept on each side of an example
 LOGIT_NOTE = ("top logits are W_dec[i] · W_U (attention latents first pass through o_proj); the final norm "
               "is not applied, so they show direction, not calibrated probabilities")
 
 
-@dataclass
 class _Running:
-    """Bounded per-latent state for one SAE."""
+    """Bounded per-latent state for one SAE, as flat entry lists (latent, value, token, key).
 
-    top_vals: torch.Tensor     # [m, K], −inf where empty
-    top_tok: torch.Tensor      # [m, K] global token index (seq · T + pos)
-    keys: torch.Tensor         # [m, R] priority keys, +inf where empty
-    sample_vals: torch.Tensor  # [m, R]
-    sample_tok: torch.Tensor   # [m, R]
-    count: torch.Tensor        # [m] firings
-    total: torch.Tensor        # [m] sum of activations
+    Only firings are touched — L0 entries a token, not d_sae — and they are merged into the state
+    in bulk: a lexsort by (latent, order) and a rank within each latent's run keeps the K largest
+    values and the R smallest random keys of every latent."""
 
-    @classmethod
-    def empty(cls, m: int, k: int, r: int) -> "_Running":
-        return cls(torch.full((m, k), -torch.inf), torch.zeros(m, k, dtype=torch.long),
-                   torch.full((m, r), torch.inf), torch.zeros(m, r), torch.zeros(m, r, dtype=torch.long),
-                   torch.zeros(m, dtype=torch.long), torch.zeros(m, dtype=torch.float64))
+    def __init__(self, m: int, k: int, r: int, seed: int, merge_every: int = 1 << 22):
+        self.m, self.k, self.r, self.merge_every = m, k, r, merge_every
+        self.count = np.zeros(m, np.int64)
+        self.total = np.zeros(m, np.float64)
+        self.rng = np.random.default_rng(seed)
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        self.top, self.sample, self.pending = empty, empty, []
 
-    def update(self, acts: torch.Tensor, tok: torch.Tensor, gen: torch.Generator) -> None:
-        """acts [n, m] for the real tokens of a batch; tok [n] their global indices."""
-        fired = acts > 0
-        self.count += fired.sum(0)
-        self.total += acts.double().sum(0)
-        vals, where = torch.cat([self.top_vals, acts.T], 1).topk(self.top_vals.shape[1], dim=1)
-        self.top_tok = torch.cat([self.top_tok, tok.expand(acts.shape[1], -1)], 1).gather(1, where)
-        self.top_vals = vals
-        keys = torch.rand(acts.shape, generator=gen).masked_fill(~fired, torch.inf).T
-        all_keys = torch.cat([self.keys, keys], 1)
-        kept, where = all_keys.topk(self.keys.shape[1], dim=1, largest=False)
-        self.sample_vals = torch.cat([self.sample_vals, acts.T], 1).gather(1, where)
-        self.sample_tok = torch.cat([self.sample_tok, tok.expand(acts.shape[1], -1)], 1).gather(1, where)
-        self.keys = kept
+    def update(self, latent: np.ndarray, val: np.ndarray, tok: np.ndarray) -> None:
+        """One batch's firings: latent index, activation and global token index (seq · T + pos)."""
+        self.count += np.bincount(latent, minlength=self.m)
+        self.total += np.bincount(latent, weights=val, minlength=self.m)
+        self.pending.append((latent, val, tok, self.rng.random(len(latent), dtype=np.float32)))
+        if sum(len(p[0]) for p in self.pending) >= self.merge_every:
+            self.merge()
+
+    def merge(self) -> None:
+        if not self.pending:
+            return
+        new = tuple(np.concatenate(parts) for parts in zip(*self.pending))
+        self.pending = []
+        top = tuple(np.concatenate(p) for p in zip(self.top, new))
+        self.top = _keep(top, -top[1], self.k)
+        sample = tuple(np.concatenate(p) for p in zip(self.sample, new))
+        self.sample = _keep(sample, sample[3], self.r)
+
+    def latents(self):
+        """Per latent: its top (values, tokens), strongest first, and its sample (values, tokens), ascending."""
+        self.merge()
+        top_at = np.searchsorted(self.top[0], np.arange(self.m + 1))
+        sample_at = np.searchsorted(self.sample[0], np.arange(self.m + 1))
+        for j in range(self.m):
+            t, s = slice(top_at[j], top_at[j + 1]), slice(sample_at[j], sample_at[j + 1])
+            order = np.argsort(self.sample[1][s], kind="stable")
+            yield j, (self.top[1][t], self.top[2][t]), (self.sample[1][s][order], self.sample[2][s][order])
+
+
+def _keep(entries: tuple, order: np.ndarray, limit: int) -> tuple:
+    """The first `limit` entries of each latent by `order` (ascending), grouped by latent."""
+    latent = entries[0]
+    idx = np.lexsort((order, latent))
+    sorted_latent = latent[idx]
+    rank = np.arange(len(idx)) - np.searchsorted(sorted_latent, sorted_latent)
+    kept = idx[rank < limit]
+    return tuple(a[kept] for a in entries)
+
+
+class _Spill:
+    """Every non-zero activation of one SAE, in token order, as two flat files on disk."""
+
+    def __init__(self, folder: Path, m: int):
+        self.m, self.paths = m, (folder / "keys.i8", folder / "vals.f4")
+        self.files = [open(p, "wb") for p in self.paths]
+
+    def append(self, latent: np.ndarray, val: np.ndarray, tok: np.ndarray) -> None:
+        """Firings in token order, and by latent within a token, so that the keys stay sorted."""
+        self.files[0].write((tok * self.m + latent).astype(np.int64).tobytes())
+        self.files[1].write(val.astype(np.float32).tobytes())
+
+    def windows(self, latent: np.ndarray, start: np.ndarray, length: np.ndarray, width: int) -> np.ndarray:
+        """[n, width] activations of `latent` at tokens start .. start + length (0 beyond)."""
+        for f in self.files:
+            f.close()
+        if self.paths[0].stat().st_size == 0:
+            return np.zeros((len(latent), width), np.float32)
+        keys = np.memmap(self.paths[0], dtype=np.int64, mode="r")
+        vals = np.memmap(self.paths[1], dtype=np.float32, mode="r")
+        want = (start[:, None] + np.arange(width)) * self.m + latent[:, None]
+        at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        hit = (keys[at] == want) & (np.arange(width) < length[:, None])
+        return np.where(hit, vals[at], 0).astype(np.float32)
 
 
 @torch.no_grad()
-def _direction_logits(sae: SparseAutoencoder, lm: LanguageModel, site: Site, n: int, chunk: int = 1024):
+def _direction_logits(sae: SparseAutoencoder, lm: LanguageModel, site: Site, n: int, chunk: int = 256):
     """Top ±n tokens of each decoder direction through the unembedding."""
     W_U = lm.model.get_output_embeddings().weight.detach().float()  # [vocab, d_model]
     dec = sae.W_dec.detach().float()
@@ -101,8 +153,12 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
     start = time.perf_counter()
     special = SpecialTokens.of(lm.tokenizer).ids
     sites = {name: check_sae(sae, lm) for name, (sae, _) in saes.items()}
-    running = {name: _Running.empty(sae.cfg.d_sae, top_k, sample) for name, (sae, _) in saes.items()}
-    gen = torch.Generator().manual_seed(seed)
+    running = {name: _Running(sae.cfg.d_sae, top_k, sample, seed=seed + n) for n, (name, (sae, _)) in enumerate(saes.items())}
+    spill_dir = tempfile.TemporaryDirectory(prefix=f".{db_path.name}.", dir=db_path.parent)
+    spills = {}
+    for n, name in enumerate(saes):
+        (Path(spill_dir.name) / str(n)).mkdir()
+        spills[name] = _Spill(Path(spill_dir.name) / str(n), saes[name][0].cfg.d_sae)
     T = rows.shape[1]
     n_real = 0
     bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"explore {len(saes)} SAEs", disable=not progress)
@@ -110,12 +166,16 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
         for i in range(0, len(rows), batch_size):
             ids = rows[i:i + batch_size].long()
             keep = keep_mask(ids, special).reshape(-1)
-            tok = (torch.arange(i * T, i * T + ids.numel()))[keep]
+            tok = np.arange(i * T, i * T + ids.numel())[keep.numpy()]
             acts = capture(lm, ids, sorted({str(s) for s in sites.values()}))
             n_real += int(keep.sum())
             for name, (sae, _) in saes.items():
                 x = acts[str(sites[name])].reshape(-1, sae.cfg.d_in)[keep.to(lm.device)]
-                running[name].update(sae.encode(x).float().cpu(), tok, gen)
+                f = sae.encode(x).float().cpu()
+                row, col = f.nonzero(as_tuple=True)  # row-major: by token, then latent
+                fired = (col.numpy(), f[row, col].numpy(), tok[row.numpy()])
+                running[name].update(*fired)
+                spills[name].append(*fired)
             bar.update(ids.numel())
     bar.close()
     con = connect(tmp)
@@ -126,44 +186,42 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
                         [(s, rows[s].numpy().astype(np.int32).tobytes()) for s in range(len(rows))])
         used = set(rows.flatten().tolist())
         for name, (sae, path) in saes.items():
-            used |= _write_sae(con, name, sae, path, sites[name], running[name], lm, n_real, rows.reshape(-1), T,
-                               bands, per_band, bins, n_logits, n_neighbours)
+            used |= _write_sae(con, name, sae, path, sites[name], running[name], spills[name], lm, n_real,
+                               rows.reshape(-1), T, bands, per_band, bins, n_logits, n_neighbours)
         con.executemany("INSERT INTO vocab VALUES (?, ?)", [(t, lm.tokenizer.decode([t])) for t in sorted(used)])
+    spill_dir.cleanup()
     con.execute("VACUUM")
     con.close()
     tmp.replace(db_path)
     return {"seconds": time.perf_counter() - start, "bytes": db_path.stat().st_size, "tokens": n_real}
 
 
-def _write_sae(con, name, sae, path, site, run: _Running, lm, n_real, flat, T, bands, per_band, bins, n_logits,
-               n_neighbours) -> set[int]:
+def _write_sae(con, name, sae, path, site, run: _Running, spill: _Spill, lm, n_real, flat, T, bands, per_band, bins,
+               n_logits, n_neighbours) -> set[int]:
     m = sae.cfg.d_sae
-    density = (run.count.double() / max(n_real, 1)).tolist()
-    mean_act = (run.total / run.count.clamp_min(1)).tolist()
+    density = (run.count / max(n_real, 1)).tolist()
+    mean_act = (run.total / np.maximum(run.count, 1)).tolist()
     l0 = float(run.count.sum()) / max(n_real, 1)
     con.execute("INSERT INTO saes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, str(site), sae.cfg.target_site, sae.cfg.arch, m, sae.cfg.d_in, str(path), n_real, l0))
     used: set[int] = set()
     examples, latents = [], []
-    for j in range(m):
-        top = [(float(v), int(t)) for v, t in zip(run.top_vals[j], run.top_tok[j]) if v > 0]
-        seen = run.keys[j] < torch.inf
-        vals, toks = run.sample_vals[j][seen], run.sample_tok[j][seen]
-        order = vals.argsort()
-        vals, toks = vals[order], toks[order]
+    for j, (top_vals, top_toks), (vals, toks) in run.latents():
+        top = [(float(v), int(t)) for v, t in zip(top_vals, top_toks)]
         for rank, (v, t) in enumerate(top):
             examples.append((name, j, "top", rank, None, t // T, t % T, v))
         for band in range(bands if len(vals) else 0):  # quantile bands of the firing distribution
             lo, hi = band * len(vals) // bands, (band + 1) * len(vals) // bands
             for rank, q in enumerate(range(lo, min(hi, lo + per_band))):
                 examples.append((name, j, "quantile", rank, band, int(toks[q]) // T, int(toks[q]) % T, float(vals[q])))
-        hist = np.histogram(vals.numpy(), bins=bins, range=(0.0, float(vals.max()) if len(vals) else 1.0))
-        latents.append((name, j, density[j], top[0][0] if top else 0.0, mean_act[j] if run.count[j] else 0.0,
+        # from the smallest firing up: a JumpReLU latent never fires below its threshold
+        hist = np.histogram(vals, bins=bins, range=(float(vals[0]), float(vals[-1])) if len(vals) else (0.0, 1.0))
+        latents.append((name, j, density[j], top[0][0] if top else 0.0, mean_act[j],
                         json.dumps({"counts": hist[0].tolist(), "edges": [round(e, 6) for e in hist[1].tolist()],
                                     "sample": int(len(vals)), "firings": int(run.count[j])}),
-                        json.dumps(_top_tokens(top, flat))))
+                        json.dumps([lm.tokenizer.decode([t]) for t in _top_tokens(top, flat)], ensure_ascii=False)))
     con.executemany("INSERT INTO latents VALUES (?, ?, ?, ?, ?, ?, ?)", latents)
-    con.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?)", examples)
+    con.executemany("INSERT INTO examples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", _with_windows(examples, spill, T))
     (pv, pi), (nv, ni) = _direction_logits(sae, lm, site, n_logits)
     rows = []
     for j in range(m):
@@ -178,6 +236,17 @@ def _write_sae(con, name, sae, path, site, run: _Running, lm, n_real, flat, T, b
     return used
 
 
+def _with_windows(examples: list[tuple], spill: _Spill, T: int) -> list[tuple]:
+    """Each example row plus its window's start and the latent's activations over it (float32 bytes)."""
+    if not examples:
+        return []
+    latent, seq, pos = (np.array([e[i] for e in examples], dtype=np.int64) for i in (1, 5, 6))
+    lo = np.maximum(pos - CONTEXT, 0)
+    length = np.minimum(pos + CONTEXT + 1, T) - lo
+    acts = spill.windows(latent, seq * T + lo, length, 2 * CONTEXT + 1)
+    return [(*e, int(lo[i]), acts[i, :length[i]].tobytes()) for i, e in enumerate(examples)]
+
+
 def _top_tokens(top: list[tuple[float, int]], flat: torch.Tensor) -> list[int]:
     """Distinct token ids at the latent's strongest activations, strongest first (up to 5)."""
     out: list[int] = []
@@ -190,7 +259,7 @@ def _top_tokens(top: list[tuple[float, int]], flat: torch.Tensor) -> list[int]:
     return out
 
 
-def build_dir(folder: str | Path, corpus, tokens: int, *, model: str | None = None, out: str | Path | None = None,
+def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str | Path | None = None,
               batch_size: int = 8, device: str = "cpu", progress: bool = True) -> dict:
     """`saescope explore build DIR`: the SAEs of a run folder (or a folder of SAEs) over held-out text."""
     from ..errors import SaescopeError

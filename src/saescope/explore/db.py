@@ -4,8 +4,9 @@ Schema (every per-latent table is keyed and indexed by (sae, latent), the pages'
 
     meta(key PRIMARY KEY, value)                 model, site of each SAE, logit-lens note, build info
     saes(id PRIMARY KEY, site, target_site, arch, d_sae, d_in, path, n_tokens, l0)
-    latents(sae, latent, density, max_act, mean_act, histogram JSON, top_tokens JSON)
-    examples(sae, latent, kind 'top' | 'quantile', rank, band, seq, pos, act)
+    latents(sae, latent, density, max_act, mean_act, histogram JSON, top_tokens JSON of their text)
+    examples(sae, latent, kind 'top' | 'quantile', rank, band, seq, pos, act, lo, acts BLOB float32)
+                                                 acts: the latent on tokens lo, lo+1, … of the row
     logits(sae, latent, sign +1 | -1, rank, token, value)
     neighbours(sae, latent, rank, other, cosine)
     sequences(seq PRIMARY KEY, tokens BLOB int32)  the held-out rows the examples point into
@@ -27,7 +28,8 @@ CREATE TABLE IF NOT EXISTS latents (sae TEXT NOT NULL, latent INTEGER NOT NULL, 
 CREATE INDEX IF NOT EXISTS latents_by_density ON latents (sae, density);
 CREATE INDEX IF NOT EXISTS latents_by_max ON latents (sae, max_act);
 CREATE TABLE IF NOT EXISTS examples (sae TEXT NOT NULL, latent INTEGER NOT NULL, kind TEXT NOT NULL,
-    rank INTEGER NOT NULL, band INTEGER, seq INTEGER NOT NULL, pos INTEGER NOT NULL, act REAL NOT NULL);
+    rank INTEGER NOT NULL, band INTEGER, seq INTEGER NOT NULL, pos INTEGER NOT NULL, act REAL NOT NULL,
+    lo INTEGER NOT NULL, acts BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS examples_by_latent ON examples (sae, latent, kind, rank);
 CREATE TABLE IF NOT EXISTS logits (sae TEXT NOT NULL, latent INTEGER NOT NULL, sign INTEGER NOT NULL,
     rank INTEGER NOT NULL, token INTEGER NOT NULL, value REAL NOT NULL);

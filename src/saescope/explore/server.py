@@ -1,22 +1,35 @@
-"""The explorer's JSON API over a feature database (pages come next). FastAPI writes /openapi.json."""
+"""The explorer: a JSON API over a feature database and the pages that use it (static/, no CDN).
+
+Pages are one vanilla-JS app (static/app.js) routed by the URL fragment, so every asset is a
+file in this package. FastAPI writes /openapi.json. The only files served from disk outside the
+package are the run's report plots, by name from a fixed list: nothing a request names is ever
+joined onto a path."""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
+from ..evals.report import TABLE_KEYS
+from ..files import read_json
 from ..lm import LanguageModel, capture, splice
 from ..sae.formats import load_sae
 from .db import connect
 
 MAX_TEXT = 4000        # characters accepted by the live-text and steering routes
 MAX_NEW_TOKENS = 64
-CONTEXT = 12           # tokens shown on each side of an example
+PLOTS = ("pareto.png", "architectures.png", "firing_frequency.png", "by_position.png")  # written by the report
+STATIC = Path(__file__).parent / "static"
+SORTS = {"latent": "latent", "density": "density", "max_act": "max_act", "mean_act": "mean_act"}
 
 
 class TextRequest(BaseModel):
@@ -31,13 +44,22 @@ class SteerRequest(BaseModel):
     max_new_tokens: int = Field(20, ge=1, le=MAX_NEW_TOKENS)
 
 
-def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
-    """The API for one database; live text and steering need the model (`lm`)."""
+def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: str | Path | None = None) -> FastAPI:
+    """The app for one database; live text and steering need the model (`lm`). `run_dir` (default:
+    the database's folder) is where the report's eval.json and plots are looked for."""
+    db_path = Path(db_path)
     con = connect(db_path, readonly=True)
     saes = {r["id"]: dict(r) for r in con.execute("SELECT * FROM saes ORDER BY id")}
     vocab = dict(con.execute("SELECT token, text FROM vocab").fetchall())
+    model_name = (con.execute("SELECT value FROM meta WHERE key = 'model'").fetchone() or ["?"])[0]
+    run_dir = Path(run_dir) if run_dir else db_path.parent
+    metrics = {r["sae"]: {k: r.get(k) for k in TABLE_KEYS} for r in
+               (read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else [])}
+    plots = {name: run_dir / name for name in PLOTS if (run_dir / name).is_file()}
     loaded: dict[str, object] = {}
+    model_lock = threading.Lock()  # steering hooks the shared model: no other forward may pass meanwhile
     app = FastAPI(title="saescope explorer", version="1")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def sae_row(sae_id: str) -> dict:
         if sae_id not in saes:
@@ -48,8 +70,9 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
         row = sae_row(sae_id)
         if lm is None:
             raise HTTPException(503, "this server was started without a model; live text and steering need one")
-        if sae_id not in loaded:
-            loaded[sae_id] = load_sae(row["path"]).to(lm.device)
+        with model_lock:
+            if sae_id not in loaded:
+                loaded[sae_id] = load_sae(row["path"]).to(lm.device)
         return loaded[sae_id], row
 
     def text_of(token: int) -> str:
@@ -58,9 +81,41 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
     def sequence(seq: int) -> np.ndarray:
         return np.frombuffer(con.execute("SELECT tokens FROM sequences WHERE seq = ?", (seq,)).fetchone()[0], dtype=np.int32)
 
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/plots/{name}", include_in_schema=False)
+    def plot(name: str) -> FileResponse:
+        if name not in plots:
+            raise HTTPException(404, f"no plot '{name}'")
+        return FileResponse(plots[name])
+
+    @app.get("/api/run")
+    def run_info() -> dict:
+        """The model, and the report's plots (URLs) when the run folder has them."""
+        return {"model": model_name, "plots": [f"/plots/{name}" for name in plots], "live": lm is not None}
+
     @app.get("/api/saes")
     def list_saes() -> list[dict]:
-        return [{k: v for k, v in r.items() if k != "path"} for r in saes.values()]
+        return [{**{k: v for k, v in r.items() if k != "path"}, "metrics": metrics.get(r["id"])} for r in saes.values()]
+
+    @app.get("/api/saes/{sae_id}/latents")
+    def list_latents(sae_id: str, sort: Literal["latent", "density", "max_act", "mean_act"] = "density",
+                     order: Literal["asc", "desc"] = "desc", q: str = Query("", max_length=200),
+                     offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
+        """One page of latents, sorted; `q` keeps those whose number or top tokens contain it."""
+        sae_row(sae_id)
+        where, args = "sae = ?", [sae_id]
+        if q:
+            where += " AND (CAST(latent AS TEXT) = ? OR instr(lower(top_tokens), lower(?)) > 0)"
+            args += [q.strip(), json.dumps(q, ensure_ascii=False)[1:-1]]
+        total = con.execute(f"SELECT count(*) FROM latents WHERE {where}", args).fetchone()[0]
+        rows = con.execute(f"SELECT latent, density, max_act, mean_act, top_tokens FROM latents WHERE {where} "
+                           f"ORDER BY {SORTS[sort]} {order.upper()}, latent LIMIT ? OFFSET ?", args + [limit, offset])
+        return {"total": total, "offset": offset, "latents": [
+            {**{k: r[k] for k in ("latent", "density", "max_act", "mean_act")},
+             "top_tokens": json.loads(r["top_tokens"])} for r in rows]}
 
     @app.get("/api/saes/{sae_id}/latents/{latent}")
     def latent(sae_id: str, latent: int) -> dict:
@@ -71,11 +126,11 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
         examples = {"top": [], "quantile": []}
         for ex in con.execute("SELECT * FROM examples WHERE sae = ? AND latent = ? ORDER BY kind, band, rank",
                               (sae_id, latent)):
-            tokens = sequence(ex["seq"])
-            lo, hi = max(0, ex["pos"] - CONTEXT), min(len(tokens), ex["pos"] + CONTEXT + 1)
+            acts = np.frombuffer(ex["acts"], dtype=np.float32)
+            tokens = sequence(ex["seq"])[ex["lo"]:ex["lo"] + len(acts)]
             examples[ex["kind"]].append({
                 "act": ex["act"], "band": ex["band"], "seq": ex["seq"], "pos": ex["pos"],
-                "tokens": [text_of(int(t)) for t in tokens[lo:hi]], "highlight": ex["pos"] - lo})
+                "tokens": [text_of(int(t)) for t in tokens], "acts": acts.tolist(), "highlight": ex["pos"] - ex["lo"]})
         logits = {"positive": [], "negative": []}
         for lg in con.execute("SELECT * FROM logits WHERE sae = ? AND latent = ? ORDER BY sign DESC, rank",
                               (sae_id, latent)):
@@ -84,7 +139,7 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
             "SELECT other, cosine FROM neighbours WHERE sae = ? AND latent = ? ORDER BY rank", (sae_id, latent))]
         return {"sae": sae_id, "latent": latent, "density": stats["density"], "max_act": stats["max_act"],
                 "mean_act": stats["mean_act"], "histogram": json.loads(stats["histogram"]),
-                "top_tokens": [text_of(t) for t in json.loads(stats["top_tokens"])],
+                "top_tokens": json.loads(stats["top_tokens"]),
                 "top_examples": examples["top"], "quantile_examples": examples["quantile"], "logits": logits,
                 "neighbours": neighbours,
                 "logit_note": con.execute("SELECT value FROM meta WHERE key = 'logits'").fetchone()[0]}
@@ -95,7 +150,7 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
         if req.latent is not None and req.latent >= row["d_sae"]:
             raise HTTPException(404, f"latent {req.latent} out of range; {sae_id} has 0..{row['d_sae'] - 1}")
         ids = lm.tokenizer(req.text, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
+        with torch.no_grad(), model_lock:
             f = sae.encode(capture(lm, ids, row["site"])[row["site"]][0]).cpu()
         tokens = [lm.tokenizer.decode([t]) for t in ids[0].tolist()]
         if req.latent is not None:
@@ -120,9 +175,10 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None) -> FastAPI:
                 out = lm.model.generate(ids, max_new_tokens=req.max_new_tokens, do_sample=False)
             return lm.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
-        plain = generate()
-        with splice(lm, site, lambda v: v + req.alpha * direction.to(v.dtype)):
-            steered = generate()
+        with model_lock:
+            plain = generate()
+            with splice(lm, site, lambda v: v + req.alpha * direction.to(v.dtype)):
+                steered = generate()
         return {"prompt": req.prompt, "latent": req.latent, "alpha": req.alpha, "site": site,
                 "unsteered": plain, "steered": steered}
 

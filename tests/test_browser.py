@@ -1,0 +1,135 @@
+"""The explorer's pages end to end in headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium): index → SAE → latent → live text, steering and "which latents fire".
+Saves screenshots under artifacts/ (CI keeps them)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from saescope.explore.server import create_app
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def server(tiny_lm, feature_db, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3, 2))
+    ax.plot([1, 2, 3], [3, 1, 2])
+    fig.savefig(tmp_path / "pareto.png")
+    plt.close(fig)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(feature_db[3], lm=tiny_lm, run_dir=tmp_path)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found: install Debian's chromium and chromium-driver (.ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,1600", f"--user-data-dir={tmp_path / 'chromium'}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+
+
+def test_explorer_pages_in_chromium(server, browser):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 30, ignored_exceptions=(StaleElementReferenceException,))  # pages re-render
+
+    def ready(fragment: str) -> None:
+        wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == fragment)
+
+    def find(css: str):
+        return browser.find_elements(By.CSS_SELECTOR, css)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.get(server + "/")
+    ready("")
+    assert [a.text for a in find("a.sae-link")] == ["attn.0", "resid.1"]
+    wait.until(lambda d: d.execute_script(
+        "const i = document.querySelector('.plots img'); return i && i.complete && i.naturalWidth > 0"))
+    assert "tiny" in find("#model")[0].text
+
+    find("a.sae-link")[1].click()
+    ready("#/sae/resid.1")
+    assert len(find("#latents tr.latent-row")) == 24 and "24 latents" in find("#latent-count")[0].text
+    densities = [r.find_elements(By.TAG_NAME, "td")[1].text for r in find("#latents tr.latent-row")]
+    assert float(densities[0].rstrip("%")) >= float(densities[-1].rstrip("%"))  # sorted by density, densest first
+    find("th[data-sort=latent]")[0].click()  # sortable: by latent number, descending
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#latents tr.latent-row td").text == "23")
+    search = find("#latent-search")[0]
+    search.send_keys("7\n")
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#latent-count").text.startswith("1 latent")
+               or d.find_element(By.CSS_SELECTOR, "#latents tr.latent-row td").text == "7")
+
+    find("#fire-run")[0].click()  # which latents fire on this text
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#fire-top a"))
+    assert find("#fire-out .tok")
+
+    browser.get(server + "/#/sae/resid.1?sort=density&order=desc")
+    ready("#/sae/resid.1?sort=density&order=desc")
+    latent = find("#latents tr.latent-row a")[0]
+    number = latent.text
+    latent.click()
+    ready(f"#/sae/resid.1/latent/{number}")
+    examples = find("#top-examples .example")
+    assert examples, "the densest latent shows top examples"
+    highlighted = find("#top-examples .tok.hl")
+    assert len(highlighted) == len(examples)
+    shade = highlighted[0].value_of_css_property("background-color")
+    assert shade.startswith("rgba(255, 140, 0") and float(highlighted[0].get_attribute("data-act")) > 0
+    assert float(highlighted[0].get_attribute("title").split()[-1]) > 0  # value on hover
+    assert len(find("#histogram div")) == 32 and find("#neighbours a")
+    browser.save_screenshot(str(ARTIFACTS / "explorer-latent.png"))
+
+    find("#test-run")[0].click()  # test your text: the first top example's own text
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#test-out .tok"))
+    assert any(float(t.get_attribute("data-act")) > 0 for t in find("#test-out .tok"))
+    steer_alpha = find("#steer-alpha")[0]
+    steer_alpha.clear()
+    steer_alpha.send_keys("80")
+    find("#steer-run")[0].click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#steer-steered"))
+    assert find("#steer-plain")[0].text != find("#steer-steered")[0].text
+    browser.save_screenshot(str(ARTIFACTS / "explorer-live.png"))
+
+    browser.get(server + "/#/sae/nope")
+    ready("#/sae/nope")
+    assert "unknown SAE 'nope'" in find("#view .error")[0].text
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/api/saes/nope" not in e["message"]]
+    assert not errors, errors
