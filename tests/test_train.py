@@ -94,14 +94,14 @@ def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypa
     whole = _weights(tmp_path / "whole")
     assert len(whole) == 13  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder + target L0
 
-    real = Trainer._train_step
+    real = Trainer.train_step
 
     def dying(self, batch):
         if self.step == 25:
             raise KeyboardInterrupt
         return real(self, batch)
 
-    monkeypatch.setattr(Trainer, "_train_step", dying)
+    monkeypatch.setattr(Trainer, "train_step", dying)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", source=suite_source, progress=False)
     monkeypatch.undo()

@@ -110,7 +110,7 @@ class Trainer:
         self._bad_batch = {site: torch.tensor(-1) for site in self.sites}  # first step with NaN/Inf input
 
     # --- set-up --------------------------------------------------------------------------------
-    def _build(self, first_batch: dict[str, torch.Tensor]) -> None:
+    def build(self, first_batch: dict[str, torch.Tensor]) -> None:
         for name, spec, site, target, width, value in self.plan:
             d_in = first_batch[site].shape[1]
             sae_cfg = SAEConfig(
@@ -193,7 +193,7 @@ class Trainer:
         if first is None:
             raise SaescopeError("the activation source gave no batch; it holds fewer rows than one batch")
         torch.manual_seed(self.cfg.seed)
-        self._build(first)
+        self.build(first)
         resumed = self._load_checkpoint()
         if resumed:  # the stream is a function of the seed: replay it up to the checkpoint's step
             stream = islice(stream, self.step - 1, None)
@@ -208,7 +208,7 @@ class Trainer:
                 batch = next(stream, None)
                 if batch is None:
                     raise SaescopeError(f"the activation source ran out at step {self.step} of {self.steps}")
-                self._train_step(batch)
+                self.train_step(batch)
                 self.step += 1
                 bar.update(self.cfg.batch_size)
                 if self.step % self.cfg.log_every == 0 or self.step == self.steps:
@@ -224,7 +224,7 @@ class Trainer:
         self._save_checkpoint()
         return self._write_saes()
 
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One step of every SAE on the same batch. Each site is scaled (and its variance taken)
         once per scale, however many SAEs read it."""
         lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)

@@ -1,0 +1,103 @@
+"""Time saescope's real training step (forward, loss, backward, Adam, decoder-norm step).
+
+    python bench/train_step.py --arch jumprelu|topk --d-in D --d-sae M --batch B --threads T
+                               --target-s S [--k K] [--out FILE]
+
+The activations are synthetic and made before the timed region; a few warm-up steps run first,
+then steps until S seconds have passed. For JumpReLU, --k sets every threshold at its latent's
+(1 − K/M) quantile of pre-activations on the first batch, so that about K latents fire per token
+(the trained regime); the line reports the measured `l0`. The same run measures the machine's
+matmul rate on the step's encoder shape, and reports the step against the dense roofline
+(6 · 2 · batch · d_in · d_sae FLOPs a step). Prints one JSON line and appends it to FILE."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saescope.config import SAESpec, TrainConfig
+from saescope.data import TensorSource
+from saescope.train.trainer import Trainer
+
+SITE = "resid.0"
+
+
+def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0) -> float:
+    """Measured float32 GFLOP/s of [batch, d_in] @ [d_in, d_sae] on this machine now."""
+    a, b = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
+    out = torch.empty(batch, d_sae)
+    torch.matmul(a, b, out=out)
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        times.append(time.perf_counter() - t)
+    return 2 * batch * d_in * d_sae / statistics.median(times) / 1e9
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=["jumprelu", "topk"], required=True)
+    p.add_argument("--d-in", type=int, required=True)
+    p.add_argument("--d-sae", type=int, required=True)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--target-s", type=float, default=10.0)
+    p.add_argument("--k", type=int, default=32, help="TopK's k; JumpReLU: latents set to fire per token")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [{SITE: torch.randn(a.batch, a.d_in, generator=gen)} for _ in range(4)]
+    spec = SAESpec(sites=[SITE], arch=a.arch, widths=[a.d_sae], ks=[a.k], lambdas=[1e-4])
+    cfg = TrainConfig(saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
+                      checkpoint_every=10**6)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tmp, source=TensorSource({SITE: batches[0][SITE]}))
+    trainer.build(batches[0])
+    sae = trainer.members[0].sae
+    if a.arch == "jumprelu":
+        with torch.no_grad():
+            pre = sae.pre_acts(batches[0][SITE] / trainer.members[0].scale)
+            sae.set_threshold(pre.quantile(1 - a.k / a.d_sae, dim=0).clamp_min(1e-3))
+
+    def step(i: int) -> None:
+        trainer.train_step(batches[i % len(batches)])
+        trainer.step += 1
+
+    for i in range(a.warmup):
+        step(i)
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < a.target_s or len(times) < 3:
+        t = time.perf_counter()
+        step(len(times))
+        times.append(time.perf_counter() - t)
+    member = trainer.members[0]
+    l0 = float(member.sums["l0"]) / member.steps
+    median = statistics.median(times)
+    gflops = matmul_gflops(a.batch, a.d_in, a.d_sae)
+    line = {"library": "saescope", "arch": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "batch": a.batch, "k": a.k,
+            "threads": torch.get_num_threads(), "n_timed": len(times), "sec_per_step_median": median,
+            "tokens_per_s": a.batch / median, "l0": l0, "matmul_gflops": gflops,
+            "dense_roofline_fraction": 12 * a.batch * a.d_in * a.d_sae / median / 1e9 / gflops,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    print(json.dumps(line))
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

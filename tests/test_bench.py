@@ -1,0 +1,26 @@
+"""bench/train_step.py's interface (outside comparisons parse its JSON line), on a tiny shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_step.py"
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_train_step_bench_prints_and_appends_one_json_line(arch, tmp_path):
+    out = tmp_path / "steps.jsonl"
+    args = [sys.executable, str(BENCH), "--arch", arch, "--d-in", "16", "--d-sae", "256", "--batch", "128",
+            "--threads", "1", "--target-s", "0.2", "--k", "8", "--out", str(out)]
+    printed = subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    line = json.loads(printed)
+    assert json.loads(out.read_text()) == line
+    assert {"library": "saescope", "arch": arch, "d_in": 16, "d_sae": 256, "batch": 128}.items() <= line.items()
+    assert line["n_timed"] >= 3 and line["tokens_per_s"] == pytest.approx(128 / line["sec_per_step_median"])
+    assert line["peak_rss_mib"] > 0 and line["matmul_gflops"] > 0
+    assert 4 <= line["l0"] <= 16  # about k latents fire per token, JumpReLU's thresholds included
