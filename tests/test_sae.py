@@ -149,3 +149,24 @@ def test_bad_configs():
         SAEConfig(arch="topk", d_in=4, d_sae=8)
     with pytest.raises(SaescopeError, match="theta_param must be"):
         SAEConfig(d_in=4, d_sae=8, theta_param="exp")
+
+
+def test_auxk_without_dead_latents_is_skipped_exactly():
+    """On the CPU a step with no dead latent skips AuxK's two matmuls; loss and gradients are those
+    of the term multiplied away (dead=None gives the same step)."""
+    from saescope import TopKSAE
+
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for dead in (torch.zeros(24, dtype=torch.bool), None):
+        sae = TopKSAE(SAEConfig(arch="topk", d_in=8, d_sae=24, k=3))
+        sae.init_weights(torch.Generator().manual_seed(0))
+        out = sae.training_loss(x, x, 0.0, dead=dead)
+        out["loss"].backward()
+        grads.append([out["loss"].detach()] + [p.grad.clone() for p in sae.parameters()])
+        assert float(out["aux"]) == 0.0
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    one_dead = torch.zeros(24, dtype=torch.bool)
+    one_dead[0] = True
+    assert float(sae.training_loss(x, x, 0.0, dead=one_dead)["aux"]) > 0

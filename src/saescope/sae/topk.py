@@ -29,9 +29,9 @@ class TopKSAE(SparseAutoencoder):
 
     def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct the residual error from the top dead latents, so dead latents get gradient.
-        Live latents are zeroed rather than removed, so the step never asks the device how many
-        are dead; with none dead the term is multiplied away."""
-        if dead is None:
+        Live latents are zeroed rather than removed, so the step never asks an accelerator how
+        many are dead; with none dead the term is multiplied away there, and skipped on the CPU."""
+        if dead is None or (pre.device.type == "cpu" and not dead.any()):  # a CPU "sync" is free: skip two matmuls
             return pre.new_zeros(())
         k_aux = min(max(1, self.cfg.d_in // 2), self.cfg.d_sae)
         vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
