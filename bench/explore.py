@@ -15,15 +15,15 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from saescope import CorpusConfig, load_model
 from saescope.data import token_tensor
+
+from common import bare_forward_seconds
 from saescope.explore import build
-from saescope.lm import forward_until
 from saescope.sae import SAEConfig, build_sae
 from saescope.sae.formats import load_sae
 from saescope.site import Site
@@ -54,11 +54,7 @@ def main() -> int:
     site = Site.parse(sae.cfg.site or a.site)
 
     ref = rows[: max(1, a.bare_tokens // a.seq_len)].long()
-    t = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(ref), a.batch):
-            forward_until(lm, ref[i:i + a.batch], site.layer)
-    bare = ref.numel() / (time.perf_counter() - t)
+    bare = ref.numel() / bare_forward_seconds(lm, ref, site.layer, a.batch)
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory(dir=Path(a.out).parent if a.out else None) as tmp:

@@ -20,7 +20,8 @@ import torch
 
 from saescope import CorpusConfig, HarvestConfig, harvest, load_model
 from saescope.data import token_tensor
-from saescope.lm import forward_until
+
+from common import bare_forward_seconds
 
 
 def main() -> int:
@@ -47,10 +48,7 @@ def main() -> int:
     cfg = HarvestConfig(model=a.model, sites=sites, tokens=tokens, batch_size=a.batch, dtype=a.dtype, corpus=corpus)
 
     def bare() -> float:
-        t = time.perf_counter()
-        for i in range(0, len(rows), a.batch):
-            forward_until(lm, rows[i:i + a.batch], a.layer)
-        return time.perf_counter() - t
+        return bare_forward_seconds(lm, rows, a.layer, a.batch)
 
     def harvested() -> float:
         with tempfile.TemporaryDirectory() as tmp:

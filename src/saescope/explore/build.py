@@ -159,6 +159,7 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
     for n, name in enumerate(saes):
         (Path(spill_dir.name) / str(n)).mkdir()
         spills[name] = _Spill(Path(spill_dir.name) / str(n), saes[name][0].cfg.d_sae)
+    capture_sites = sorted({str(s) for s in sites.values()})
     T = rows.shape[1]
     n_real = 0
     bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"explore {len(saes)} SAEs", disable=not progress)
@@ -167,7 +168,7 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
             ids = rows[i:i + batch_size].long()
             keep = keep_mask(ids, special).reshape(-1)
             tok = np.arange(i * T, i * T + ids.numel())[keep.numpy()]
-            acts = capture(lm, ids, sorted({str(s) for s in sites.values()}))
+            acts = capture(lm, ids, capture_sites)
             n_real += int(keep.sum())
             for name, (sae, _) in saes.items():
                 x = acts[str(sites[name])].reshape(-1, sae.cfg.d_in)[keep.to(lm.device)]

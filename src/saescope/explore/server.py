@@ -29,7 +29,7 @@ MAX_TEXT = 4000        # characters accepted by the live-text and steering route
 MAX_NEW_TOKENS = 64
 PLOTS = ("pareto.png", "architectures.png", "firing_frequency.png", "by_position.png")  # written by the report
 STATIC = Path(__file__).parent / "static"
-SORTS = {"latent": "latent", "density": "density", "max_act": "max_act", "mean_act": "mean_act"}
+Sort = Literal["latent", "density", "max_act", "mean_act"]  # the latent columns the list may be ordered by
 
 
 class TextRequest(BaseModel):
@@ -101,7 +101,7 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
         return [{**{k: v for k, v in r.items() if k != "path"}, "metrics": metrics.get(r["id"])} for r in saes.values()]
 
     @app.get("/api/saes/{sae_id}/latents")
-    def list_latents(sae_id: str, sort: Literal["latent", "density", "max_act", "mean_act"] = "density",
+    def list_latents(sae_id: str, sort: Sort = "density",
                      order: Literal["asc", "desc"] = "desc", q: str = Query("", max_length=200),
                      offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=1000)) -> dict:
         """One page of latents, sorted; `q` keeps those whose number or top tokens contain it."""
@@ -112,7 +112,7 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
             args += [q.strip(), json.dumps(q, ensure_ascii=False)[1:-1]]
         total = con.execute(f"SELECT count(*) FROM latents WHERE {where}", args).fetchone()[0]
         rows = con.execute(f"SELECT latent, density, max_act, mean_act, top_tokens FROM latents WHERE {where} "
-                           f"ORDER BY {SORTS[sort]} {order.upper()}, latent LIMIT ? OFFSET ?", args + [limit, offset])
+                           f"ORDER BY {sort} {order.upper()}, latent LIMIT ? OFFSET ?", args + [limit, offset])
         return {"total": total, "offset": offset, "latents": [
             {**{k: r[k] for k in ("latent", "density", "max_act", "mean_act")},
              "top_tokens": json.loads(r["top_tokens"])} for r in rows]}

@@ -3,6 +3,7 @@
 "use strict";
 
 const view = document.getElementById("view");
+let runInfo;  // GET /api/run, fetched once: it does not change while the server runs
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -46,7 +47,7 @@ function failure(target, err) { target.replaceChildren(el("p", {class: "error"},
 
 // ---------------------------------------------------------------- index: the SAEs and the report's plots
 async function indexPage() {
-  const [run, saes] = await Promise.all([api("/run"), api("/saes")]);
+  const [run, saes] = await Promise.all([runInfo, api("/saes")]);
   const cols = [["id", "SAE"], ["site", "site"], ["arch", "arch"], ["d_sae", "width"], ["l0", "L0"],
                 ["fvu", "FVU"], ["delta_loss", "Δ loss"], ["ce_loss_recovered", "CE recovered"],
                 ["dead_fraction", "dead"], ["n_tokens", "tokens"]];
@@ -215,6 +216,7 @@ async function route() {
   document.body.dataset.ready = location.hash;  // tests wait on this
 }
 
-api("/run").then(r => { document.getElementById("model").textContent = r.model + (r.live ? "" : " (no model: live text off)"); });
+runInfo = api("/run");
+runInfo.then(r => { document.getElementById("model").textContent = r.model + (r.live ? "" : " (no model: live text off)"); });
 window.addEventListener("hashchange", route);
 route();
