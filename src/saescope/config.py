@@ -100,6 +100,8 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
     log_every: int = Field(10, gt=0, description="steps between metrics lines")
     device: str = "cpu"
+    kernels: Literal["auto", "dense", "sparse", "reference"] = Field(
+        "auto", description="training-step path: auto (sparse once few latents fire), dense, sparse, or the plain reference")
 
 
 def read_config_file(path: str | Path) -> dict:

@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
+from .fast import Code, DenseEncode, SparseEncode, Workspace, above, max_density, pre_activations
+
 ARCHS = ("jumprelu", "topk", "batchtopk", "relu")
+# How a training step computes: "auto" picks the sparse step when few enough entries fire (see
+# fast.py), "dense" and "sparse" force one fast path, "reference" is SPEC §2 written plainly.
+PATHS = ("auto", "dense", "sparse", "reference")
 
 
 @dataclass
@@ -95,10 +100,50 @@ class SparseAutoencoder(nn.Module):
 
     # --- training ------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_coeff: float,
-                      dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Loss on normalised input and target: {"loss", "mse", "l0", "acts" (f), ...}.
-        `dead` marks latents that have not fired for a while (used by AuxK)."""
+                      dead: torch.Tensor | None = None, path: str = "auto",
+                      workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
+        """Loss on normalised input and target: {"loss", "mse", "l0", "fired" ([m] bool), ...}.
+        `dead` marks latents that have not fired for a while (used by AuxK); `path` is one of PATHS;
+        a `workspace` lends reused buffers (its last graph must have run backward)."""
         raise NotImplementedError
+
+    # --- the fast paths (fast.py) ----------------------------------------------------------------
+    @property
+    def _b_pre(self) -> torch.Tensor | None:
+        return self.b_dec if self.pre_encoder_bias else None
+
+    def _fast_pre(self, x: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+        return pre_activations(x, self._b_pre, self.W_enc, self.b_enc, workspace)
+
+    def _sparse_pays(self, entries: int, batch: int, path: str) -> bool:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}, got '{path}'")
+        return path == "sparse" or (path == "auto" and entries <= max_density(self.W_enc.device) * batch * self.cfg.d_sae)
+
+    def _sparse_step(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None):
+        """x̂, the count of fired entries, the fired latents and the values of a code's entries."""
+        vals, count = SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code, self.cfg.bandwidth)
+        return code.decode(vals, self.W_dec) + self.b_dec, count, code.fired(vals), vals
+
+    def _dense_step(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None):
+        """The same from graph-free pre-activations (overwritten); the last item is f [B, m]."""
+        # a fresh alias: the output joins the graph, the workspace's own tensor stays out of it
+        f, count = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(), self.cfg.bandwidth)
+        return f @ self.W_dec + self.b_dec, count, (f != 0).any(0), f
+
+    def _threshold_step(self, x: torch.Tensor, theta: torch.Tensor | None, path: str, workspace: Workspace | None):
+        """JumpReLU (θ) or ReLU (θ None) by the fast path that pays: (x̂, count, fired, sum_f)
+        where sum_f(w) = Σ over the batch of Σ_i f_i·w_i."""
+        pre = self._fast_pre(x, workspace)
+        if path != "dense":  # entries with H or K non-zero lie above θ − ε
+            floor = theta.detach() - self.cfg.bandwidth if theta is not None else pre.new_zeros(())
+            candidates = above(pre, floor, workspace)
+            if self._sparse_pays(int(candidates.count_nonzero()), x.shape[0], path):
+                code = Code.from_mask(pre, candidates)
+                x_hat, count, fired, vals = self._sparse_step(x, code, theta)
+                return x_hat, count, fired, lambda w: (vals * w[code.cols]).sum()
+        x_hat, count, fired, f = self._dense_step(x, pre, theta)
+        return x_hat, count, fired, lambda w: (f @ w).sum()
 
     def _reconstruction(self, f: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x̂ in the normalised space and the summed squared error, batch-averaged."""

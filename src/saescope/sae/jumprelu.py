@@ -85,13 +85,19 @@ class JumpReLUSAE(SparseAutoencoder):
     def _fold_threshold(self, c: float) -> None:
         self.set_threshold(self.threshold.detach() * c)
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None):
+    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None):
         theta = self.threshold
-        pre = self.pre_acts(x)
-        f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
-        _, mse = self._reconstruction(f, target)
-        l0 = StepFn.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
-        return {"loss": mse + sparsity_coeff * l0, "mse": mse, "l0": l0.detach(), "acts": f.detach()}
+        if path == "reference":
+            pre = self.pre_acts(x)
+            f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
+            _, mse = self._reconstruction(f, target)
+            l0 = StepFn.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
+            fired = (f != 0).any(0)
+        else:
+            x_hat, count, fired, _ = self._threshold_step(x, theta, path, workspace)
+            mse = (x_hat - target).pow(2).sum(-1).mean()
+            l0 = count / x.shape[0]
+        return {"loss": mse + sparsity_coeff * l0, "mse": mse, "l0": l0.detach(), "fired": fired}
 
     @torch.no_grad()
     def apply_constraints(self) -> None:

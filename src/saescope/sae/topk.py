@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import SAEConfig, SparseAutoencoder
+from .fast import Code
 
 AUXK_COEFF = 1 / 32  # weight of the AuxK loss (Gao et al. 2024)
 
@@ -19,13 +20,41 @@ class TopKSAE(SparseAutoencoder):
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
         return self._activate(pre)
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None):
-        pre = self.pre_acts(x)
-        f = self._select(pre)
-        x_hat, mse = self._reconstruction(f, target)
-        aux = self._auxk(pre, target - x_hat.detach(), dead)
-        l0 = (f > 0).sum(-1).float().mean()
-        return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": l0, "acts": f.detach()}
+    def _choose(self, pre: torch.Tensor) -> Code:
+        """The training step's chosen entries of graph-free pre-activations (ReLU comes after)."""
+        vals, idx = pre.topk(self.cfg.k, dim=-1)
+        return Code.from_topk(vals, idx, self.cfg.d_sae)
+
+    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None):
+        if path == "reference":
+            pre = self.pre_acts(x)
+            f = self._select(pre)
+            x_hat, mse = self._reconstruction(f, target)
+            aux = self._auxk(pre, target - x_hat.detach(), dead)
+            l0 = (f > 0).sum(-1).float().mean()
+            return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": l0, "fired": (f != 0).any(0)}
+        pre = self._fast_pre(x, workspace)
+        code = self._choose(pre)
+        if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
+            x_hat, count, fired, _ = self._sparse_step(x, code, None)
+        else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
+            chosen = torch.zeros_like(pre).index_put_((code.rows, code.cols), code.pre)
+            x_hat, count, fired, _ = self._dense_step(x, chosen, None)
+        mse = (x_hat - target).pow(2).sum(-1).mean()
+        aux = self._auxk_sparse(x, pre, target - x_hat.detach(), dead)
+        return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": count.detach() / x.shape[0],
+                "fired": fired}
+
+    def _auxk_sparse(self, x, pre, residual, dead) -> torch.Tensor:
+        """`_auxk` from graph-free pre-activations: the top dead latents as a code, decoded sparsely."""
+        dead_idx = dead.nonzero().squeeze(1) if dead is not None else None
+        if dead_idx is None or len(dead_idx) == 0:
+            return pre.new_zeros(())
+        k_aux = min(max(1, self.cfg.d_in // 2), len(dead_idx))
+        vals, idx = pre[:, dead_idx].topk(k_aux, dim=-1)
+        code = Code.from_topk(vals, dead_idx[idx], self.cfg.d_sae)
+        _, _, _, aux_vals = self._sparse_step(x, code, None)
+        return (code.decode(aux_vals, self.W_dec) - residual).pow(2).sum(-1).mean()
 
     def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct the residual error from the top dead latents, so dead latents get gradient.
@@ -50,15 +79,22 @@ class BatchTopKSAE(TopKSAE):
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
         acts = pre.relu()
         flat = acts.reshape(-1)
-        n = min(self.cfg.k * acts.shape[0], flat.numel())
-        vals, idx = flat.topk(n)
-        f = torch.zeros_like(flat).scatter(0, idx, vals).reshape(acts.shape)
-        with torch.no_grad():  # running estimate of the smallest kept activation, without a host sync
-            smallest = torch.where(vals > 0, vals, torch.inf).min()
-            smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
-            t = self.shared_threshold
-            t.copy_(torch.where(t < 0, smallest, 0.99 * t + 0.01 * smallest))
-        return f
+        vals, idx = flat.topk(min(self.cfg.k * acts.shape[0], flat.numel()))
+        self._track_threshold(vals)
+        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(acts.shape)
+
+    def _choose(self, pre: torch.Tensor) -> Code:
+        vals, idx = pre.reshape(-1).topk(min(self.cfg.k * pre.shape[0], pre.numel()))
+        self._track_threshold(vals)
+        return Code.from_flat(pre, idx)
+
+    @torch.no_grad()
+    def _track_threshold(self, vals: torch.Tensor) -> None:
+        """Running estimate of the smallest kept activation, without a host sync."""
+        smallest = torch.where(vals > 0, vals, torch.inf).min()
+        smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
+        t = self.shared_threshold
+        t.copy_(torch.where(t < 0, smallest, 0.99 * t + 0.01 * smallest))
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         if float(self.shared_threshold) < 0:
@@ -80,9 +116,17 @@ class ReLUSAE(SparseAutoencoder):
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None):
-        f = self._activate(self.pre_acts(x))
-        _, mse = self._reconstruction(f, target)
-        l1 = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
-        l0 = (f > 0).sum(-1).float().mean()
-        return {"loss": mse + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": l0, "acts": f.detach()}
+    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None):
+        norms = self.W_dec.norm(dim=1)
+        if path == "reference":
+            f = self._activate(self.pre_acts(x))
+            _, mse = self._reconstruction(f, target)
+            l1 = (f * norms).sum(-1).mean()
+            l0 = (f > 0).sum(-1).float().mean()
+            fired = (f != 0).any(0)
+        else:
+            x_hat, count, fired, sum_f = self._threshold_step(x, None, path, workspace)
+            mse = (x_hat - target).pow(2).sum(-1).mean()
+            l1 = sum_f(norms) / x.shape[0]
+            l0 = count.detach() / x.shape[0]
+        return {"loss": mse + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": l0, "fired": fired}

@@ -23,6 +23,7 @@ from ..config import SAESpec, TrainConfig
 from ..errors import SaescopeError, first_line
 from ..files import atomic_write, write_json
 from ..sae import SAEConfig, SparseAutoencoder, build_sae
+from ..sae.fast import Workspace
 from ..sae.formats import width_label
 from ..site import Site
 from .schedule import TargetL0, coeff_at, lr_at, warmup_steps
@@ -108,6 +109,7 @@ class Trainer:
         self.members: list[Member] = []
         self.step = 0
         self._bad_batch = {site: torch.tensor(-1) for site in self.sites}  # first step with NaN/Inf input
+        self.workspace = Workspace()  # the SAEs step one after another, so they share buffers
 
     # --- set-up --------------------------------------------------------------------------------
     def build(self, first_batch: dict[str, torch.Tensor]) -> None:
@@ -246,7 +248,8 @@ class Trainer:
 
     def _step_member(self, m: Member, x: torch.Tensor, y: torch.Tensor, var: torch.Tensor, lr: float) -> None:
         coeff = m.controller.coeff if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
-        out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= self.dead_tokens)
+        out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= self.dead_tokens,
+                                   path=self.cfg.kernels, workspace=self.workspace)
         loss = out["loss"].detach()
         bad = ~torch.isfinite(loss) & (m.bad_step < 0)
         m.bad_step = torch.where(bad, self.step, m.bad_step)
@@ -258,7 +261,7 @@ class Trainer:
         m.sae.remove_parallel_grad()
         m.optimizer.step()
         m.sae.apply_constraints()
-        m.since_fired.add_(x.shape[0]).masked_fill_((out["acts"] > 0).any(0), 0)
+        m.since_fired.add_(x.shape[0]).masked_fill_(out["fired"], 0)
         if m.controller:
             m.controller.update(out["l0"])
         mse = out["mse"].detach()

@@ -1,0 +1,229 @@
+"""Fast paths of the training step, checked against the reference formulas (SPEC §2, written
+plainly in jumprelu.py and topk.py) by tests/test_fast.py.
+
+Both encoders take a pre-activation matrix computed once without a graph, and do the backward
+by hand: the pre-encoder bias enters the gradient as −W_enc·Σ∂pre (a product with a vector), so
+no step ever multiplies for ∂x, which is data.
+
+Dense (`DenseEncode`): the activation is applied in place, the mask is kept as bits, and JumpReLU's
+threshold gradient reads only the few entries within ε of θ, so the elementwise work is a handful
+of passes over [B, m] beside five products.
+
+Sparse (`SparseEncode` on a `Code`): only the encoder's forward product is dense. Why: a trained SAE fires L0 ≪ m latents a token, so of the dense step's products (about
+12·B·d·m FLOPs) only the encoder's forward must be dense. Decoding, the decoder's gradient, the
+gradient at the fired latents and the encoder's gradient are all sums over the B·L0 fired
+(token, latent) pairs, O(B·L0·d) each. `F.embedding_bag` computes such sums without building the
+[pairs, d] product, so one primitive serves all of them:
+
+    x̂[b]        = Σ_{pairs (b, i)}  f · W_dec[i]          (rows of the code, offsets by token)
+    ∂W_dec[i]    = Σ_{pairs (b, i)}  f · ∂x̂[b]            (the same pairs grouped by latent)
+    ∂W_enc[:, i] = Σ_{pairs (b, i)}  ∂pre · x_in[b]
+
+JumpReLU's threshold gradient also needs ∂f at latents *near* θ that do not fire, so a code may
+carry entries whose value is 0; they cost as much as a fired entry and change nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+# Above this share of non-zero [batch, m] entries the dense products are cheaper than the sparse
+# sums (measured with bench/train_step.py: on a 2-core CPU the crossover of one gathered pair
+# against the dense products' per-entry cost is near 5% at d_in 640). Accelerators run dense
+# products relatively faster, hence the lower bound there (not measured yet).
+MAX_DENSITY = {"cpu": 0.04}
+MAX_DENSITY_OTHER = 0.01
+
+
+def max_density(device: torch.device) -> float:
+    return MAX_DENSITY.get(device.type, MAX_DENSITY_OTHER)
+
+
+@dataclass
+class Code:
+    """Chosen entries of a [batch, width] pre-activation matrix, in row-major order."""
+
+    rows: torch.Tensor      # [n] token of each entry
+    cols: torch.Tensor      # [n] latent of each entry
+    pre: torch.Tensor       # [n] pre-activation at each entry
+    offsets: torch.Tensor   # [batch] first entry of each token (embedding-bag offsets)
+    width: int
+
+    @classmethod
+    def from_mask(cls, pre: torch.Tensor, mask: torch.Tensor) -> "Code":
+        rows, cols = mask.nonzero(as_tuple=True)
+        return cls(rows, cols, pre[rows, cols], _offsets(rows, pre.shape[0]), pre.shape[1])
+
+    @classmethod
+    def from_topk(cls, vals: torch.Tensor, idx: torch.Tensor, width: int) -> "Code":
+        """k entries per token, as `torch.topk` gives them ([batch, k] each)."""
+        batch, k = idx.shape
+        rows = torch.arange(batch, device=idx.device).repeat_interleave(k)
+        offsets = torch.arange(0, batch * k, k, device=idx.device)
+        return cls(rows, idx.reshape(-1), vals.reshape(-1), offsets, width)
+
+    @classmethod
+    def from_flat(cls, pre: torch.Tensor, flat_idx: torch.Tensor) -> "Code":
+        """Entries named by their index in the flattened [batch, width] matrix, any order."""
+        flat_idx = flat_idx.sort().values
+        rows, cols = flat_idx // pre.shape[1], flat_idx % pre.shape[1]
+        return cls(rows, cols, pre.reshape(-1)[flat_idx], _offsets(rows, pre.shape[0]), pre.shape[1])
+
+    @property
+    def batch(self) -> int:
+        return self.offsets.shape[0]
+
+    @cached_property
+    def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order of the entries grouped by latent, offsets of each latent's group): the layout of
+        the per-latent sums of the backward pass."""
+        order = torch.argsort(self.cols, stable=True)
+        return order, _offsets(self.cols[order], self.width)
+
+    def decode(self, vals: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+        """Σ over each token's entries of vals · W_dec[latent] → [batch, d_out]; differentiable in
+        both (torch's embedding-bag backward gives ∂vals and the dense ∂W_dec)."""
+        return F.embedding_bag(self.cols, W_dec, self.offsets, mode="sum", per_sample_weights=vals)
+
+    def per_latent_sum(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Σ over each latent's entries of weights · table[token] → [width, table width]."""
+        order, offsets = self.by_latent
+        return F.embedding_bag(self.rows[order], table, offsets, mode="sum", per_sample_weights=weights[order])
+
+    def fired(self, vals: torch.Tensor) -> torch.Tensor:
+        """[width] bool: latents with a non-zero value at some token."""
+        out = torch.zeros(self.width, dtype=torch.bool, device=vals.device)
+        return out.index_fill_(0, self.cols[vals.detach() != 0], True)
+
+
+def _offsets(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_ids, minlength=n)
+    return torch.cumsum(counts, 0) - counts
+
+
+class Workspace:
+    """Buffers reused by steps that run one after another (the trainer's SAEs, step after step).
+    A fresh [batch, m] tensor is fresh memory, and touching it page-faults on every step: measured
+    on a 2-core CPU at 4096 × 16384, the encoder product took 642 ms into new memory and 528 ms
+    into a reused buffer, a comparison 53 and 23 ms. A buffer handed out again is overwritten, so
+    a graph still holding the last one must have run its backward first (autograd's version check
+    raises otherwise)."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, tuple(shape), dtype, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self._buffers[key]
+
+
+def pre_activations(x: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                    workspace: Workspace | None = None) -> torch.Tensor:
+    """(x − b_pre) @ W_enc + b_enc without a graph: the one dense product of the sparse step.
+    The product, then the bias, as the reference computes them, so both see the same bits (a
+    fused addmm rounds differently, and an entry at the edge of θ's ε-window may flip)."""
+    with torch.no_grad():
+        out = None
+        if workspace is not None:
+            out = workspace.get("pre", (x.shape[0], W_enc.shape[1]), x.dtype, x.device)
+        return torch.mm(x if b_pre is None else x - b_pre, W_enc, out=out).add_(b_enc)
+
+
+def above(pre: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
+    """pre > threshold as a bool matrix, in a reused buffer when there is a workspace."""
+    out = workspace.get("mask", pre.shape, torch.bool, pre.device) if workspace is not None else None
+    return torch.gt(pre, threshold, out=out)
+
+
+class SparseEncode(torch.autograd.Function):
+    """The values of a code's entries and the count of fired ones, with the gradients of the
+    dense encoder restricted to those entries.
+
+    Inputs: x [B, d], b_pre [d] or None (the pre-encoder bias: pre = (x − b_pre) W_enc + b_enc),
+    W_enc, b_enc, θ [m] or None (JumpReLU; None: ReLU), the code, ε. Outputs: vals [n] =
+    pre · H(pre − θ) and count = Σ H(pre − θ). Gradients follow SPEC §2: ∂vals/∂pre = H,
+    ∂vals/∂θ := −(θ/ε)·K, ∂count/∂θ := −(1/ε)·K, nothing from count to pre. Entries the code
+    does not hold must have zero H and zero K (the caller picks a superset of both)."""
+
+    @staticmethod
+    def forward(ctx, x, b_pre, W_enc, b_enc, theta, code: Code, eps: float):
+        th = theta[code.cols] if theta is not None else torch.zeros_like(code.pre)
+        active = code.pre > th
+        vals = code.pre * active
+        x_in = x if b_pre is None else x - b_pre
+        ctx.save_for_backward(x_in, W_enc, theta, th, active)
+        ctx.code, ctx.eps, ctx.has_b_pre = code, eps, b_pre is not None
+        return vals, active.count_nonzero().to(vals.dtype)
+
+    @staticmethod
+    def backward(ctx, g_vals, g_count):
+        x_in, W_enc, theta, th, active = ctx.saved_tensors
+        code, eps = ctx.code, ctx.eps
+        need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
+        g_pre = g_vals * active
+        g_x = g_b_pre = g_W = g_b = g_theta = None
+        if need_W:
+            g_W = code.per_latent_sum(g_pre, x_in).t()
+        if need_b or need_b_pre:
+            g_b = torch.zeros(code.width, dtype=g_pre.dtype, device=g_pre.device).index_add_(0, code.cols, g_pre)
+            if need_b_pre:
+                g_b_pre = -(W_enc @ g_b)
+        if need_x:
+            g_x = code.decode(g_pre, W_enc.t().contiguous())
+            if need_b_pre:  # x and b_pre enter as x − b_pre
+                g_b_pre = -g_x.sum(0)
+        if need_theta and theta is not None:
+            u = (code.pre - th) / eps
+            kernel = ((u > -0.5) & (u < 0.5)).to(g_vals.dtype)
+            per_entry = g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
+            g_theta = torch.zeros_like(theta).index_add_(0, code.cols, per_entry)
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None
+
+
+class DenseEncode(torch.autograd.Function):
+    """`SparseEncode` on every entry: the same inputs and gradients, with `pre` (the graph-free
+    pre-activations, overwritten by the output) in place of a code. Outputs f [B, m] and count."""
+
+    @staticmethod
+    def forward(ctx, x, b_pre, W_enc, b_enc, theta, pre, eps: float):
+        th = theta if theta is not None else pre.new_zeros(())
+        near = None
+        if theta is not None and ctx.needs_input_grad[4]:  # a superset of K's support, exact K later
+            near = Code.from_mask(pre, (pre - th).abs_() < eps)
+        off = pre <= th
+        f = pre.masked_fill_(off, 0.0)
+        ctx.mark_dirty(pre)
+        x_in = x if b_pre is None else x - b_pre
+        ctx.save_for_backward(x_in, W_enc, theta, off)
+        ctx.near, ctx.eps = near, eps
+        return f, (off.numel() - off.count_nonzero()).to(f.dtype)
+
+    @staticmethod
+    def backward(ctx, g_f, g_count):
+        x_in, W_enc, theta, off = ctx.saved_tensors
+        need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
+        g_pre = g_f.masked_fill(off, 0.0)
+        g_x = g_b_pre = g_W = g_b = g_theta = None
+        if need_W:
+            g_W = x_in.t() @ g_pre
+        if need_b or need_b_pre:
+            g_b = g_pre.sum(0)
+            if need_b_pre:
+                g_b_pre = -(W_enc @ g_b)
+        if need_x:
+            g_x = g_pre @ W_enc.t()
+            if need_b_pre:
+                g_b_pre = -g_x.sum(0)
+        if ctx.near is not None:
+            near, eps = ctx.near, ctx.eps
+            th = theta[near.cols]
+            u = (near.pre - th) / eps
+            kernel = ((u > -0.5) & (u < 0.5)).to(g_f.dtype)
+            per_entry = g_f[near.rows, near.cols] * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
+            g_theta = torch.zeros_like(theta).index_add_(0, near.cols, per_entry)
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None

@@ -1,0 +1,202 @@
+"""Every fast path of the training step equals the reference (SPEC §2 written plainly): outputs
+and gradients, on random inputs, for each architecture, with the automatic switch included."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from saescope import SAEConfig, build_sae
+from saescope.config import SAESpec, TrainConfig
+from saescope.data import TensorSource
+from saescope.sae import fast
+from saescope.sae.fast import Code, Workspace
+from saescope.train.trainer import Trainer
+
+D_IN, D_SAE, BATCH = 12, 48, 64
+CASES = [("jumprelu", {}), ("jumprelu", {"theta_param": "log"}), ("relu", {}), ("topk", {"k": 5}),
+         ("batchtopk", {"k": 5})]
+
+
+def _sae(arch, transcoder=False, seed=0, **kw):
+    d_out = 8 if transcoder else None
+    sae = build_sae(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, d_out=d_out, site="mlp_in.0" if transcoder else None,
+                              target_site="mlp.0" if transcoder else None, **kw))
+    gen = torch.Generator().manual_seed(seed)
+    sae.init_weights(gen)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(D_SAE, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(sae.cfg.width_out, generator=gen) * 0.1)
+    sae.pre_encoder_bias.fill_(not transcoder)
+    return sae
+
+
+def _data(sae, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(BATCH, D_IN, generator=gen)
+    target = torch.randn(BATCH, sae.cfg.width_out, generator=gen) * 0.5
+    return x, target
+
+
+def _plant_thresholds(sae, x):
+    """Thresholds from the data, with a third of the latents' θ within ε/2 of some token's
+    pre-activation (on both sides), so the rectangle kernel is non-zero there."""
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        theta = pre.quantile(0.8, dim=0).clamp_min(0.01)
+        eps = sae.cfg.bandwidth
+        for i in range(0, D_SAE, 3):
+            b = i % BATCH
+            theta[i] = pre[b, i] + (0.3 if i % 2 else -0.3) * eps
+        theta.clamp_(min=1e-3)
+        sae.set_threshold(theta)
+
+
+def _step(arch, kw, path, transcoder=False, dead=None, workspace=None):
+    sae = _sae(arch, transcoder, **kw)
+    x, target = _data(sae)
+    if arch == "jumprelu":
+        _plant_thresholds(sae, x)
+    out = sae.training_loss(x, target, 0.3, dead=dead, path=path, workspace=workspace)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in sae.named_parameters()}
+    return out, grads
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+@pytest.mark.parametrize("arch,kw", CASES)
+@pytest.mark.parametrize("path", ["dense", "sparse", "auto"])
+def test_fast_paths_equal_the_reference(arch, kw, path, transcoder):
+    dead = torch.arange(D_SAE) % 4 == 0
+    ref, ref_grads = _step(arch, kw, "reference", transcoder, dead)
+    out, grads = _step(arch, kw, path, transcoder, dead)
+    for key in ("loss", "mse", "l0") + (("aux",) if "aux" in ref else ()):
+        torch.testing.assert_close(out[key].detach(), ref[key].detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out["fired"], ref["fired"])
+    assert set(grads) == set(ref_grads)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    if arch == "jumprelu":  # the planted entries make the pseudo-derivative of θ non-trivial
+        theta_grad = ref_grads["theta" if kw.get("theta_param", "theta") == "theta" else "log_threshold"]
+        assert (theta_grad != 0).sum() >= D_SAE // 6
+    if arch in ("topk", "batchtopk"):
+        assert float(ref["aux"]) > 0
+
+
+def _paths_taken(monkeypatch):
+    taken = []
+    for name in ("SparseEncode", "DenseEncode"):
+        cls = getattr(fast, name)
+        original = cls.apply
+
+        def spy(*args, _original=original, _name=name):
+            taken.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(cls, "apply", spy)
+    return taken
+
+
+def test_the_automatic_switch_follows_the_density(monkeypatch):
+    taken = _paths_taken(monkeypatch)
+    sae = _sae("jumprelu")
+    x, target = _data(sae)
+    limit = fast.max_density(torch.device("cpu"))
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+    for density, expected in ((limit / 3, "SparseEncode"), (0.5, "DenseEncode")):
+        sae.set_threshold(pre.quantile(1 - density, dim=0).clamp_min(1e-3))
+        taken.clear()
+        out = sae.training_loss(x, target, 0.1)
+        assert taken == [expected], density
+        ref = sae.training_loss(x, target, 0.1, path="reference")
+        torch.testing.assert_close(out["loss"], ref["loss"])
+    topk = _sae("topk", k=1)   # k/m = 1/48, under the limit
+    taken.clear()
+    topk.training_loss(x, target, 0.0)
+    assert taken == ["SparseEncode"]
+    wide_k = _sae("topk", k=24)
+    taken.clear()
+    wide_k.training_loss(x, target, 0.0)
+    assert taken == ["DenseEncode"]
+    with pytest.raises(ValueError, match="path must be one of"):
+        sae.training_loss(x, target, 0.1, path="fastest")
+
+
+def test_a_workspace_changes_nothing():
+    """Buffers reused over steps and SAEs: the same losses and gradients as fresh memory."""
+    ws = Workspace()
+    for arch, kw in CASES:
+        for path in ("dense", "sparse"):
+            a, ga = _step(arch, kw, path)
+            b, gb = _step(arch, kw, path, workspace=ws)
+            c, gc = _step(arch, kw, path, workspace=ws)  # the buffer now holds the last step's values
+            for g in (gb, gc):
+                for name in ga:
+                    torch.testing.assert_close(g[name], ga[name], rtol=0, atol=0)
+            assert a["loss"].item() == b["loss"].item() == c["loss"].item()
+
+
+def test_code_sums_against_numpy():
+    """The embedding-bag sums of a code against dense NumPy products."""
+    rng = np.random.default_rng(0)
+    mask = rng.random((20, 30)) < 0.15
+    mask[3] = False                                   # a token with no entry
+    pre = torch.from_numpy(rng.normal(size=(20, 30)).astype(np.float32))
+    code = Code.from_mask(pre, torch.from_numpy(mask))
+    dense = np.where(mask, pre.numpy(), 0.0)
+    W = rng.normal(size=(30, 7)).astype(np.float32)
+    table = rng.normal(size=(20, 7)).astype(np.float32)
+    np.testing.assert_allclose(code.decode(code.pre, torch.from_numpy(W)).numpy(), dense @ W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(code.per_latent_sum(code.pre, torch.from_numpy(table)).numpy(), dense.T @ table,
+                               rtol=1e-5, atol=1e-5)
+    assert code.fired(code.pre).numpy().tolist() == mask.any(0).tolist()
+    flat = Code.from_flat(pre, torch.from_numpy(np.flatnonzero(mask)[::-1].copy()))
+    assert torch.equal(flat.rows, code.rows) and torch.equal(flat.cols, code.cols) and torch.equal(flat.offsets, code.offsets)
+
+
+@pytest.mark.parametrize("kernels", ["auto", "dense", "sparse"])
+def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
+    """The real trainer's step (a λ ladder, TopK with AuxK, BatchTopK, ReLU; Adam, decoder
+    constraint, dead-latent counters) from the same state, step after step. Each step starts from
+    the reference's state: over many steps, float rounding alone moves a pre-activation across
+    the edge of θ's ε-window now and then, and Adam turns that into a visible change of θ."""
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.randn(2048, D_IN, generator=gen) * 3 + 1
+    saes = [SAESpec(sites=["resid.0"], widths=[D_SAE], lambdas=[1e-3, 1e-2]),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
+            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4]),
+            SAESpec(sites=["resid.0"], arch="relu", widths=[D_SAE], lambdas=[1e-2])]
+    trainers = {}
+    for path in ("reference", kernels):
+        cfg = TrainConfig(saes=saes, tokens=30 * 128, batch_size=128, lr=1e-3, dead_tokens=256, kernels=path)
+        trainers[path] = Trainer(cfg, tmp_path / path, source=TensorSource({"resid.0": acts}))
+    ref, fast_ = trainers["reference"], trainers[kernels]
+    batches = list(ref._batches())[:30]
+    torch.manual_seed(0)
+    ref.build(batches[0])
+    fast_.build(batches[0])
+    for m in ref.members:  # latents that rarely fire, so that AuxK has dead ones to work with
+        if m.sae.cfg.arch in ("topk", "batchtopk"):
+            with torch.no_grad():
+                m.sae.b_enc[:8] = -0.5
+    aux_seen = False
+    for batch in batches:
+        for a, b in zip(ref.members, fast_.members):
+            b.sae.load_state_dict(a.sae.state_dict())
+            b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))  # else they share tensors
+            b.since_fired.copy_(a.since_fired)
+        aux_seen |= any(bool((m.since_fired >= ref.dead_tokens).any()) for m in ref.members)
+        for t in (ref, fast_):
+            t.train_step(batch)
+            t.step += 1
+        for a, b in zip(ref.members, fast_.members):
+            assert torch.equal(a.since_fired, b.since_fired), a.name
+            for name, value in a.sae.state_dict().items():
+                torch.testing.assert_close(b.sae.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, n=f"{a.name} {name}": f"{n}: {m}")
+            for key in ("loss", "mse", "l0"):
+                torch.testing.assert_close(torch.as_tensor(b.sums[key]), torch.as_tensor(a.sums[key]), rtol=1e-4, atol=1e-6)
+    assert aux_seen  # some steps had dead latents, so AuxK ran
