@@ -1,13 +1,14 @@
 """Time saescope's real training step (forward, loss, backward, Adam, decoder-norm step).
 
     python bench/train_step.py --arch jumprelu|topk --d-in D --d-sae M --batch B --threads T
-                               --target-s S [--k K] [--out FILE]
+                               --target-s S [--k K] [--kernels auto|dense|sparse|reference]
+                               [--precision float32|bfloat16] [--out FILE]
 
 The activations are synthetic and made before the timed region; a few warm-up steps run first,
 then steps until S seconds have passed. For JumpReLU, --k sets every threshold at its latent's
 (1 − K/M) quantile of pre-activations on the first batch, so that about K latents fire per token
 (the trained regime); the line reports the measured `l0`. The same run measures the machine's
-matmul rate on the step's encoder shape, and reports the step against the dense roofline
+matmul rate on the step's encoder shape in the step's precision, and reports the step against the dense roofline
 (6 · 2 · batch · d_in · d_sae FLOPs a step). Prints one JSON line and appends it to FILE."""
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from saescope.train.trainer import Trainer
 SITE = "resid.0"
 
 
-def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0) -> float:
-    """Measured float32 GFLOP/s of [batch, d_in] @ [d_in, d_sae] on this machine now."""
-    a, b = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    out = torch.empty(batch, d_sae)
+def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0, dtype: str = "float32") -> float:
+    """Measured GFLOP/s of [batch, d_in] @ [d_in, d_sae] in `dtype` on this machine now."""
+    a, b = torch.randn(batch, d_in, dtype=getattr(torch, dtype)), torch.randn(d_in, d_sae, dtype=getattr(torch, dtype))
+    out = torch.empty(batch, d_sae, dtype=a.dtype)
     torch.matmul(a, b, out=out)
     times, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < 3:
@@ -52,6 +53,9 @@ def main() -> int:
     p.add_argument("--target-s", type=float, default=10.0)
     p.add_argument("--k", type=int, default=32, help="TopK's k; JumpReLU: latents set to fire per token")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--kernels", choices=["auto", "dense", "sparse", "reference"], default="auto",
+                   help="the step's path (reference: SPEC §2 written plainly, the speed before the fast paths)")
+    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.threads:
@@ -61,7 +65,7 @@ def main() -> int:
     batches = [{SITE: torch.randn(a.batch, a.d_in, generator=gen)} for _ in range(4)]
     spec = SAESpec(sites=[SITE], arch=a.arch, widths=[a.d_sae], ks=[a.k], lambdas=[1e-4])
     cfg = TrainConfig(saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
-                      checkpoint_every=10**6)
+                      checkpoint_every=10**6, kernels=a.kernels, precision=a.precision)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, source=TensorSource({SITE: batches[0][SITE]}))
     trainer.build(batches[0])
@@ -85,8 +89,8 @@ def main() -> int:
     member = trainer.members[0]
     l0 = float(member.sums["l0"]) / member.steps
     median = statistics.median(times)
-    gflops = matmul_gflops(a.batch, a.d_in, a.d_sae)
-    line = {"library": "saescope", "arch": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "batch": a.batch, "k": a.k,
+    gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, dtype=a.precision)
+    line = {"library": "saescope", "arch": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "batch": a.batch, "k": a.k, "kernels": a.kernels, "precision": a.precision,
             "threads": torch.get_num_threads(), "n_timed": len(times), "sec_per_step_median": median,
             "tokens_per_s": a.batch / median, "l0": l0, "matmul_gflops": gflops,
             "dense_roofline_fraction": 12 * a.batch * a.d_in * a.d_sae / median / 1e9 / gflops,

@@ -200,3 +200,20 @@ def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
             for key in ("loss", "mse", "l0"):
                 torch.testing.assert_close(torch.as_tensor(b.sums[key]), torch.as_tensor(a.sums[key]), rtol=1e-4, atol=1e-6)
     assert aux_seen  # some steps had dead latents, so AuxK ran
+
+
+@pytest.mark.parametrize("arch,kw", [("jumprelu", {}), ("topk", {"k": 5})])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_bfloat16_products_stay_close_to_float32(arch, kw, path):
+    """Under bfloat16 autocast the products run in bfloat16 (the hand-written backward too) and
+    everything else in float32: loss and gradients within bfloat16's rounding of the reference."""
+    ref, ref_grads = _step(arch, kw, "reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast.compute_dtype(torch.device("cpu")) == torch.bfloat16
+        out, grads = _step(arch, kw, path)
+    assert out["loss"].dtype == torch.float32
+    torch.testing.assert_close(out["loss"].detach(), ref["loss"].detach(), rtol=2e-2, atol=1e-3)
+    for name in ("W_enc", "W_dec", "b_dec"):
+        g, r = grads[name], ref_grads[name]
+        assert g.dtype == torch.float32
+        assert float((g - r).norm() / r.norm()) < 3e-2, name

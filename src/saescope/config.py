@@ -100,6 +100,8 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
     log_every: int = Field(10, gt=0, description="steps between metrics lines")
     device: str = "cpu"
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the products' dtype: bfloat16 autocast keeps float32 master weights, optimizer and thresholds")
     kernels: Literal["auto", "dense", "sparse", "reference"] = Field(
         "auto", description="training-step path: auto (sparse once few latents fire), dense, sparse, or the plain reference")
 

@@ -69,7 +69,10 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         m, d_in, d_out = cfg.d_sae, cfg.d_in, cfg.width_out
-        self.W_enc = nn.Parameter(torch.zeros(d_in, m))
+        # W_enc is d_in × m, stored latent-major (the transpose of a contiguous m × d_in): the
+        # sparse step's encoder gradient comes out as one row per latent, and in this layout it is
+        # the parameter's own, so no step copies it into place.
+        self.W_enc = nn.Parameter(torch.zeros(m, d_in).t())
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.W_dec = nn.Parameter(torch.zeros(m, d_out))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
@@ -172,7 +175,7 @@ class SparseAutoencoder(nn.Module):
         """Drop the part of each decoder row's gradient that would change the row's norm."""
         if self.W_dec.grad is not None:
             w, g = self.W_dec, self.W_dec.grad
-            g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

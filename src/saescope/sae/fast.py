@@ -122,6 +122,21 @@ class Workspace:
         return self._buffers[key]
 
 
+def compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The products' dtype under autocast (bfloat16 training), None for plain float32."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b, multiplied in `dtype` when one is given (the operands are cast; the master weights
+    stay float32) and returned in float32, where thresholds are compared and gradients summed."""
+    if dtype is None:
+        return torch.mm(a, b, out=out)
+    with torch.autocast(a.device.type, enabled=False):
+        low = torch.mm(a.to(dtype), b.to(dtype))
+    return low.float() if out is None else out.copy_(low)
+
+
 def pre_activations(x: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Tensor, b_enc: torch.Tensor,
                     workspace: Workspace | None = None) -> torch.Tensor:
     """(x − b_pre) @ W_enc + b_enc without a graph: the one dense product of the sparse step.
@@ -130,8 +145,8 @@ def pre_activations(x: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Te
     with torch.no_grad():
         out = None
         if workspace is not None:
-            out = workspace.get("pre", (x.shape[0], W_enc.shape[1]), x.dtype, x.device)
-        return torch.mm(x if b_pre is None else x - b_pre, W_enc, out=out).add_(b_enc)
+            out = workspace.get("pre", (x.shape[0], W_enc.shape[1]), torch.float32, x.device)
+        return product(x if b_pre is None else x - b_pre, W_enc, compute_dtype(x.device), out).add_(b_enc)
 
 
 def above(pre: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
@@ -200,7 +215,7 @@ class DenseEncode(torch.autograd.Function):
         ctx.mark_dirty(pre)
         x_in = x if b_pre is None else x - b_pre
         ctx.save_for_backward(x_in, W_enc, theta, off)
-        ctx.near, ctx.eps = near, eps
+        ctx.near, ctx.eps, ctx.dtype = near, eps, compute_dtype(x.device)
         return f, (off.numel() - off.count_nonzero()).to(f.dtype)
 
     @staticmethod
@@ -209,14 +224,14 @@ class DenseEncode(torch.autograd.Function):
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
         g_pre = g_f.masked_fill(off, 0.0)
         g_x = g_b_pre = g_W = g_b = g_theta = None
-        if need_W:
-            g_W = x_in.t() @ g_pre
+        if need_W:  # latent-major, the parameter's layout (see SparseAutoencoder)
+            g_W = product(g_pre.t(), x_in, ctx.dtype).t()
         if need_b or need_b_pre:
             g_b = g_pre.sum(0)
             if need_b_pre:
                 g_b_pre = -(W_enc @ g_b)
         if need_x:
-            g_x = g_pre @ W_enc.t()
+            g_x = product(g_pre, W_enc.t(), ctx.dtype)
             if need_b_pre:
                 g_b_pre = -g_x.sum(0)
         if ctx.near is not None:
