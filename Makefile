@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.saescope-installed
 OUT ?= runs/demo
 
-.PHONY: demo test bench setup clean
+PEERS ?= .venv-peers
+
+.PHONY: demo test bench bench-suite setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -16,6 +18,19 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/harvest.py --out runs/bench-harvest.json
+
+# The speed table (bench/suite.py), with the peers timed beside ours from a second venv that
+# holds the same pins plus eai-sparsify and sae-lens (kept apart so they never move our pins).
+bench-suite: $(STAMP) $(PEERS)/.installed
+	$(BIN)/python bench/suite.py --peers $(PEERS)/bin/python --out runs/bench-suite.json
+
+$(PEERS)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet torch==2.13.0
+	$(PEERS)/bin/pip install --quiet -r requirements.lock
+	$(PEERS)/bin/pip install --quiet --no-deps -e .
+	$(PEERS)/bin/pip install --quiet eai-sparsify==1.3.3 sae-lens==6.54.12
+	touch $@
 
 setup: $(STAMP)
 
@@ -27,4 +42,4 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) $(PEERS) runs build src/*.egg-info

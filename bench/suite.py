@@ -2,7 +2,8 @@
 harvest against the bare forward, in one run on one machine.
 
     python bench/suite.py [--d-in 640,2304] [--d-sae 4096,16384,65536] [--batch 4096] [--threads T]
-                          [--target-s S] [--peers PYTHON] [--no-harvest] [--out runs/bench-suite.json]
+                          [--target-s S] [--peers PYTHON] [--only PATHS] [--no-harvest]
+                          [--out runs/bench-suite.json]
 
 Each step runs in its own process (`train_step.py`, or `peers.py` under --peers, a Python that has
 `eai-sparsify` and `sae-lens` installed beside saescope), so peak memory is that step's own. Every
@@ -55,9 +56,14 @@ def main() -> int:
     p.add_argument("--target-s", type=float, default=5.0)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--peers", default=None, help="a Python with eai-sparsify and sae-lens installed")
+    p.add_argument("--only", default=None, help="comma-separated paths to run (e.g. dense,auto); peers need --peers")
     p.add_argument("--no-harvest", action="store_true")
     p.add_argument("--out", default="runs/bench-suite.json")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: print one table from earlier --out files (later lines replace earlier ones)")
     a = p.parse_args()
+    if a.merge:
+        return _merge(a.merge)
 
     common = ["--batch", str(a.batch), "--k", str(a.k), "--target-s", str(a.target_s), "--warmup", str(a.warmup)]
     if a.threads:
@@ -67,6 +73,8 @@ def main() -> int:
         for d_sae in map(int, a.d_sae.split(",")):
             shape = ["--d-in", str(d_in), "--d-sae", str(d_sae)] + common
             for arch, kernels, precision in RUNS:
+                if a.only and kernels not in a.only.split(","):
+                    continue
                 line = _run([sys.executable, str(HERE / "train_step.py"), "--arch", arch, "--kernels", kernels,
                              "--precision", precision] + shape)
                 if line:
@@ -82,33 +90,54 @@ def main() -> int:
     if not a.no_harvest:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         hout = str(Path(a.out).with_name("bench-harvest.json"))
-        cmd = [sys.executable, str(HERE / "harvest.py"), "--tokens", "8192", "--out", hout]
+        cmd = [sys.executable, str(HERE / "harvest.py"), "--tokens", "16384", "--out", hout]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         if subprocess.run(cmd + (["--threads", str(a.threads)] if a.threads else []), capture_output=True).returncode == 0:
             harvest = json.loads(Path(hout).read_text())
+    _print_table(lines, harvest)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"steps": lines, "harvest": harvest}, indent=1))
+    print(f"written: {a.out}")
+    return 0
 
-    print(f"training step, batch {a.batch}, on the CPU, L0 ≈ {a.k}; "
+
+def _who(line: dict) -> str:
+    if line["library"] != "saescope":
+        return line["library"]
+    return line["kernels"] + (" bf16" if line.get("precision") == "bfloat16" else "")
+
+
+def _merge(paths: list[str]) -> int:
+    rows, harvest = {}, None
+    for path in paths:
+        done = json.loads(Path(path).read_text())
+        for line in done["steps"]:
+            rows[line["d_in"], line["d_sae"], line["arch"], _who(line)] = line
+        harvest = done["harvest"] or harvest
+    order = {who: i for i, (_, who) in enumerate([(r[0], r[1] + (" bf16" if r[2] == "bfloat16" else "")) for r in RUNS]
+                                                  + [(arch, lib) for lib, arch in PEERS])}
+    lines = sorted(rows.values(), key=lambda l: (l["d_in"], l["d_sae"], order.get((l["arch"], _who(l)), 99)))
+    _print_table(lines, harvest)
+    return 0
+
+
+def _print_table(lines: list[dict], harvest: dict | None) -> None:
+    batch, k = (lines[0]["batch"], lines[0]["k"]) if lines else (0, 0)
+    print(f"training step, batch {batch}, on the CPU, L0 ≈ {k}; "
           f"roofline = 12·B·d·m FLOPs/s over the measured matmul rate")
     head = ("d_in", "d_sae", "arch", "who / path", "L0", "tokens/s", "matmul GF/s", "roofline", "x reference", "peak MiB")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     ref = {(l["d_in"], l["d_sae"], l["arch"]): l["tokens_per_s"] for l in lines if l.get("kernels") == "reference"}
     for l in lines:
-        who = l["library"]
-        if who == "saescope":
-            who = l["kernels"] + (" bf16" if l["precision"] == "bfloat16" else "")
         base = ref.get((l["d_in"], l["d_sae"], l["arch"]))
-        print(f"| {l['d_in']} | {l['d_sae']} | {l['arch']} | {who} | {l['l0']:.1f} | {l['tokens_per_s']:.0f} | "
+        print(f"| {l['d_in']} | {l['d_sae']} | {l['arch']} | {_who(l)} | {l['l0']:.1f} | {l['tokens_per_s']:.0f} | "
               f"{l['matmul_gflops']:.0f} | {l['dense_roofline_fraction']:.2f} | "
               f"{l['tokens_per_s'] / base if base else float('nan'):.2f} | {l['peak_rss_mib']:.0f} |")
     if harvest:
         print(f"harvest: {harvest['harvest_tokens_per_s']:.0f} tokens/s against the bare forward's "
               f"{harvest['bare_tokens_per_s']:.0f} ({harvest['ratio']:.2f} x bare; target 0.9), "
               f"{harvest['tokens']} tokens, {','.join(harvest['sites'])}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"steps": lines, "harvest": harvest}, indent=1))
-    print(f"written: {a.out}")
-    return 0
 
 
 if __name__ == "__main__":

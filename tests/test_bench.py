@@ -24,3 +24,16 @@ def test_train_step_bench_prints_and_appends_one_json_line(arch, tmp_path):
     assert line["n_timed"] >= 3 and line["tokens_per_s"] == pytest.approx(128 / line["sec_per_step_median"])
     assert line["peak_rss_mib"] > 0 and line["matmul_gflops"] > 0
     assert 4 <= line["l0"] <= 16  # about k latents fire per token, JumpReLU's thresholds included
+
+
+def test_the_suite_prints_one_table_and_writes_json(tmp_path):
+    """bench/suite.py on one tiny shape without peers or harvest: a row per path and precision."""
+    out = tmp_path / "suite.json"
+    args = [sys.executable, str(BENCH.parent / "suite.py"), "--d-in", "16", "--d-sae", "256", "--batch", "128",
+            "--k", "8", "--threads", "1", "--target-s", "0.05", "--warmup", "0", "--no-harvest", "--out", str(out)]
+    printed = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    rows = [line for line in printed.splitlines() if line.startswith("| 16 | 256 |")]
+    who = [row.split(" | ")[3] for row in rows]
+    assert who == ["reference", "dense", "auto", "auto bf16", "reference", "auto", "auto bf16"]
+    steps = json.loads(out.read_text())["steps"]
+    assert len(steps) == 7 and all(s["dense_roofline_fraction"] > 0 for s in steps)

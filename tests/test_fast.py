@@ -158,28 +158,22 @@ def test_code_sums_against_numpy():
     assert torch.equal(flat.rows, code.rows) and torch.equal(flat.cols, code.cols) and torch.equal(flat.offsets, code.offsets)
 
 
-@pytest.mark.parametrize("kernels", ["auto", "dense", "sparse"])
-def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
-    """The real trainer's step (a λ ladder, TopK with AuxK, BatchTopK, ReLU; Adam, decoder
-    constraint, dead-latent counters) from the same state, step after step. Each step starts from
-    the reference's state: over many steps, float rounding alone moves a pre-activation across
-    the edge of θ's ε-window now and then, and Adam turns that into a visible change of θ."""
+def _lockstep(saes, kernels, tmp_path, batch_size=128, steps=30, plant_dead=True):
+    """Train the same suite by the reference and by `kernels`, each step starting from the
+    reference's state, and check every state and metric after every step."""
     gen = torch.Generator().manual_seed(0)
-    acts = torch.randn(2048, D_IN, generator=gen) * 3 + 1
-    saes = [SAESpec(sites=["resid.0"], widths=[D_SAE], lambdas=[1e-3, 1e-2]),
-            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
-            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4]),
-            SAESpec(sites=["resid.0"], arch="relu", widths=[D_SAE], lambdas=[1e-2])]
+    acts = torch.randn(4096, D_IN, generator=gen) * 3 + 1
     trainers = {}
     for path in ("reference", kernels):
-        cfg = TrainConfig(saes=saes, tokens=30 * 128, batch_size=128, lr=1e-3, dead_tokens=256, kernels=path)
+        cfg = TrainConfig(saes=saes, tokens=steps * batch_size, batch_size=batch_size, lr=1e-3, dead_tokens=256,
+                          kernels=path)
         trainers[path] = Trainer(cfg, tmp_path / path, source=TensorSource({"resid.0": acts}))
     ref, fast_ = trainers["reference"], trainers[kernels]
-    batches = list(ref._batches())[:30]
+    batches = list(ref._batches())[:steps]
     torch.manual_seed(0)
     ref.build(batches[0])
     fast_.build(batches[0])
-    for m in ref.members:  # latents that rarely fire, so that AuxK has dead ones to work with
+    for m in ref.members if plant_dead else ():  # latents that rarely fire, so AuxK has dead ones
         if m.sae.cfg.arch in ("topk", "batchtopk"):
             with torch.no_grad():
                 m.sae.b_enc[:8] = -0.5
@@ -196,10 +190,42 @@ def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
         for a, b in zip(ref.members, fast_.members):
             assert torch.equal(a.since_fired, b.since_fired), a.name
             for name, value in a.sae.state_dict().items():
-                torch.testing.assert_close(b.sae.state_dict()[name], value, rtol=1e-4, atol=1e-6, msg=lambda m, n=f"{a.name} {name}": f"{n}: {m}")
+                torch.testing.assert_close(b.sae.state_dict()[name], value, rtol=1e-4, atol=1e-6,
+                                           msg=lambda m, n=f"{a.name} {name}": f"{n}: {m}")
             for key in ("loss", "mse", "l0"):
                 torch.testing.assert_close(torch.as_tensor(b.sums[key]), torch.as_tensor(a.sums[key]), rtol=1e-4, atol=1e-6)
-    assert aux_seen  # some steps had dead latents, so AuxK ran
+    return aux_seen
+
+
+@pytest.mark.parametrize("kernels", ["auto", "dense", "sparse"])
+def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
+    """The real trainer's step (a λ ladder, TopK with AuxK, BatchTopK, ReLU; Adam, decoder
+    constraint, dead-latent counters) from the same state, step after step. Each step starts from
+    the reference's state: over many steps, float rounding alone moves a pre-activation across
+    the edge of θ's ε-window now and then, and Adam turns that into a visible change of θ."""
+    saes = [SAESpec(sites=["resid.0"], widths=[D_SAE], lambdas=[1e-3, 1e-2]),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
+            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4]),
+            SAESpec(sites=["resid.0"], arch="relu", widths=[D_SAE], lambdas=[1e-2])]
+    assert _lockstep(saes, kernels, tmp_path)  # some steps had dead latents, so AuxK ran
+
+
+def test_the_decoder_norm_step_on_fired_rows_only(tmp_path, monkeypatch):
+    """A wide TopK SAE reaches few decoder rows a step: the norm step on those rows alone equals
+    the full one, with AuxK's rows included once latents die."""
+    restricted = []
+    original = Trainer._decoder_rows
+
+    def spy(self, out):
+        rows = original(self, out)
+        restricted.append(rows is not None and self.cfg.kernels != "reference")
+        return rows
+
+    monkeypatch.setattr(Trainer, "_decoder_rows", spy)
+    saes = [SAESpec(sites=["resid.0"], arch="topk", widths=[1024], ks=[2])]
+    assert _lockstep(saes, "auto", tmp_path, batch_size=32, steps=20, plant_dead=False)
+    assert sum(restricted) >= 10
+
 
 
 @pytest.mark.parametrize("arch,kw", [("jumprelu", {}), ("topk", {"k": 5})])
@@ -217,3 +243,31 @@ def test_bfloat16_products_stay_close_to_float32(arch, kw, path):
         g, r = grads[name], ref_grads[name]
         assert g.dtype == torch.float32
         assert float((g - r).norm() / r.norm()) < 3e-2, name
+
+
+def test_sae_groups_share_one_encoder_product(tmp_path):
+    """SAEs reading the same input get their encoders as slices of one matrix and their
+    pre-activations from one product; wide ones (where that loses on the CPU) and lone ones don't."""
+    gen = torch.Generator().manual_seed(0)
+    source = TensorSource({"resid.0": torch.randn(512, D_IN, generator=gen), "resid.1": torch.randn(512, D_IN, generator=gen)})
+    saes = [SAESpec(sites=["resid.0"], widths=[D_SAE, 2 * D_SAE], lambdas=[1e-3]),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[4096], ks=[4]),   # too wide to group on the CPU
+            SAESpec(sites=["resid.1"], widths=[D_SAE], lambdas=[1e-3])]      # alone on its input
+    trainer = Trainer(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
+    batch = next(iter(trainer._batches()))
+    trainer.build(batch)
+    [group] = trainer.groups
+    assert [m.sae.cfg.d_sae for m in group.members] == [D_SAE, 2 * D_SAE, D_SAE]
+    for m in group.members:
+        assert m.sae.W_enc.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
+        alias = m.optimizer.param_groups[0]["params"][0]  # Adam steps W_enc through its contiguous transpose
+        assert alias.is_contiguous() and alias.data_ptr() == m.sae.W_enc.data_ptr() and alias.shape == (m.sae.cfg.d_sae, D_IN)
+    x = batch["resid.0"] / group.scale
+    for m in group.members:  # each SAE's shared-product pre-activations against its own
+        with torch.no_grad():
+            m.sae.b_dec.normal_(generator=gen)
+    views = group.pre_activations(x, Workspace())
+    for m in group.members:
+        torch.testing.assert_close(views[m.name], m.sae.pre_acts(x), rtol=1e-5, atol=1e-5)
+    trainer.train_step(batch)  # and the grouped step runs

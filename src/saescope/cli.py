@@ -76,6 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                              ("--checkpoint-every", int, "steps between checkpoints"),
                              ("--log-every", int, "steps between metrics lines"), ("--device", str, "cpu, cuda, ...")):
         h2.add_argument(flag, type=kind, default=None, help=text)
+    h2.add_argument("--precision", default=None, choices=["float32", "bfloat16", "tf32"],
+                    help="the products' dtype (bfloat16 keeps float32 master weights; tf32: CUDA only)")
+    h2.add_argument("--kernels", default=None, choices=["auto", "dense", "sparse", "reference"],
+                    help="training-step path (default auto: sparse once few latents fire)")
 
     e = sub.add_parser("eval", help="evaluate SAEs / transcoders on held-out tokens (L0, FVU, delta loss, KL, ...)")
     e.add_argument("--sae", action="append", required=True,
@@ -248,6 +252,7 @@ def _train_config(args):
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "device": args.device,
+        "precision": args.precision, "kernels": args.kernels,
     }.items() if v is not None}
     if spec:
         top["saes"] = [spec]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SaescopeError
 
@@ -100,10 +100,19 @@ class TrainConfig(_Config):
     checkpoint_every: int = Field(500, ge=0, description="steps between checkpoints (0: only at the end)")
     log_every: int = Field(10, gt=0, description="steps between metrics lines")
     device: str = "cpu"
-    precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="the products' dtype: bfloat16 autocast keeps float32 master weights, optimizer and thresholds")
+    precision: Literal["float32", "bfloat16", "tf32"] = Field(
+        "float32", description="the products' dtype: bfloat16 autocast keeps float32 master weights, optimizer and "
+                               "thresholds; tf32 (CUDA only) lets float32 products use TensorFloat-32")
     kernels: Literal["auto", "dense", "sparse", "reference"] = Field(
         "auto", description="training-step path: auto (sparse once few latents fire), dense, sparse, or the plain reference")
+
+
+    @model_validator(mode="after")
+    def _tf32_on_cuda(self):
+        if self.precision == "tf32" and not self.device.startswith("cuda"):
+            raise ValueError(f"precision 'tf32' is a CUDA tensor-core format, not for device '{self.device}'; "
+                             "on the CPU use bfloat16")
+        return self
 
 
 def read_config_file(path: str | Path) -> dict:

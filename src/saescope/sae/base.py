@@ -104,10 +104,12 @@ class SparseAutoencoder(nn.Module):
     # --- training ------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_coeff: float,
                       dead: torch.Tensor | None = None, path: str = "auto",
-                      workspace: Workspace | None = None) -> dict[str, torch.Tensor]:
-        """Loss on normalised input and target: {"loss", "mse", "l0", "fired" ([m] bool), ...}.
+                      workspace: Workspace | None = None, pre: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Loss on normalised input and target: {"loss", "mse", "l0", "fired" ([m] bool), ...};
+        "touched" ([m] bool, when present; else "fired") marks the decoder rows the step's gradient reaches.
         `dead` marks latents that have not fired for a while (used by AuxK); `path` is one of PATHS;
-        a `workspace` lends reused buffers (its last graph must have run backward)."""
+        a `workspace` lends reused buffers (its last graph must have run backward); `pre` gives the
+        fast paths graph-free pre-activations computed by the caller (a group's shared product)."""
         raise NotImplementedError
 
     # --- the fast paths (fast.py) ----------------------------------------------------------------
@@ -128,16 +130,20 @@ class SparseAutoencoder(nn.Module):
         vals, count = SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code, self.cfg.bandwidth)
         return code.decode(vals, self.W_dec) + self.b_dec, count, code.fired(vals), vals
 
-    def _dense_step(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None):
+    def _dense_step(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None,
+                    workspace: Workspace | None = None, candidates: torch.Tensor | None = None):
         """The same from graph-free pre-activations (overwritten); the last item is f [B, m]."""
         # a fresh alias: the output joins the graph, the workspace's own tensor stays out of it
-        f, count = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(), self.cfg.bandwidth)
-        return f @ self.W_dec + self.b_dec, count, (f != 0).any(0), f
+        f, count = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(), self.cfg.bandwidth,
+                                     workspace, candidates)
+        return f @ self.W_dec + self.b_dec, count, f.detach().amax(0) > 0, f  # f ≥ 0: θ > 0
 
-    def _threshold_step(self, x: torch.Tensor, theta: torch.Tensor | None, path: str, workspace: Workspace | None):
+    def _threshold_step(self, x: torch.Tensor, theta: torch.Tensor | None, path: str, workspace: Workspace | None,
+                        pre: torch.Tensor | None):
         """JumpReLU (θ) or ReLU (θ None) by the fast path that pays: (x̂, count, fired, sum_f)
         where sum_f(w) = Σ over the batch of Σ_i f_i·w_i."""
-        pre = self._fast_pre(x, workspace)
+        pre = self._fast_pre(x, workspace) if pre is None else pre
+        candidates = None
         if path != "dense":  # entries with H or K non-zero lie above θ − ε
             floor = theta.detach() - self.cfg.bandwidth if theta is not None else pre.new_zeros(())
             candidates = above(pre, floor, workspace)
@@ -145,7 +151,7 @@ class SparseAutoencoder(nn.Module):
                 code = Code.from_mask(pre, candidates)
                 x_hat, count, fired, vals = self._sparse_step(x, code, theta)
                 return x_hat, count, fired, lambda w: (vals * w[code.cols]).sum()
-        x_hat, count, fired, f = self._dense_step(x, pre, theta)
+        x_hat, count, fired, f = self._dense_step(x, pre, theta, workspace, candidates if theta is not None else None)
         return x_hat, count, fired, lambda w: (f @ w).sum()
 
     def _reconstruction(self, f: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,20 +177,28 @@ class SparseAutoencoder(nn.Module):
         self.b_dec.zero_()
 
     @torch.no_grad()
-    def remove_parallel_grad(self) -> None:
-        """Drop the part of each decoder row's gradient that would change the row's norm."""
-        if self.W_dec.grad is not None:
-            w, g = self.W_dec, self.W_dec.grad
-            g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1.0)
+    def remove_parallel_grad(self, rows: torch.Tensor | None = None) -> None:
+        """Drop the part of each decoder row's gradient that would change the row's norm; `rows`
+        limits it to those rows (the others' gradient must be zero)."""
+        if self.W_dec.grad is None:
+            return
+        w, g = (self.W_dec, self.W_dec.grad) if rows is None else (self.W_dec[rows], self.W_dec.grad[rows])
+        g.addcmul_(torch.linalg.vecdot(g, w).unsqueeze(1), w, value=-1.0)
+        if rows is not None:  # g was a gathered copy
+            self.W_dec.grad.index_copy_(0, rows, g)
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    def normalize_decoder(self, rows: torch.Tensor | None = None) -> None:
+        w = self.W_dec if rows is None else self.W_dec[rows]
+        w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if rows is not None:
+            self.W_dec.index_copy_(0, rows, w)
 
     @torch.no_grad()
-    def apply_constraints(self) -> None:
-        """Put the parameters back in their valid set after an optimizer step (unit decoder rows)."""
-        self.normalize_decoder()
+    def apply_constraints(self, rows: torch.Tensor | None = None) -> None:
+        """Put the parameters back in their valid set after an optimizer step (unit decoder rows;
+        only `rows` when the step moved no other decoder row)."""
+        self.normalize_decoder(rows)
 
     # --- folding -------------------------------------------------------------------------------
     @property

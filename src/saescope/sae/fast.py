@@ -9,11 +9,11 @@ Dense (`DenseEncode`): the activation is applied in place, the mask is kept as b
 threshold gradient reads only the few entries within ε of θ, so the elementwise work is a handful
 of passes over [B, m] beside five products.
 
-Sparse (`SparseEncode` on a `Code`): only the encoder's forward product is dense. Why: a trained SAE fires L0 ≪ m latents a token, so of the dense step's products (about
-12·B·d·m FLOPs) only the encoder's forward must be dense. Decoding, the decoder's gradient, the
-gradient at the fired latents and the encoder's gradient are all sums over the B·L0 fired
-(token, latent) pairs, O(B·L0·d) each. `F.embedding_bag` computes such sums without building the
-[pairs, d] product, so one primitive serves all of them:
+Sparse (`SparseEncode` on a `Code`): a trained SAE fires L0 ≪ m latents a token, so of the dense
+step's products (about 12·B·d·m FLOPs) only the encoder's forward must be dense. Decoding, the
+decoder's gradient, the gradient at the fired latents and the encoder's gradient are all sums
+over the B·L0 fired (token, latent) pairs, O(B·L0·d) each. `F.embedding_bag` computes such sums
+without building the [pairs, d] product, so one primitive serves all of them:
 
     x̂[b]        = Σ_{pairs (b, i)}  f · W_dec[i]          (rows of the code, offsets by token)
     ∂W_dec[i]    = Σ_{pairs (b, i)}  f · ∂x̂[b]            (the same pairs grouped by latent)
@@ -30,16 +30,17 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-# Above this share of non-zero [batch, m] entries the dense products are cheaper than the sparse
-# sums (measured with bench/train_step.py: on a 2-core CPU the crossover of one gathered pair
-# against the dense products' per-entry cost is near 5% at d_in 640). Accelerators run dense
-# products relatively faster, hence the lower bound there (not measured yet).
-MAX_DENSITY = {"cpu": 0.04}
+# Above this share of non-zero [batch, m] entries the dense products beat the sparse sums.
+# Measured with bench/train_step.py (JumpReLU, 640 × 16384, batch 4096, 2-core CPU, tokens/s
+# dense : sparse): float32 at density 0.8% 1261 : 3620, 3.1% 1268 : 1954, 6.2% 1337 : 1305,
+# 12.5% 1225 : 695; bfloat16 (products 3× faster, sums not) 1.6% 2635 : 4202, 3.1% 2824 : 2410.
+# Accelerators run products relatively faster still, hence the lower bound there (not measured).
+MAX_DENSITY = {("cpu", None): 0.05, ("cpu", torch.bfloat16): 0.02}
 MAX_DENSITY_OTHER = 0.01
 
 
 def max_density(device: torch.device) -> float:
-    return MAX_DENSITY.get(device.type, MAX_DENSITY_OTHER)
+    return MAX_DENSITY.get((device.type, compute_dtype(device)), MAX_DENSITY_OTHER)
 
 
 @dataclass
@@ -202,15 +203,21 @@ class SparseEncode(torch.autograd.Function):
 
 class DenseEncode(torch.autograd.Function):
     """`SparseEncode` on every entry: the same inputs and gradients, with `pre` (the graph-free
-    pre-activations, overwritten by the output) in place of a code. Outputs f [B, m] and count."""
+    pre-activations, overwritten by the output) in place of a code. Outputs f [B, m] and count.
+    `candidates` (pre > θ − ε, when the caller has it) and the workspace save [B, m] passes."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, theta, pre, eps: float):
+    def forward(ctx, x, b_pre, W_enc, b_enc, theta, pre, eps: float, workspace: Workspace | None = None,
+                candidates: torch.Tensor | None = None):
+        def mask(name):
+            return workspace.get(name, pre.shape, torch.bool, pre.device) if workspace is not None else None
+
         th = theta if theta is not None else pre.new_zeros(())
         near = None
         if theta is not None and ctx.needs_input_grad[4]:  # a superset of K's support, exact K later
-            near = Code.from_mask(pre, (pre - th).abs_() < eps)
-        off = pre <= th
+            lo = candidates if candidates is not None else torch.gt(pre, th - eps, out=mask("mask"))
+            near = Code.from_mask(pre, lo.logical_and_(torch.lt(pre, th + eps, out=mask("mask2"))))
+        off = torch.le(pre, th, out=mask("off"))
         f = pre.masked_fill_(off, 0.0)
         ctx.mark_dirty(pre)
         x_in = x if b_pre is None else x - b_pre
@@ -222,7 +229,10 @@ class DenseEncode(torch.autograd.Function):
     def backward(ctx, g_f, g_count):
         x_in, W_enc, theta, off = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
-        g_pre = g_f.masked_fill(off, 0.0)
+        near = ctx.near
+        g_near = g_f[near.rows, near.cols] if near is not None else None  # before the mask zeroes them
+        # in place: this gradient is ours alone (it comes from the decoder's product)
+        g_pre = (g_f if g_f.is_contiguous() else g_f.contiguous()).masked_fill_(off, 0.0)
         g_x = g_b_pre = g_W = g_b = g_theta = None
         if need_W:  # latent-major, the parameter's layout (see SparseAutoencoder)
             g_W = product(g_pre.t(), x_in, ctx.dtype).t()
@@ -234,11 +244,11 @@ class DenseEncode(torch.autograd.Function):
             g_x = product(g_pre, W_enc.t(), ctx.dtype)
             if need_b_pre:
                 g_b_pre = -g_x.sum(0)
-        if ctx.near is not None:
-            near, eps = ctx.near, ctx.eps
+        if near is not None:
+            eps = ctx.eps
             th = theta[near.cols]
             u = (near.pre - th) / eps
             kernel = ((u > -0.5) & (u < 0.5)).to(g_f.dtype)
-            per_entry = g_f[near.rows, near.cols] * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
+            per_entry = g_near * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
             g_theta = torch.zeros_like(theta).index_add_(0, near.cols, per_entry)
-        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None

@@ -85,7 +85,7 @@ class JumpReLUSAE(SparseAutoencoder):
     def _fold_threshold(self, c: float) -> None:
         self.set_threshold(self.threshold.detach() * c)
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None):
+    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
         theta = self.threshold
         if path == "reference":
             pre = self.pre_acts(x)
@@ -94,15 +94,15 @@ class JumpReLUSAE(SparseAutoencoder):
             l0 = StepFn.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
             fired = (f != 0).any(0)
         else:
-            x_hat, count, fired, _ = self._threshold_step(x, theta, path, workspace)
+            x_hat, count, fired, _ = self._threshold_step(x, theta, path, workspace, pre)
             mse = (x_hat - target).pow(2).sum(-1).mean()
             l0 = count / x.shape[0]
         return {"loss": mse + sparsity_coeff * l0, "mse": mse, "l0": l0.detach(), "fired": fired}
 
     @torch.no_grad()
-    def apply_constraints(self) -> None:
+    def apply_constraints(self, rows: torch.Tensor | None = None) -> None:
         """Unit decoder rows, and θ > 0 (log θ is positive by construction)."""
-        super().apply_constraints()
+        super().apply_constraints(rows)
         if self.cfg.theta_param == "theta":
             self.theta.clamp_(min=1e-6)
 

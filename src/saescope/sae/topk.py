@@ -25,7 +25,7 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return Code.from_topk(vals, idx, self.cfg.d_sae)
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None):
+    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
         if path == "reference":
             pre = self.pre_acts(x)
             f = self._select(pre)
@@ -33,28 +33,29 @@ class TopKSAE(SparseAutoencoder):
             aux = self._auxk(pre, target - x_hat.detach(), dead)
             l0 = (f > 0).sum(-1).float().mean()
             return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": l0, "fired": (f != 0).any(0)}
-        pre = self._fast_pre(x, workspace)
+        pre = self._fast_pre(x, workspace) if pre is None else pre
         code = self._choose(pre)
         if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
             x_hat, count, fired, _ = self._sparse_step(x, code, None)
         else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
             chosen = torch.zeros_like(pre).index_put_((code.rows, code.cols), code.pre)
-            x_hat, count, fired, _ = self._dense_step(x, chosen, None)
+            x_hat, count, fired, _ = self._dense_step(x, chosen, None, workspace)
         mse = (x_hat - target).pow(2).sum(-1).mean()
-        aux = self._auxk_sparse(x, pre, target - x_hat.detach(), dead)
+        aux, aux_fired = self._auxk_sparse(x, pre, target - x_hat.detach(), dead)
         return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": count.detach() / x.shape[0],
-                "fired": fired}
+                "fired": fired, "touched": fired | aux_fired}
 
-    def _auxk_sparse(self, x, pre, residual, dead) -> torch.Tensor:
-        """`_auxk` from graph-free pre-activations: the top dead latents as a code, decoded sparsely."""
+    def _auxk_sparse(self, x, pre, residual, dead) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_auxk` from graph-free pre-activations: the top dead latents as a code, decoded sparsely.
+        Also the latents it decoded with a non-zero value."""
         dead_idx = dead.nonzero().squeeze(1) if dead is not None else None
         if dead_idx is None or len(dead_idx) == 0:
-            return pre.new_zeros(())
+            return pre.new_zeros(()), torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=pre.device)
         k_aux = min(max(1, self.cfg.d_in // 2), len(dead_idx))
         vals, idx = pre[:, dead_idx].topk(k_aux, dim=-1)
         code = Code.from_topk(vals, dead_idx[idx], self.cfg.d_sae)
-        _, _, _, aux_vals = self._sparse_step(x, code, None)
-        return (code.decode(aux_vals, self.W_dec) - residual).pow(2).sum(-1).mean()
+        _, _, aux_fired, aux_vals = self._sparse_step(x, code, None)
+        return (code.decode(aux_vals, self.W_dec) - residual).pow(2).sum(-1).mean(), aux_fired
 
     def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct the residual error from the top dead latents, so dead latents get gradient.
@@ -116,7 +117,7 @@ class ReLUSAE(SparseAutoencoder):
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None):
+    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
         norms = self.W_dec.norm(dim=1)
         if path == "reference":
             f = self._activate(self.pre_acts(x))
@@ -125,7 +126,7 @@ class ReLUSAE(SparseAutoencoder):
             l0 = (f > 0).sum(-1).float().mean()
             fired = (f != 0).any(0)
         else:
-            x_hat, count, fired, sum_f = self._threshold_step(x, None, path, workspace)
+            x_hat, count, fired, sum_f = self._threshold_step(x, None, path, workspace, pre)
             mse = (x_hat - target).pow(2).sum(-1).mean()
             l1 = sum_f(norms) / x.shape[0]
             l0 = count.detach() / x.shape[0]
