@@ -14,7 +14,7 @@ from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
 from saescope.sae import fast
 from saescope.sae.fast import Code, Workspace
-from saescope.train.trainer import Trainer
+from saescope.train.trainer import EncoderGroup, Trainer
 
 D_IN, D_SAE, BATCH = 12, 48, 64
 CASES = [("jumprelu", {}), ("jumprelu", {"theta_param": "log"}), ("relu", {}), ("topk", {"k": 5}),
@@ -197,8 +197,9 @@ def _lockstep(saes, kernels, tmp_path, batch_size=128, steps=30, plant_dead=True
     return aux_seen
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("kernels", ["auto", "dense", "sparse"])
-def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
+def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, grouped, tmp_path, monkeypatch):
     """The real trainer's step (a λ ladder, TopK with AuxK, BatchTopK, ReLU; Adam, decoder
     constraint, dead-latent counters) from the same state, step after step. Each step starts from
     the reference's state: over many steps, float rounding alone moves a pre-activation across
@@ -207,6 +208,8 @@ def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, tmp_path):
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
             SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4]),
             SAESpec(sites=["resid.0"], arch="relu", widths=[D_SAE], lambdas=[1e-2])]
+    if grouped:  # as on accelerators: the five SAEs share one encoder product
+        monkeypatch.setattr(EncoderGroup, "APART_ON", set())
     assert _lockstep(saes, kernels, tmp_path)  # some steps had dead latents, so AuxK ran
 
 
@@ -245,17 +248,20 @@ def test_bfloat16_products_stay_close_to_float32(arch, kw, path):
         assert float((g - r).norm() / r.norm()) < 3e-2, name
 
 
-def test_sae_groups_share_one_encoder_product(tmp_path):
+def test_sae_groups_share_one_encoder_product(tmp_path, monkeypatch):
     """SAEs reading the same input get their encoders as slices of one matrix and their
-    pre-activations from one product; wide ones (where that loses on the CPU) and lone ones don't."""
+    pre-activations from one product (as on accelerators; the CPU steps them apart)."""
     gen = torch.Generator().manual_seed(0)
     source = TensorSource({"resid.0": torch.randn(512, D_IN, generator=gen), "resid.1": torch.randn(512, D_IN, generator=gen)})
     saes = [SAESpec(sites=["resid.0"], widths=[D_SAE, 2 * D_SAE], lambdas=[1e-3]),
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
-            SAESpec(sites=["resid.0"], arch="topk", widths=[4096], ks=[4]),   # too wide to group on the CPU
             SAESpec(sites=["resid.1"], widths=[D_SAE], lambdas=[1e-3])]      # alone on its input
     trainer = Trainer(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
     batch = next(iter(trainer._batches()))
+    trainer.build(batch)
+    assert trainer.groups == []  # the CPU steps SAEs apart
+    monkeypatch.setattr(EncoderGroup, "APART_ON", set())
+    trainer = Trainer(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
     trainer.build(batch)
     [group] = trainer.groups
     assert [m.sae.cfg.d_sae for m in group.members] == [D_SAE, 2 * D_SAE, D_SAE]
