@@ -27,14 +27,12 @@ timed steps. No matmul rate is measured here. Prints one JSON line and appends i
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import statistics
 import sys
-import time
 from importlib.metadata import version
 
 import torch
+
+from common import emit, step_arguments, step_line, time_steps
 
 
 def sparsify_stepper(a, batches):
@@ -113,16 +111,9 @@ def sae_lens_stepper(a, batches):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--library", choices=["sparsify", "sae_lens"], required=True)
-    p.add_argument("--d-in", type=int, required=True)
-    p.add_argument("--d-sae", type=int, required=True)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--target-s", type=float, default=10.0)
-    p.add_argument("--k", type=int, default=32, help="TopK's k; JumpReLU: latents set to fire per token")
-    p.add_argument("--warmup", type=int, default=3)
+    step_arguments(p)
     p.add_argument("--sparsify-optimizer", choices=["signum", "adam"], default="signum",
                    help="sparsify's optimizer (its default: signum)")
-    p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -131,24 +122,10 @@ def main() -> int:
     batches = [torch.randn(a.batch, a.d_in, generator=gen) for _ in range(4)]
     make = sparsify_stepper if a.library == "sparsify" else sae_lens_stepper
     step, l0, optimizer = make(a, batches)
-
-    for i in range(a.warmup):
-        step(i, timed=False)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < a.target_s or len(times) < 3:
-        t = time.perf_counter()
-        step(a.warmup + len(times), timed=True)
-        times.append(time.perf_counter() - t)
-    median = statistics.median(times)
-    line = {"library": a.library, "arch": "topk" if a.library == "sparsify" else "jumprelu",
-            "d_in": a.d_in, "d_sae": a.d_sae, "batch": a.batch, "k": a.k, "threads": torch.get_num_threads(),
-            "n_timed": len(times), "sec_per_step_median": median, "tokens_per_s": a.batch / median, "l0": l0(),
-            "optimizer": optimizer, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "version": version("eai-sparsify" if a.library == "sparsify" else "sae-lens")}
-    print(json.dumps(line))
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    times = time_steps(step, a.warmup, a.target_s)
+    emit(step_line(a, times, library=a.library, arch="topk" if a.library == "sparsify" else "jumprelu", l0=l0(),
+                   optimizer=optimizer, version=version("eai-sparsify" if a.library == "sparsify" else "sae-lens")),
+         a.out)
     return 0
 
 

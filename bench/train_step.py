@@ -14,8 +14,6 @@ matmul rate on the step's encoder shape in the step's precision, and reports the
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -26,6 +24,8 @@ import torch
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
 from saescope.train.trainer import Trainer
+
+from common import emit, step_arguments, step_line, time_steps
 
 SITE = "resid.0"
 
@@ -46,17 +46,10 @@ def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0, dtype
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=["jumprelu", "topk"], required=True)
-    p.add_argument("--d-in", type=int, required=True)
-    p.add_argument("--d-sae", type=int, required=True)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--target-s", type=float, default=10.0)
-    p.add_argument("--k", type=int, default=32, help="TopK's k; JumpReLU: latents set to fire per token")
-    p.add_argument("--warmup", type=int, default=3)
+    step_arguments(p)
     p.add_argument("--kernels", choices=["auto", "dense", "sparse", "reference"], default="auto",
                    help="the step's path (reference: SPEC §2 written plainly, the speed before the fast paths)")
     p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -75,30 +68,17 @@ def main() -> int:
             pre = sae.pre_acts(batches[0][SITE] / trainer.members[0].scale)
             sae.set_threshold(pre.quantile(1 - a.k / a.d_sae, dim=0).clamp_min(1e-3))
 
-    def step(i: int) -> None:
+    def step(i: int, timed: bool) -> None:
         trainer.train_step(batches[i % len(batches)])
         trainer.step += 1
 
-    for i in range(a.warmup):
-        step(i)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < a.target_s or len(times) < 3:
-        t = time.perf_counter()
-        step(len(times))
-        times.append(time.perf_counter() - t)
+    times = time_steps(step, a.warmup, a.target_s)
     member = trainer.members[0]
     l0 = float(member.sums["l0"]) / member.steps
-    median = statistics.median(times)
-    gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, dtype=a.precision)
-    line = {"library": "saescope", "arch": a.arch, "d_in": a.d_in, "d_sae": a.d_sae, "batch": a.batch, "k": a.k, "kernels": a.kernels, "precision": a.precision,
-            "threads": torch.get_num_threads(), "n_timed": len(times), "sec_per_step_median": median,
-            "tokens_per_s": a.batch / median, "l0": l0, "matmul_gflops": gflops,
-            "dense_roofline_fraction": 12 * a.batch * a.d_in * a.d_sae / median / 1e9 / gflops,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    print(json.dumps(line))
-    if a.out:
-        with open(a.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+    line = step_line(a, times, library="saescope", arch=a.arch, kernels=a.kernels, precision=a.precision, l0=l0)
+    line["matmul_gflops"] = gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, dtype=a.precision)
+    line["dense_roofline_fraction"] = 12 * a.batch * a.d_in * a.d_sae / line["sec_per_step_median"] / 1e9 / gflops
+    emit(line, a.out)
     return 0
 
 
