@@ -2,14 +2,15 @@
 
     python bench/train_step.py --arch jumprelu|topk --d-in D --d-sae M --batch B --threads T
                                --target-s S [--k K] [--kernels auto|dense|sparse|reference]
-                               [--precision float32|bfloat16] [--out FILE]
+                               [--precision float32|bfloat16|tf32] [--device cpu|cuda] [--out FILE]
 
 The activations are synthetic and made before the timed region; a few warm-up steps run first,
 then steps until S seconds have passed. For JumpReLU, --k sets every threshold at its latent's
 (1 − K/M) quantile of pre-activations on the first batch, so that about K latents fire per token
 (the trained regime); the line reports the measured `l0`. The same run measures the machine's
 matmul rate on the step's encoder shape in the step's precision, and reports the step against the dense roofline
-(6 · 2 · batch · d_in · d_sae FLOPs a step). Prints one JSON line and appends it to FILE."""
+(6 · 2 · batch · d_in · d_sae FLOPs a step). On CUDA each step and product is synchronised before
+the clock is read. Prints one JSON line and appends it to FILE."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import time
 
 import torch
 
-from saescope.config import SAESpec, TrainConfig
+from saescope.config import SAESpec, TrainConfig, validated
+from saescope.errors import SaescopeError
 from saescope.data import TensorSource
 from saescope.train.trainer import Trainer
 
@@ -30,17 +32,25 @@ from common import emit, step_arguments, step_line, time_steps
 SITE = "resid.0"
 
 
-def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0, dtype: str = "float32") -> float:
-    """Measured GFLOP/s of [batch, d_in] @ [d_in, d_sae] in `dtype` on this machine now."""
-    a, b = torch.randn(batch, d_in, dtype=getattr(torch, dtype)), torch.randn(d_in, d_sae, dtype=getattr(torch, dtype))
-    out = torch.empty(batch, d_sae, dtype=a.dtype)
+def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0, dtype: str = "float32",
+                  device: str = "cpu") -> float:
+    """Measured GFLOP/s of [batch, d_in] @ [d_in, d_sae] in `dtype` on this device now."""
+    kw = {"dtype": getattr(torch, dtype), "device": device}
+    a, b, out = torch.randn(batch, d_in, **kw), torch.randn(d_in, d_sae, **kw), torch.empty(batch, d_sae, **kw)
     torch.matmul(a, b, out=out)
     times, start = [], time.perf_counter()
     while time.perf_counter() - start < seconds or len(times) < 3:
         t = time.perf_counter()
         torch.matmul(a, b, out=out)
+        _sync(device)
         times.append(time.perf_counter() - t)
     return 2 * batch * d_in * d_sae / statistics.median(times) / 1e9
+
+
+def _sync(device: str) -> None:
+    """Wait for an accelerator's queued work, so that wall time is the work's time."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main() -> int:
@@ -49,18 +59,23 @@ def main() -> int:
     step_arguments(p)
     p.add_argument("--kernels", choices=["auto", "dense", "sparse", "reference"], default="auto",
                    help="the step's path (reference: SPEC §2 written plainly, the speed before the fast paths)")
-    p.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--precision", choices=["float32", "bfloat16", "tf32"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
 
     gen = torch.Generator().manual_seed(0)
-    batches = [{SITE: torch.randn(a.batch, a.d_in, generator=gen)} for _ in range(4)]
+    batches = [{SITE: torch.randn(a.batch, a.d_in, generator=gen).to(a.device)} for _ in range(4)]
     spec = SAESpec(sites=[SITE], arch=a.arch, widths=[a.d_sae], ks=[a.k], lambdas=[1e-4])
-    cfg = TrainConfig(saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
-                      checkpoint_every=10**6, kernels=a.kernels, precision=a.precision)
+    try:
+        cfg = validated(TrainConfig, saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
+                        checkpoint_every=10**6, kernels=a.kernels, precision=a.precision, device=a.device)
+    except SaescopeError as exc:
+        print(f"train_step: {exc}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, source=TensorSource({SITE: batches[0][SITE]}))
+        trainer = Trainer(cfg, tmp, source=TensorSource({SITE: batches[0][SITE].cpu()}))
     trainer.build(batches[0])
     sae = trainer.members[0].sae
     if a.arch == "jumprelu":
@@ -71,12 +86,19 @@ def main() -> int:
     def step(i: int, timed: bool) -> None:
         trainer.train_step(batches[i % len(batches)])
         trainer.step += 1
+        _sync(a.device)
 
     times = time_steps(step, a.warmup, a.target_s)
     member = trainer.members[0]
     l0 = float(member.sums["l0"]) / member.steps
-    line = step_line(a, times, library="saescope", arch=a.arch, kernels=a.kernels, precision=a.precision, l0=l0)
-    line["matmul_gflops"] = gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, dtype=a.precision)
+    line = step_line(a, times, library="saescope", arch=a.arch, kernels=a.kernels, precision=a.precision, l0=l0,
+                     device=torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu")
+    if a.device.startswith("cuda"):
+        line["peak_device_mib"] = torch.cuda.max_memory_allocated(a.device) / 2**20
+    if a.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rate_dtype = "bfloat16" if a.precision == "bfloat16" else "float32"
+    line["matmul_gflops"] = gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, dtype=rate_dtype, device=a.device)
     line["dense_roofline_fraction"] = 12 * a.batch * a.d_in * a.d_sae / line["sec_per_step_median"] / 1e9 / gflops
     emit(line, a.out)
     return 0

@@ -156,5 +156,6 @@ def one_line(exc: ValidationError, what: str) -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or what
         msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if err["type"] != "extra_forbidden" else ""))
+        shown = err["type"] != "extra_forbidden" and err["loc"]  # a whole-config check would echo all of it
+        parts.append(f"{loc}: {msg}" + (f" (got {err['input']!r})" if shown else ""))
     return f"invalid {what}: " + "; ".join(parts)
