@@ -101,10 +101,17 @@ def main() -> int:
     return 0
 
 
+def _label(kernels: str, precision: str) -> str:
+    return kernels + (" bf16" if precision == "bfloat16" else "")
+
+
 def _who(line: dict) -> str:
-    if line["library"] != "saescope":
-        return line["library"]
-    return line["kernels"] + (" bf16" if line.get("precision") == "bfloat16" else "")
+    return line["library"] if line["library"] != "saescope" else _label(line["kernels"], line.get("precision", "float32"))
+
+
+# the table's row order within a shape: our paths as RUNS lists them, then the peers
+ORDER = {key: i for i, key in enumerate([(arch, _label(kernels, precision)) for arch, kernels, precision in RUNS]
+                                        + [(arch, library) for library, arch in PEERS])}
 
 
 def _merge(paths: list[str]) -> int:
@@ -114,9 +121,7 @@ def _merge(paths: list[str]) -> int:
         for line in done["steps"]:
             rows[line["d_in"], line["d_sae"], line["arch"], _who(line)] = line
         harvest = done["harvest"] or harvest
-    order = {who: i for i, (_, who) in enumerate([(r[0], r[1] + (" bf16" if r[2] == "bfloat16" else "")) for r in RUNS]
-                                                  + [(arch, lib) for lib, arch in PEERS])}
-    lines = sorted(rows.values(), key=lambda l: (l["d_in"], l["d_sae"], order.get((l["arch"], _who(l)), 99)))
+    lines = sorted(rows.values(), key=lambda l: (l["d_in"], l["d_sae"], ORDER[l["arch"], _who(l)]))
     _print_table(lines, harvest)
     return 0
 

@@ -62,6 +62,11 @@ class SAEConfig:
         return asdict(self)
 
 
+def squared_error(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_d (x̂ − x)², averaged over the batch: the loss's reconstruction term (SPEC §2)."""
+    return (x_hat - target).pow(2).sum(-1).mean()
+
+
 class SparseAutoencoder(nn.Module):
     """Parameters W_enc (d_in × m), b_enc (m), W_dec (m × d_out), b_dec (d_out) as in SPEC §3."""
 
@@ -125,9 +130,13 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"path must be one of {', '.join(PATHS)}, got '{path}'")
         return path == "sparse" or (path == "auto" and entries <= max_density(self.W_enc.device) * batch * self.cfg.d_sae)
 
+    def _sparse_values(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None):
+        """The values at a code's entries and the count of fired ones (SparseEncode)."""
+        return SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code, self.cfg.bandwidth)
+
     def _sparse_step(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None):
         """x̂, the count of fired entries, the fired latents and the values of a code's entries."""
-        vals, count = SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code, self.cfg.bandwidth)
+        vals, count = self._sparse_values(x, code, theta)
         return code.decode(vals, self.W_dec) + self.b_dec, count, code.fired(vals), vals
 
     def _dense_step(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None,
@@ -151,13 +160,13 @@ class SparseAutoencoder(nn.Module):
                 code = Code.from_mask(pre, candidates)
                 x_hat, count, fired, vals = self._sparse_step(x, code, theta)
                 return x_hat, count, fired, lambda w: (vals * w[code.cols]).sum()
-        x_hat, count, fired, f = self._dense_step(x, pre, theta, workspace, candidates if theta is not None else None)
+        x_hat, count, fired, f = self._dense_step(x, pre, theta, workspace, candidates)
         return x_hat, count, fired, lambda w: (f @ w).sum()
 
     def _reconstruction(self, f: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x̂ in the normalised space and the summed squared error, batch-averaged."""
         x_hat = f @ self.W_dec + self.b_dec
-        return x_hat, (x_hat - target).pow(2).sum(-1).mean()
+        return x_hat, squared_error(x_hat, target)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

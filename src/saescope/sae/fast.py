@@ -39,6 +39,11 @@ MAX_DENSITY = {("cpu", None): 0.05, ("cpu", torch.bfloat16): 0.02}
 MAX_DENSITY_OTHER = 0.01
 
 
+def compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The products' dtype under autocast (bfloat16 training), None for plain float32."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 def max_density(device: torch.device) -> float:
     return MAX_DENSITY.get((device.type, compute_dtype(device)), MAX_DENSITY_OTHER)
 
@@ -73,10 +78,6 @@ class Code:
         rows, cols = flat_idx // pre.shape[1], flat_idx % pre.shape[1]
         return cls(rows, cols, pre.reshape(-1)[flat_idx], _offsets(rows, pre.shape[0]), pre.shape[1])
 
-    @property
-    def batch(self) -> int:
-        return self.offsets.shape[0]
-
     @cached_property
     def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order of the entries grouped by latent, offsets of each latent's group): the layout of
@@ -95,9 +96,10 @@ class Code:
         return F.embedding_bag(self.rows[order], table, offsets, mode="sum", per_sample_weights=weights[order])
 
     def fired(self, vals: torch.Tensor) -> torch.Tensor:
-        """[width] bool: latents with a non-zero value at some token."""
-        out = torch.zeros(self.width, dtype=torch.bool, device=vals.device)
-        return out.index_fill_(0, self.cols[vals.detach() != 0], True)
+        """[width] bool: latents with a non-zero value at some token (a count, not a boolean
+        index, so no host sync)."""
+        counts = torch.zeros(self.width, dtype=vals.dtype, device=vals.device)
+        return counts.index_add_(0, self.cols, (vals.detach() != 0).to(vals.dtype)) > 0
 
 
 def _offsets(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -123,9 +125,9 @@ class Workspace:
         return self._buffers[key]
 
 
-def compute_dtype(device: torch.device) -> torch.dtype | None:
-    """The products' dtype under autocast (bfloat16 training), None for plain float32."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+def buffer(workspace: Workspace | None, name: str, shape, dtype: torch.dtype, device: torch.device):
+    """A workspace's buffer, or None (an op's `out=None`: fresh memory) without one."""
+    return workspace.get(name, shape, dtype, device) if workspace is not None else None
 
 
 def product(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,16 +146,23 @@ def pre_activations(x: torch.Tensor, b_pre: torch.Tensor | None, W_enc: torch.Te
     The product, then the bias, as the reference computes them, so both see the same bits (a
     fused addmm rounds differently, and an entry at the edge of θ's ε-window may flip)."""
     with torch.no_grad():
-        out = None
-        if workspace is not None:
-            out = workspace.get("pre", (x.shape[0], W_enc.shape[1]), torch.float32, x.device)
+        out = buffer(workspace, "pre", (x.shape[0], W_enc.shape[1]), torch.float32, x.device)
         return product(x if b_pre is None else x - b_pre, W_enc, compute_dtype(x.device), out).add_(b_enc)
 
 
 def above(pre: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | None = None) -> torch.Tensor:
     """pre > threshold as a bool matrix, in a reused buffer when there is a workspace."""
-    out = workspace.get("mask", pre.shape, torch.bool, pre.device) if workspace is not None else None
-    return torch.gt(pre, threshold, out=out)
+    return torch.gt(pre, threshold, out=buffer(workspace, "mask", pre.shape, torch.bool, pre.device))
+
+
+def _theta_grad(theta: torch.Tensor, near: Code, g_vals: torch.Tensor, g_count: torch.Tensor, eps: float) -> torch.Tensor:
+    """θ's pseudo-derivative (SPEC §2) summed over a code's entries, given ∂vals there:
+    −(θ/ε)·K·∂f from the activation and −(1/ε)·K·∂count from the L0 term."""
+    th = theta[near.cols]
+    u = (near.pre - th) / eps
+    kernel = ((u > -0.5) & (u < 0.5)).to(g_vals.dtype)
+    per_entry = g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
+    return torch.zeros_like(theta).index_add_(0, near.cols, per_entry)
 
 
 class SparseEncode(torch.autograd.Function):
@@ -168,18 +177,17 @@ class SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, b_pre, W_enc, b_enc, theta, code: Code, eps: float):
-        th = theta[code.cols] if theta is not None else torch.zeros_like(code.pre)
-        active = code.pre > th
+        active = code.pre > (theta[code.cols] if theta is not None else 0.0)
         vals = code.pre * active
         x_in = x if b_pre is None else x - b_pre
-        ctx.save_for_backward(x_in, W_enc, theta, th, active)
-        ctx.code, ctx.eps, ctx.has_b_pre = code, eps, b_pre is not None
+        ctx.save_for_backward(x_in, W_enc, theta, active)
+        ctx.code, ctx.eps = code, eps
         return vals, active.count_nonzero().to(vals.dtype)
 
     @staticmethod
     def backward(ctx, g_vals, g_count):
-        x_in, W_enc, theta, th, active = ctx.saved_tensors
-        code, eps = ctx.code, ctx.eps
+        x_in, W_enc, theta, active = ctx.saved_tensors
+        code = ctx.code
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
         g_pre = g_vals * active
         g_x = g_b_pre = g_W = g_b = g_theta = None
@@ -191,13 +199,8 @@ class SparseEncode(torch.autograd.Function):
                 g_b_pre = -(W_enc @ g_b)
         if need_x:
             g_x = code.decode(g_pre, W_enc.t().contiguous())
-            if need_b_pre:  # x and b_pre enter as x − b_pre
-                g_b_pre = -g_x.sum(0)
         if need_theta and theta is not None:
-            u = (code.pre - th) / eps
-            kernel = ((u > -0.5) & (u < 0.5)).to(g_vals.dtype)
-            per_entry = g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
-            g_theta = torch.zeros_like(theta).index_add_(0, code.cols, per_entry)
+            g_theta = _theta_grad(theta, code, g_vals, g_count, ctx.eps)
         return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None
 
 
@@ -210,7 +213,7 @@ class DenseEncode(torch.autograd.Function):
     def forward(ctx, x, b_pre, W_enc, b_enc, theta, pre, eps: float, workspace: Workspace | None = None,
                 candidates: torch.Tensor | None = None):
         def mask(name):
-            return workspace.get(name, pre.shape, torch.bool, pre.device) if workspace is not None else None
+            return buffer(workspace, name, pre.shape, torch.bool, pre.device)
 
         th = theta if theta is not None else pre.new_zeros(())
         near = None
@@ -242,13 +245,6 @@ class DenseEncode(torch.autograd.Function):
                 g_b_pre = -(W_enc @ g_b)
         if need_x:
             g_x = product(g_pre, W_enc.t(), ctx.dtype)
-            if need_b_pre:
-                g_b_pre = -g_x.sum(0)
         if near is not None:
-            eps = ctx.eps
-            th = theta[near.cols]
-            u = (near.pre - th) / eps
-            kernel = ((u > -0.5) & (u < 0.5)).to(g_f.dtype)
-            per_entry = g_near * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
-            g_theta = torch.zeros_like(theta).index_add_(0, near.cols, per_entry)
+            g_theta = _theta_grad(theta, near, g_near, g_count, ctx.eps)
         return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAEConfig, SparseAutoencoder
+from .base import SAEConfig, SparseAutoencoder, squared_error
 
 
 def _kernel(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -95,7 +95,7 @@ class JumpReLUSAE(SparseAutoencoder):
             fired = (f != 0).any(0)
         else:
             x_hat, count, fired, _ = self._threshold_step(x, theta, path, workspace, pre)
-            mse = (x_hat - target).pow(2).sum(-1).mean()
+            mse = squared_error(x_hat, target)
             l0 = count / x.shape[0]
         return {"loss": mse + sparsity_coeff * l0, "mse": mse, "l0": l0.detach(), "fired": fired}
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAEConfig, SparseAutoencoder
-from .fast import Code
+from .base import SAEConfig, SparseAutoencoder, squared_error
+from .fast import Code, buffer
 
 AUXK_COEFF = 1 / 32  # weight of the AuxK loss (Gao et al. 2024)
 
@@ -38,9 +38,10 @@ class TopKSAE(SparseAutoencoder):
         if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
             x_hat, count, fired, _ = self._sparse_step(x, code, None)
         else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
-            chosen = torch.zeros_like(pre).index_put_((code.rows, code.cols), code.pre)
+            chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
+            chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
             x_hat, count, fired, _ = self._dense_step(x, chosen, None, workspace)
-        mse = (x_hat - target).pow(2).sum(-1).mean()
+        mse = squared_error(x_hat, target)
         aux, aux_fired = self._auxk_sparse(x, pre, target - x_hat.detach(), dead)
         return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": count.detach() / x.shape[0],
                 "fired": fired, "touched": fired | aux_fired}
@@ -54,8 +55,8 @@ class TopKSAE(SparseAutoencoder):
         k_aux = min(max(1, self.cfg.d_in // 2), len(dead_idx))
         vals, idx = pre[:, dead_idx].topk(k_aux, dim=-1)
         code = Code.from_topk(vals, dead_idx[idx], self.cfg.d_sae)
-        _, _, aux_fired, aux_vals = self._sparse_step(x, code, None)
-        return (code.decode(aux_vals, self.W_dec) - residual).pow(2).sum(-1).mean(), aux_fired
+        aux_vals, _ = self._sparse_values(x, code, None)
+        return squared_error(code.decode(aux_vals, self.W_dec), residual), code.fired(aux_vals)
 
     def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """Reconstruct the residual error from the top dead latents, so dead latents get gradient.
@@ -66,7 +67,7 @@ class TopKSAE(SparseAutoencoder):
         k_aux = min(max(1, self.cfg.d_in // 2), self.cfg.d_sae)
         vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
         rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
-        return (rec - residual).pow(2).sum(-1).mean() * dead.any()
+        return squared_error(rec, residual) * dead.any()
 
 
 class BatchTopKSAE(TopKSAE):
@@ -127,7 +128,7 @@ class ReLUSAE(SparseAutoencoder):
             fired = (f != 0).any(0)
         else:
             x_hat, count, fired, sum_f = self._threshold_step(x, None, path, workspace, pre)
-            mse = (x_hat - target).pow(2).sum(-1).mean()
+            mse = squared_error(x_hat, target)
             l1 = sum_f(norms) / x.shape[0]
             l0 = count.detach() / x.shape[0]
         return {"loss": mse + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": l0, "fired": fired}

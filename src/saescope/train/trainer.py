@@ -12,6 +12,7 @@ import json
 import math
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -43,13 +44,14 @@ class Member:
     target: str
     scale: float                # C: the SAE sees activations / C
     coeff: float                # λ after warm-up (unused under a target-L0 controller)
-    optimizer: torch.optim.Adam   # over `params` (see Trainer._optimizer)
+    optimizer: torch.optim.Adam   # steps W_enc through `enc_rows` (see Trainer._optimizer)
     since_fired: torch.Tensor   # tokens since each latent last fired
     controller: TargetL0 | None = None
     sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
     steps: int = 0                            # steps in `sums`
     bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)
     bad_loss: torch.Tensor | None = None
+    enc_rows: torch.Tensor | None = None     # W_enc's contiguous transpose, the tensor Adam steps
 
 
 @dataclass
@@ -197,14 +199,16 @@ class Trainer:
         if self.cfg.kernels != "reference":
             self.groups = EncoderGroup.form(self.members, self.device)
         for m in self.members:  # after grouping, which gives some SAEs a new W_enc parameter
-            m.optimizer = self._optimizer(m.sae)
+            m.enc_rows = m.sae.W_enc.detach().t()
+            m.optimizer = self._optimizer(m.sae, m.enc_rows)
 
-    def _optimizer(self, sae: SparseAutoencoder) -> torch.optim.Adam:
-        """Adam over the SAE's parameters, W_enc seen through its contiguous transpose (it is stored
-        latent-major, see SparseAutoencoder): torch's fused Adam copies a non-contiguous tensor in
-        and out, measured 54 against 13 ms a step for a 640 × 16384 encoder. The alias shares the
-        parameter's memory; `_step_member` hands it W_enc's gradient, transposed (a view)."""
-        params = [p.detach().t() if p is sae.W_enc else p for p in sae.parameters()]
+    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor) -> torch.optim.Adam:
+        """Adam over the SAE's parameters, W_enc seen through its contiguous transpose `enc_rows`
+        (it is stored latent-major, see SparseAutoencoder): torch's fused Adam copies a
+        non-contiguous tensor in and out, measured 54 against 13 ms a step for a 640 × 16384
+        encoder. The alias shares the parameter's memory; `_step_member` hands it W_enc's
+        gradient, transposed (a view)."""
+        params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
         # fused: one pass over each parameter (11 ms against 95 ms for a 640 × 16384 SAE's step);
         # the reference path keeps torch's plain loop
         return torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
@@ -296,14 +300,8 @@ class Trainer:
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One step of every SAE on the same batch. Each site is scaled (and its variance taken)
         once per scale, however many SAEs read it."""
-        if self.cfg.precision != "tf32":
-            return self._train_step(batch)
-        allowed = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True  # forward and backward products alike
-        try:
+        with _tf32(self.cfg.precision == "tf32"):  # forward and backward products alike
             self._train_step(batch)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = allowed
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
         lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
@@ -348,9 +346,7 @@ class Trainer:
         out["loss"].backward()
         rows = self._decoder_rows(out)
         m.sae.remove_parallel_grad(rows)
-        for alias, p in zip(m.optimizer.param_groups[0]["params"], m.sae.parameters()):
-            if alias is not p:  # W_enc's transposed alias
-                alias.grad = p.grad.t() if p.grad is not None else None
+        m.enc_rows.grad = m.sae.W_enc.grad.t()
         m.optimizer.step()
         m.sae.apply_constraints(rows)
         m.since_fired.add_(x.shape[0]).masked_fill_(out["fired"], 0)
@@ -371,8 +367,9 @@ class Trainer:
         if self.cfg.kernels == "reference" or self.cfg.adam_beta1 != 0:
             return None
         touched = out.get("touched", out["fired"])
-        rows = touched.nonzero().squeeze(1)
-        return rows if len(rows) <= touched.numel() // 4 else None
+        if int(touched.count_nonzero()) > touched.numel() // 4:
+            return None
+        return touched.nonzero().squeeze(1)
 
     def _check_finite(self, last_good: int | None) -> None:
         """Stop on the first NaN or Inf seen since the last check (one read from the device)."""
@@ -404,6 +401,17 @@ class Trainer:
                                "steps": self.step}
             paths.append(m.sae.cpu().save(self.out / "saes" / m.name, format="native"))
         return paths
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TensorFloat-32 for CUDA float32 products while the block runs, then the setting as it was."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def _kept(last_good: int | None) -> str:
