@@ -131,10 +131,10 @@ def test_nan_in_a_batch_stops_with_the_checkpoint_kept(tmp_path):
     src.norm_scalar = lambda site: 1.0
     with pytest.raises(SaescopeError, match=r"NaN or Inf in the activations of resid\.0 at step 2\d; stopped; the checkpoint of step 2\d is kept"):
         train(cfg, tmp_path, source=src, progress=False)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["step"] in (20, 25)
-    assert all(torch.isfinite(v).all() for v in state["members"]["resid.0-jumprelu-16-lam0.0006"]["sae"].values()
-               if v.is_floating_point())
+    record = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert record["step"] in (20, 25) and [f.name for f in (tmp_path / "checkpoint").glob("step-*")] == [record["folder"]]
+    state = torch.load(tmp_path / "checkpoint" / record["folder"] / "resid.0-jumprelu-16-lam0.0006.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["sae"].values() if v.is_floating_point())
 
 
 def test_diverging_loss_stops(tmp_path):

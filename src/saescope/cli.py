@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="the products' dtype (bfloat16 keeps float32 master weights; tf32: CUDA only)")
     h2.add_argument("--kernels", default=None, choices=["auto", "dense", "sparse", "reference"],
                     help="training-step path (default auto: sparse once few latents fire)")
+    d = t.add_argument_group("under torchrun (see README: Scaling out)")
+    d.add_argument("--parallel", default=None, choices=["data", "sae"],
+                   help="data: each rank trains every SAE on its share of each batch; sae: the SAEs are spread over the ranks")
+    d.add_argument("--data-parts", type=int, default=None,
+                   help="parts each batch is made of (default: the number of ranks; a resume may use any divisor)")
+    d.add_argument("--dist-timeout", type=float, default=None, help="seconds a collective may wait before the job ends (default 600)")
 
     e = sub.add_parser("eval", help="evaluate SAEs / transcoders on held-out tokens (L0, FVU, delta loss, KL, ...)")
     e.add_argument("--sae", action="append", required=True,
@@ -254,6 +260,10 @@ def _train_config(args):
         "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "device": args.device,
         "precision": args.precision, "kernels": args.kernels,
     }.items() if v is not None}
+    parallel = {k: v for k, v in {"mode": args.parallel, "data_parts": args.data_parts,
+                                  "timeout_s": args.dist_timeout}.items() if v is not None}
+    if parallel:
+        top["parallel"] = parallel
     if spec:
         top["saes"] = [spec]
     if args.model:

@@ -79,6 +79,20 @@ class SAESpec(_Config):
         return v
 
 
+class ParallelConfig(_Config):
+    """How a torchrun job (WORLD_SIZE > 1) shares the work; one process ignores all but data_parts."""
+
+    mode: Literal["data", "sae"] = Field(
+        "data", description="data: every rank trains every SAE on its share of each batch, gradients all-reduced; "
+                            "sae: the suite's SAEs are spread over the ranks, each trained on whole batches")
+    data_parts: int | None = Field(
+        None, gt=0, description="each global batch is the union of this many independently shuffled parts (default: "
+                                "the number of ranks); fixed for a run, so it may resume on any rank count that "
+                                "divides it")
+    timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this ends the job "
+                                                      "(a hung or lost rank)")
+
+
 class TrainConfig(_Config):
     """Activations → SAEs: the data source, the suite, and the recipe (SPEC §2 defaults)."""
 
@@ -105,7 +119,7 @@ class TrainConfig(_Config):
                                "thresholds; tf32 (CUDA only) lets float32 products use TensorFloat-32")
     kernels: Literal["auto", "dense", "sparse", "reference"] = Field(
         "auto", description="training-step path: auto (sparse once few latents fire), dense, sparse, or the plain reference")
-
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="torchrun jobs: data or SAE parallel")
 
     @model_validator(mode="after")
     def _tf32_on_cuda(self):
@@ -135,8 +149,11 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def config_from_file(cls: type[_Config], path: str | Path, **overrides) -> _Config:
-    """`cls` from a config file, with `overrides` (e.g. from flags) on top; misspelt keys are errors."""
-    values = {**read_config_file(path), **overrides}
+    """`cls` from a config file, with `overrides` (e.g. from flags) on top, table by table (a flag
+    sets one key of a table such as [parallel] and keeps the file's others); misspelt keys are errors."""
+    values = read_config_file(path)
+    for key, value in overrides.items():
+        values[key] = {**values[key], **value} if isinstance(value, dict) and isinstance(values.get(key), dict) else value
     try:
         return cls(**values)
     except ValidationError as exc:

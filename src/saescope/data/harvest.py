@@ -109,19 +109,30 @@ class HarvestStream:
     """The store's consumer interface with no disk: the model runs as batches are drawn.
 
     The normalisation scalar C is estimated from the first `estimate_rows` rows, which are then
-    fed to the consumer too, so no forward pass is wasted."""
+    fed to the consumer too, so no forward pass is wasted. Data part `index` of `parts` (see
+    `part`) reads packed rows index, index + parts, … of the corpus."""
 
-    def __init__(self, cfg: HarvestConfig, *, lm: LanguageModel | None = None, estimate_rows: int = 32_768):
+    produced = True  # its rows cost a model forward: ranks split the making and share the rows
+
+    def __init__(self, cfg: HarvestConfig, *, lm: LanguageModel | None = None, estimate_rows: int = 32_768,
+                 part: tuple[int, int] = (0, 1)):
         self.cfg = cfg
         self.lm = lm or load_model(cfg.model, device=cfg.device)
         self._sites = [s.check(self.lm) for s in parse_sites(cfg.sites)]
         self._special = SpecialTokens.of(self.lm.tokenizer).ids
-        self._rows = token_rows(self.lm, cfg.corpus)
-        self._n_seq = math.ceil(cfg.tokens / cfg.corpus.seq_len)
+        index, parts = part
+        self._rows = islice(token_rows(self.lm, cfg.corpus), index, None, parts)
+        self._n_seq = len(range(index, math.ceil(cfg.tokens / cfg.corpus.seq_len), parts))
         self._seq = 0
         self._head: list[dict[str, torch.Tensor]] = []
         self._norm: dict[str, float] = {}
         self._estimate_rows = estimate_rows
+
+    def part(self, index: int, parts: int) -> "HarvestStream":
+        """Data part `index` of `parts`, on the same model; its C is estimated from its own rows."""
+        if parts == 1:
+            return self
+        return HarvestStream(self.cfg, lm=self.lm, estimate_rows=self._estimate_rows, part=(index, parts))
 
     @property
     def sites(self) -> list[str]:
@@ -139,6 +150,10 @@ class HarvestStream:
             if str(s) == str(site) or s == site:
                 return s
         raise SaescopeError(f"site {site} is not harvested by this stream; it reads {', '.join(self.sites)}")
+
+    def default_buffer(self, sites) -> int:
+        """Shuffle-buffer rows when none is set: about 10^6, fewer when memory is short."""
+        return default_buffer_rows(sum(self.d_in(s) for s in sites) * 4)
 
     def norm_scalar(self, site) -> float:
         if not self._norm:
@@ -181,7 +196,7 @@ class HarvestStream:
         if epochs != 1:
             raise SaescopeError("a disk-less harvest stream is read once; harvest to a store for several epochs")
         keys = [str(self._site(s)) for s in (sites if sites is not None else self.sites)]
-        rows = buffer_rows if buffer_rows is not None else default_buffer_rows(sum(self.d_in(s) for s in keys) * 4)
+        rows = buffer_rows if buffer_rows is not None else self.default_buffer(keys)
         rows = min(rows, max(batch_size, self._n_seq * self.cfg.corpus.seq_len))
         bar = tqdm(unit="row", unit_scale=True, desc="harvest (streaming)", disable=not progress)
         gen = torch.Generator().manual_seed(seed)

@@ -17,6 +17,7 @@ store only when store.json lists it; files a crash left behind are removed on re
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -255,8 +256,11 @@ def _norm_scalar(m: dict) -> float | None:
 class ActivationStore:
     """Read side of a store (or of one site folder): manifests, shards, shuffled batches."""
 
+    produced = False  # its rows cost a read, not a model forward: any rank may read any part
+
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._pool: list[int] | None = None  # a part's shards (see `part`); None: all
         if (self.root / STORE_FILE).is_file():
             self.record = read_json(self.root / STORE_FILE)
             self._site_dirs = {s: self.root / s for s in self.record["sites"]}
@@ -301,7 +305,20 @@ class ActivationStore:
         return c
 
     def n_rows(self, site=None) -> int:
-        return self.manifests[self._site(site if site is not None else self.sites[0])]["n_rows"]
+        m = self.manifests[self._site(site if site is not None else self.sites[0])]
+        return m["n_rows"] if self._pool is None else sum(m["shards"][k]["rows"] for k in self._pool)
+
+    def part(self, index: int, parts: int) -> "ActivationStore":
+        """Data part `index` of `parts`: shards index, index + parts, … (a rank reads only its own).
+        The normalisation scalar stays the whole store's."""
+        if parts == 1:
+            return self
+        if self.n_shards < parts:
+            raise SaescopeError(f"store {self.root} has {self.n_shards} shards, fewer than the {parts} data parts that "
+                                "share it; harvest with a smaller --shard-mb, or use fewer parts")
+        view = copy.copy(self)
+        view._pool = list(range(index, self.n_shards, parts))
+        return view
 
     @property
     def n_shards(self) -> int:
@@ -324,6 +341,10 @@ class ActivationStore:
         for k in shards if shards is not None else range(self.n_shards):
             yield self.shard(site, k)
 
+    def default_buffer(self, sites) -> int:
+        """Shuffle-buffer rows when none is set: about 10^6, fewer when memory is short."""
+        return default_buffer_rows(sum(self.d_in(s) for s in sites) * 4)
+
     def batches(self, batch_size: int, *, sites=None, seed: int = 0, epochs: int = 1,
                 buffer_rows: int | None = None, drop_last: bool = False,
                 shards: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -331,12 +352,11 @@ class ActivationStore:
         a transcoder sees the mlp_in and mlp of the same token. Shard order is reshuffled each
         epoch; a shuffle buffer of `buffer_rows` rows mixes rows across shards."""
         keys = [self._site(s) for s in (sites if sites is not None else self.sites)]
-        pool = list(shards) if shards is not None else list(range(self.n_shards))
+        pool = list(shards if shards is not None else self._pool if self._pool is not None else range(self.n_shards))
         if not pool:
             raise SaescopeError(f"store {self.root} has no shards to read")
-        widths = sum(self.d_in(s) for s in keys) * 4
         total = sum(self.manifests[keys[0]]["shards"][k]["rows"] for k in pool) * epochs
-        rows = buffer_rows if buffer_rows is not None else default_buffer_rows(widths)
+        rows = buffer_rows if buffer_rows is not None else self.default_buffer(keys)
         gen = torch.Generator().manual_seed(seed)
 
         def chunks():

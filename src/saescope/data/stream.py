@@ -70,12 +70,23 @@ def shuffled_batches(chunks: Iterator[dict[str, torch.Tensor]], batch_size: int,
 class TensorSource:
     """Activations already in memory ({site: [rows, d]}, rows aligned), behind the store's interface."""
 
+    produced = False
+
     def __init__(self, acts: dict[str, torch.Tensor], model_name: str | None = None):
         rows = {x.shape[0] for x in acts.values()}
         if len(rows) != 1:
             raise ValueError(f"all sites need the same number of rows, got {sorted(rows)}")
         self.acts = {str(k): v.float() for k, v in acts.items()}
         self.model_name = model_name
+        self._whole = self  # a part's normalisation scalar is the whole source's
+
+    def part(self, index: int, parts: int) -> "TensorSource":
+        """Data part `index` of `parts`: rows index, index + parts, …"""
+        if parts == 1:
+            return self
+        view = TensorSource({k: v[index::parts] for k, v in self.acts.items()}, self.model_name)
+        view._whole = self._whole
+        return view
 
     @property
     def sites(self) -> list[str]:
@@ -88,12 +99,16 @@ class TensorSource:
         return next(iter(self.acts.values())).shape[0]
 
     def norm_scalar(self, site) -> float:
-        return norm_scalar_of(self.acts[str(site)])
+        return norm_scalar_of(self._whole.acts[str(site)])
+
+    def default_buffer(self, sites) -> int:
+        """All rows: they are in memory already."""
+        return self.n_rows()
 
     def batches(self, batch_size: int, *, sites=None, seed: int = 0, epochs: int = 1,
                 buffer_rows: int | None = None, drop_last: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         keys = [str(s) for s in (sites if sites is not None else self.sites)]
         gen = torch.Generator().manual_seed(seed)
         chunks = ({k: self.acts[k] for k in keys} for _ in range(epochs))
-        rows = buffer_rows or self.n_rows()
+        rows = buffer_rows or self.default_buffer(keys)
         return shuffled_batches(chunks, batch_size, max(rows, batch_size), gen, drop_last=drop_last)

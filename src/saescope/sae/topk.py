@@ -72,28 +72,43 @@ class TopKSAE(SparseAutoencoder):
 
 class BatchTopKSAE(TopKSAE):
     """Training keeps the k·batch largest activations of the whole batch; inference uses one
-    threshold (an average of the smallest kept activation), i.e. a JumpReLU with a shared θ."""
+    threshold (an average of the smallest kept activation), i.e. a JumpReLU with a shared θ.
+
+    When a batch is split over data-parallel ranks, `across` (set by the trainer) gives the cut
+    of the whole batch: an object with `world`, `kth_largest(top, k)` (of the union of every
+    rank's largest values) and `min(t)` (over the ranks)."""
+
+    across = None
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         self.register_buffer("shared_threshold", torch.tensor(-1.0))  # < 0: not yet estimated
 
-    def _select(self, pre: torch.Tensor) -> torch.Tensor:
-        acts = pre.relu()
-        flat = acts.reshape(-1)
-        vals, idx = flat.topk(min(self.cfg.k * acts.shape[0], flat.numel()))
+    def _kept(self, flat: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values and flat indices of the k·batch largest entries (of the whole batch across ranks)."""
+        world = self.across.world if self.across is not None else 1
+        n = min(self.cfg.k * rows * world, flat.numel() * world)
+        vals, idx = flat.topk(min(n, flat.numel()))
+        if self.across is not None:  # this rank's share of the batch's n largest
+            keep = vals >= self.across.kth_largest(vals.detach(), n)
+            vals, idx = vals[keep], idx[keep]
         self._track_threshold(vals)
-        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(acts.shape)
+        return vals, idx
+
+    def _select(self, pre: torch.Tensor) -> torch.Tensor:
+        flat = pre.relu().reshape(-1)
+        vals, idx = self._kept(flat, pre.shape[0])
+        return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre.shape)
 
     def _choose(self, pre: torch.Tensor) -> Code:
-        vals, idx = pre.reshape(-1).topk(min(self.cfg.k * pre.shape[0], pre.numel()))
-        self._track_threshold(vals)
-        return Code.from_flat(pre, idx)
+        return Code.from_flat(pre, self._kept(pre.reshape(-1), pre.shape[0])[1])
 
     @torch.no_grad()
     def _track_threshold(self, vals: torch.Tensor) -> None:
         """Running estimate of the smallest kept activation, without a host sync."""
-        smallest = torch.where(vals > 0, vals, torch.inf).min()
+        smallest = torch.where(vals > 0, vals, torch.inf).min() if len(vals) else vals.new_tensor(torch.inf)
+        if self.across is not None:
+            smallest = self.across.min(smallest)
         smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
         t = self.shared_threshold
         t.copy_(torch.where(t < 0, smallest, 0.99 * t + 0.01 * smallest))

@@ -1,18 +1,22 @@
 """Many SAEs from one activation stream, by the Gemma Scope recipe (SPEC §2).
 
 Every SAE of a suite sees the same shuffled batches (one read of the store, or one harvest),
-each with its own Adam state and sparsity schedule. Checkpoints hold weights, optimizer and
-controller states, the dead-latent counters and the step; the data position is the step, since
-the stream is a deterministic function of the seed, so a resumed run replays it and skips ahead."""
+each with its own Adam state and sparsity schedule. Under torchrun the same loop runs on every
+rank, data-parallel or SAE-sharded (distributed.py). A checkpoint is a folder: one file per SAE
+(weights, optimizer and controller states, dead-latent counters) under `step-N/`, committed by
+`state.json` once every rank has written its files; the data position is the step, since the
+stream is a deterministic function of the seed and the data parts, so a resumed run replays it
+and skips ahead."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import shutil
 import time
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -22,15 +26,18 @@ from tqdm.auto import tqdm
 
 from ..config import SAESpec, TrainConfig
 from ..errors import SaescopeError, first_line
-from ..files import atomic_write, write_json
+from ..files import atomic_write, read_json, write_json
 from ..sae import SAEConfig, SparseAutoencoder, build_sae
 from ..sae.fast import Workspace, compute_dtype, product
 from ..sae.formats import width_label
 from ..site import Site
+from .distributed import Ranks, assign, joined
 from .schedule import TargetL0, coeff_at, lr_at, warmup_steps
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint"        # folder: state.json + step-N/<sae>.pt
+STATE = "state.json"
 METRICS = "metrics.jsonl"
+PART_SEED = 1_000_003            # data part p shuffles with seed + p·PART_SEED
 
 
 @dataclass
@@ -144,13 +151,19 @@ def expand(cfg: TrainConfig) -> list[tuple[str, SAESpec, str, str, int, float]]:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, out: str | Path, source=None, *, model_name: str | None = None):
+    def __init__(self, cfg: TrainConfig, out: str | Path, source=None, *, model_name: str | None = None,
+                 ranks: Ranks | None = None):
         self.cfg = cfg
         self.out = Path(out)
-        self.source = source if source is not None else _open_source(cfg)
+        self.ranks = ranks or Ranks(device=torch.device(cfg.device))
+        self.device = self.ranks.device
+        self.sharded = not self.ranks.solo and cfg.parallel.mode == "sae"
+        self.split = self.ranks.alone() if self.sharded else self.ranks  # the ranks each batch is split over
         self.plan = expand(cfg)
-        self.sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
-        missing = [s for s in self.sites if s not in self.source.sites]
+        self.saved = self._saved_state()
+        self.source = source if source is not None else _open_source(cfg, self.ranks)
+        plan_sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        missing = [s for s in plan_sites if s not in self.source.sites]
         if missing:
             raise SaescopeError(f"the activation source has no {', '.join(missing)}; it holds {', '.join(self.source.sites)}")
         self.model_name = model_name or getattr(self.source, "model_name", None)
@@ -160,16 +173,52 @@ class Trainer:
         self.lr_warmup = warmup_steps(cfg.lr_warmup_steps, self.steps, 1000, 0.05)
         self.coeff_warmup = warmup_steps(cfg.lambda_warmup_steps, self.steps, 10_000, 0.2)
         self.dead_tokens = cfg.dead_tokens or min(10_000_000, max(cfg.tokens // 10, cfg.batch_size))
-        self.device = torch.device(cfg.device)
+        # which SAEs this rank trains, which sites it reads, which data parts it makes
+        self.gather = self.sharded and self.source.produced
+        self.own = set(self._owned())
+        reads = [p for p in self.plan if p[0] in self.own] if self.sharded and not self.gather else self.plan
+        self.sites = sorted({p[2] for p in reads} | {p[3] for p in reads})
+        self.parts = self._data_parts()
+        spread = not self.sharded or self.gather
+        self.local_parts = list(range(self.ranks.rank, self.parts, self.ranks.world) if spread else range(self.parts))
+        self.views = {p: self.source.part(p, self.parts) for p in self.local_parts}
         self.members: list[Member] = []
         self.step = 0
         self._bad_batch = {site: torch.tensor(-1) for site in self.sites}  # first step with NaN/Inf input
         self.workspace = Workspace()  # the SAEs step one after another, so they share buffers
         self.groups: list[EncoderGroup] = []
 
+    # --- who does what -------------------------------------------------------------------------
+    def _owned(self) -> list[str]:
+        if not self.sharded:
+            return [p[0] for p in self.plan]
+        sizes = [(name, frozenset((site, target)), width * (2 * self.source.d_in(site)))
+                 for name, _, site, target, width, _ in self.plan]
+        return assign(sizes, self.ranks.world)[self.ranks.rank]
+
+    def _data_parts(self) -> int:
+        """How many parts each global batch is made of: fixed for a run (its checkpoint says)."""
+        world, asked = self.ranks.world, self.cfg.parallel.data_parts
+        saved = self.saved["parts"] if self.saved else None
+        if asked and saved and asked != saved:
+            raise SaescopeError(f"{self.out} holds a run with {saved} data parts; a run keeps its data parts "
+                                f"(leave data_parts unset, or set it to {saved})")
+        parts = asked or saved or world
+        if self.cfg.batch_size % parts:
+            raise SaescopeError(f"batch_size {self.cfg.batch_size} does not split into {parts} equal data parts")
+        if (not self.sharded or self.gather) and parts % world:
+            why = f"the checkpoint of step {self.saved['step']} in {self.out} was made of" if saved else "each batch is made of"
+            raise SaescopeError(f"{why} {parts} data parts, which {world} ranks cannot share evenly; "
+                                f"use a number of ranks that divides {parts}"
+                                + ("" if self.sharded else ", or SAE-sharded mode (parallel.mode = 'sae')"))
+        return parts
+
     # --- set-up --------------------------------------------------------------------------------
     def build(self, first_batch: dict[str, torch.Tensor]) -> None:
+        scalars = self._norm_scalars()
         for name, spec, site, target, width, value in self.plan:
+            if name not in self.own:
+                continue
             d_in = first_batch[site].shape[1]
             sae_cfg = SAEConfig(
                 arch=spec.arch, d_in=d_in, d_sae=width, d_out=first_batch[target].shape[1] if spec.transcoder else None,
@@ -180,13 +229,15 @@ class Trainer:
             # seeded by name: an SAE starts the same whether trained alone or within any suite
             sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(name.encode())))
             # SPEC §2: SAEs see x / C with E‖x/C‖² = 1; transcoders divide input and target by √d_model
-            c = math.sqrt(d_in) if spec.transcoder else self.source.norm_scalar(site)
+            c = math.sqrt(d_in) if spec.transcoder else scalars[site]
             sae.norm_scalar.fill_(c)
             sae.pre_encoder_bias.fill_(not spec.transcoder)
             if spec.b_dec_init == "mean":
                 with torch.no_grad():
-                    sae.b_dec.copy_((first_batch[target] / c).mean(0))
+                    sae.b_dec.copy_(self.split.mean_rows(first_batch[target].to(self.device) / c))
             sae = sae.to(self.device)
+            if spec.arch == "batchtopk" and not self.split.solo:
+                sae.across = self.split  # the k·batch largest of the whole batch, not of this rank's share
             controller = None
             if spec.target_l0:  # λ starts at the first listed value and then follows L0
                 controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain,
@@ -202,6 +253,15 @@ class Trainer:
             m.enc_rows = m.sae.W_enc.detach().t()
             m.optimizer = self._optimizer(m.sae, m.enc_rows)
 
+    def _norm_scalars(self) -> dict[str, float]:
+        """C per input site. A store's (or memory's) is exact and the same on every rank; a harvest
+        estimates it from its first rows, so every rank takes data part 0's (rank 0's) estimate."""
+        sites = sorted({p[2] for p in self.plan if not p[1].transcoder})
+        if not self.source.produced:
+            return {s: self.source.norm_scalar(s) for s in sites if s in self.sites}
+        view = self.views[self.local_parts[0]]
+        return dict(zip(sites, self.ranks.broadcast([view.norm_scalar(s) for s in sites])))
+
     def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor) -> torch.optim.Adam:
         """Adam over the SAE's parameters, W_enc seen through its contiguous transpose `enc_rows`
         (it is stored latent-major, see SparseAutoencoder): torch's fused Adam copies a
@@ -214,53 +274,107 @@ class Trainer:
         return torch.optim.Adam(params, lr=self.cfg.lr, eps=self.cfg.adam_eps, betas=(self.cfg.adam_beta1, self.cfg.adam_beta2),
                                 fused=self.cfg.kernels != "reference")
 
+    def _buffer_rows(self) -> int:
+        """Each part's shuffle buffer: the configured (or memory-sized) total over the parts, the
+        same on every rank and kept by the checkpoint, so that the batches replay exactly."""
+        if self.saved:
+            return self.saved["buffer_rows"]
+        sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        total = self.cfg.buffer_rows or self.source.default_buffer(sites)
+        return int(self.ranks.broadcast([max(total // self.parts, 1)])[0])
+
     def _batches(self):
-        rows = self.source.n_rows(self.sites[0]) if hasattr(self.source, "n_rows") else None
-        needed = self.steps * self.cfg.batch_size
-        epochs = max(1, math.ceil(needed / rows)) if rows else 1
-        return self.source.batches(self.cfg.batch_size, sites=self.sites, seed=self.cfg.seed, epochs=epochs,
-                                   buffer_rows=self.cfg.buffer_rows, drop_last=True)
+        """Global batches (or this rank's share of each, data-parallel): one batch of
+        batch_size / parts rows from each local part, side by side."""
+        per = self.cfg.batch_size // self.parts
+        self.buffer_rows = self._buffer_rows()
+        streams = []
+        for p, view in self.views.items():
+            rows = view.n_rows(self.sites[0]) if hasattr(view, "n_rows") else None
+            epochs = max(1, math.ceil(self.steps * per / rows)) if rows else 1
+            streams.append(view.batches(per, sites=self.sites, seed=self.cfg.seed + p * PART_SEED, epochs=epochs,
+                                        buffer_rows=self.buffer_rows, drop_last=True))
+        if len(streams) == 1 and not self.gather:
+            return streams[0]
+        return self._side_by_side(streams)
+
+    def _side_by_side(self, streams):
+        order = None
+        for parts in zip(*streams):
+            batch = {s: torch.cat([b[s] for b in parts]) if len(parts) > 1 else parts[0][s] for s in self.sites}
+            if self.gather:  # every rank's parts, then in part order: rank r made parts r, r + world, …
+                per, world = self.cfg.batch_size // self.parts, self.ranks.world
+                if order is None:
+                    made = [p for r in range(world) for p in range(r, self.parts, world)]
+                    order = torch.tensor(sorted(range(self.parts), key=made.__getitem__))
+                batch = {s: torch.cat(self.ranks.gather_rows(x)).view(self.parts, per, -1)[order].view(-1, x.shape[1])
+                         for s, x in batch.items()}
+            yield batch
 
     # --- checkpoints ---------------------------------------------------------------------------
+    def _saved_state(self) -> dict | None:
+        """The committed checkpoint's record, after checking it belongs to this run."""
+        if (self.out / "checkpoint.pt").is_file():
+            raise SaescopeError(f"{self.out / 'checkpoint.pt'} is a checkpoint of an earlier saescope (one file); "
+                                "finish that run with the version that wrote it, or move it away to start over")
+        path = self.out / CHECKPOINT / STATE
+        if not path.is_file():
+            return None
+        state = read_json(path)
+        if state.get("config") != _resumable(self.cfg):
+            raise SaescopeError(f"{self.out} holds a run with another configuration; use another output folder")
+        return state
+
     def _save_checkpoint(self) -> None:
-        state = {
-            "step": self.step, "config": self.cfg.model_dump_json(),
-            "members": {m.name: {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
-                                 "optimizer": m.optimizer.state_dict(), "since_fired": m.since_fired,
-                                 "controller": json.dumps(m.controller.state() if m.controller else None)}
-                        for m in self.members},
-            "rng": torch.get_rng_state(),
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write(self.out / CHECKPOINT, buf.getvalue())
+        """Each rank writes its SAEs' files (data-parallel: rank 0 all of them, they are the same on
+        every rank); once all have, rank 0 commits them in state.json and drops older steps."""
+        root = self.out / CHECKPOINT
+        folder = f"step-{self.step:08d}"
+        for m in self.members if self.sharded or self.ranks.lead else ():
+            state = {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
+                     "optimizer": m.optimizer.state_dict(), "since_fired": m.since_fired,
+                     "controller": json.dumps(m.controller.state() if m.controller else None)}
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write(root / folder / f"{m.name}.pt", buf.getvalue())
+        self.ranks.barrier()
+        if self.ranks.lead:
+            self.saved = {"format": 2, "step": self.step, "folder": folder, "parts": self.parts,
+                          "buffer_rows": self.buffer_rows, "ranks": self.ranks.world,
+                          "mode": "sae" if self.sharded else "data", "config": _resumable(self.cfg)}
+            write_json(root / STATE, self.saved)
+            for old in root.glob("step-*"):
+                if old.name != folder:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def _load_checkpoint(self) -> bool:
-        path = self.out / CHECKPOINT
-        if not path.is_file():
+        if not self.saved:
             return False
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as exc:  # torch raises several types for a damaged file
-            raise SaescopeError(f"checkpoint {path} cannot be read ({first_line(exc)}); move it away to start over") from None
-        if state["config"] != self.cfg.model_dump_json():
-            raise SaescopeError(f"{self.out} holds a run with another configuration; use another output folder")
+        folder = self.out / CHECKPOINT / self.saved["folder"]
         for m in self.members:
-            s = state["members"][m.name]
+            path = folder / f"{m.name}.pt"
+            try:
+                s = torch.load(path, map_location=self.device, weights_only=True)
+            except FileNotFoundError:
+                raise SaescopeError(f"checkpoint file missing: {path}; move {self.out / CHECKPOINT} away to start over") from None
+            except Exception as exc:  # torch raises several types for a damaged file
+                raise SaescopeError(f"checkpoint {path} cannot be read ({first_line(exc)}); "
+                                    f"move {self.out / CHECKPOINT} away to start over") from None
             m.sae.load_state_dict(s["sae"])
             m.optimizer.load_state_dict(s["optimizer"])
             m.since_fired.copy_(s["since_fired"])
             ctl = json.loads(s["controller"])
             if ctl:
                 m.controller = TargetL0(**ctl, device=self.device)
-        torch.set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = self.saved["step"]
         return True
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> list[Path]:
+        lead = self.ranks.lead
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "train_config.json", self.cfg.model_dump(mode="json"))
+        if lead:
+            write_json(self.out / "train_config.json", self.cfg.model_dump(mode="json"))
         stream = self._batches()
         first = next(stream, None)
         if first is None:
@@ -273,10 +387,11 @@ class Trainer:
         else:
             stream = _chain_first(first, stream)
         bar = tqdm(total=self.steps * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
-                   unit_scale=True, desc=f"train {len(self.members)} SAEs", disable=not progress)
+                   unit_scale=True, desc=f"train {len(self.plan)} SAEs" + (f" on {self.ranks.world} ranks" if not self.ranks.solo else ""),
+                   disable=not progress or not lead)
         last_good = self.step if resumed else None
         start, start_step = time.perf_counter(), self.step
-        with (self.out / METRICS).open("a") as log:
+        with (self.out / METRICS).open("a") if lead else nullcontext() as log:
             while self.step < self.steps:
                 batch = next(stream, None)
                 if batch is None:
@@ -308,55 +423,101 @@ class Trainer:
         for site in self.sites:  # remember the first step with non-finite activations
             bad = ~torch.isfinite(batch[site]).all() & (self._bad_batch[site] < 0)
             self._bad_batch[site] = torch.where(bad, self.step, self._bad_batch[site])
-        scaled: dict[tuple[str, float], tuple[torch.Tensor, torch.Tensor]] = {}
+        scaled: dict[tuple[str, float], torch.Tensor] = {}
 
-        def view(site: str, c: float):
+        def view(site: str, c: float) -> torch.Tensor:
             if (site, c) not in scaled:
-                x = batch[site].to(self.device) / c
-                scaled[site, c] = x, (x - x.mean(0)).pow(2).sum(-1).mean()
+                scaled[site, c] = batch[site].to(self.device) / c
             return scaled[site, c]
 
         pre = {}
         for group in self.groups:
             with self._autocast():
-                pre.update(group.pre_activations(view(group.site, group.scale)[0], self.workspace))
-        for m in self.members:
-            x, _ = view(m.site, m.scale)
-            y, var = view(m.target, m.scale)
-            self._step_member(m, x, y, var, lr, pre.get(m.name))
+                pre.update(group.pre_activations(view(group.site, group.scale), self.workspace))
+        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), lr, pre.get(m.name))
+                for m in self.members]
+        if self.split.solo:
+            var = {key: (x - x.mean(0)).pow(2).sum(-1).mean() for key, x in scaled.items()}
+        else:
+            var = self._average(outs, scaled)
+        for m, out in zip(self.members, outs):
+            self._update(m, out, var[m.target, m.scale], lr)
 
     def _autocast(self):
         """bfloat16: the forward's products under autocast; the fast paths' hand-written backward
         products follow the dtype their forward saw (fast.compute_dtype)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16")
 
-    def _step_member(self, m: Member, x: torch.Tensor, y: torch.Tensor, var: torch.Tensor, lr: float,
-                     pre: torch.Tensor | None) -> None:
+    def _backward(self, m: Member, x: torch.Tensor, y: torch.Tensor, lr: float, pre: torch.Tensor | None) -> dict:
+        """The loss and its gradient on this rank's batch; the graph is freed before the next SAE."""
         coeff = m.controller.coeff if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
         with self._autocast():
             out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= self.dead_tokens,
                                        path=self.cfg.kernels, workspace=self.workspace, pre=pre)
-        loss = out["loss"].detach()
+        m.sae.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, rows=x.shape[0])
+        return out
+
+    def _update(self, m: Member, out: dict, var: torch.Tensor, lr: float) -> None:
+        loss, mse = out["loss"], out["mse"]
         bad = ~torch.isfinite(loss) & (m.bad_step < 0)
         m.bad_step = torch.where(bad, self.step, m.bad_step)
         m.bad_loss = torch.where(bad, loss, m.bad_loss)
         for group in m.optimizer.param_groups:
             group["lr"] = lr
-        m.sae.zero_grad(set_to_none=True)
-        out["loss"].backward()
         rows = self._decoder_rows(out)
         m.sae.remove_parallel_grad(rows)
         m.enc_rows.grad = m.sae.W_enc.grad.t()
         m.optimizer.step()
         m.sae.apply_constraints(rows)
-        m.since_fired.add_(x.shape[0]).masked_fill_(out["fired"], 0)
+        m.since_fired.add_(out["rows"] * self.split.world).masked_fill_(out["fired"], 0)
         if m.controller:
             m.controller.update(out["l0"])
-        mse = out["mse"].detach()
-        for key, value in (("loss", loss), ("mse", mse), ("l0", out["l0"]), ("fvu", mse / var), ("lambda", coeff),
-                           ("lr", lr)):
+        for key, value in (("loss", loss), ("mse", mse), ("l0", out["l0"]), ("fvu", mse / var),
+                           ("lambda", out["coeff"]), ("lr", lr)):
             m.sums[key] = m.sums.get(key, 0.0) + value
         m.steps += 1
+
+    def _average(self, outs: list[dict], scaled: dict) -> dict:
+        """Data-parallel: make this rank's step the whole batch's, for every SAE at once (one
+        all-reduce of the small statistics, then the gradients in buckets). Each rank's loss is a
+        mean over an equal share, so the batch's gradient is the mean of the ranks' gradients; a
+        latent fired if it fired anywhere. Where at most a quarter of an SAE's latents were
+        touched, only their encoder and decoder rows are sent: every other row's gradient is zero
+        on every rank. Returns each input's variance over the whole batch (for FVU)."""
+        stats = []
+        for out in outs:
+            touched = out.get("touched", out["fired"])
+            stats += [out["fired"].double(), touched.double(), torch.stack([out["l0"], out["loss"], out["mse"]]).double()]
+        for x in scaled.values():
+            stats += [x.sum(0, dtype=torch.float64), x.double().pow(2).sum().view(1)]
+        flat = self.split.sum_(torch.cat(stats))
+        world, start, grads, picked = self.split.world, 0, [], []
+        for m, out in zip(self.members, outs):
+            width = m.sae.cfg.d_sae
+            out["fired"], out["touched"] = flat[start:start + width] > 0, flat[start + width:start + 2 * width] > 0
+            out["l0"], out["loss"], out["mse"] = (flat[start + 2 * width:start + 2 * width + 3] / world).float().unbind()
+            start += 2 * width + 3
+            rows = out["touched"].nonzero().squeeze(1) if int(out["touched"].count_nonzero()) <= width // 4 else None
+            for p in m.sae.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grad = p.grad.t() if p is m.sae.W_enc else p.grad  # W_enc's rows are latents, as W_dec's
+                if rows is not None and (p is m.sae.W_enc or p is m.sae.W_dec):
+                    picked.append((grad, rows, grad[rows]))
+                else:
+                    grads.append(grad)
+        self.split.average_(grads + [g for _, _, g in picked])
+        for grad, rows, rows_grad in picked:
+            grad.index_copy_(0, rows, rows_grad)
+        var = {}
+        for key, x in scaled.items():
+            d, n = x.shape[1], x.shape[0] * world
+            moments = flat[start:start + d + 1]
+            var[key] = moments[d] / n - (moments[:d] / n).pow(2).sum()
+            start += d + 1
+        return var
 
     def _decoder_rows(self, out: dict) -> torch.Tensor | None:
         """The decoder rows a step can move, when the decoder-norm step may touch only those.
@@ -372,35 +533,51 @@ class Trainer:
         return touched.nonzero().squeeze(1)
 
     def _check_finite(self, last_good: int | None) -> None:
-        """Stop on the first NaN or Inf seen since the last check (one read from the device)."""
-        for site, step in self._bad_batch.items():
-            if int(step) >= 0:
-                raise SaescopeError(f"NaN or Inf in the activations of {site} at step {int(step)}; {_kept(last_good)}")
-        for m in self.members:
-            if int(m.bad_step) >= 0:
-                raise SaescopeError(f"{m.name}: the loss is {float(m.bad_loss)} at step {int(m.bad_step)}; {_kept(last_good)}")
+        """Stop on the first NaN or Inf seen since the last check (one read from the device; under
+        torchrun one small all-reduce, so that every rank stops at once with the same message)."""
+        sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        mine = {m.name: m for m in self.members}
+        local = [int(self._bad_batch[s]) if s in self._bad_batch else -1 for s in sites]
+        local += [int(mine[p[0]].bad_step) if p[0] in mine else -1 for p in self.plan]
+        first = self.ranks.first(local)
+        for site, step in zip(sites, first):
+            if step >= 0:
+                raise SaescopeError(f"NaN or Inf in the activations of {site} at step {step}; {_kept(last_good)}")
+        for p, step in zip(self.plan, first[len(sites):]):
+            if step >= 0:
+                m = mine.get(p[0])
+                loss = f"{float(m.bad_loss)}" if m is not None and int(m.bad_step) == step else "not finite"
+                raise SaescopeError(f"{p[0]}: the loss is {loss} at step {step}; {_kept(last_good)}")
 
     def _log(self, log, rate: float, bar) -> None:
-        shown = None
+        lines, shown = [], None
         for m in self.members:
             line = {"sae": m.name, "step": self.step, "tokens": self.step * self.cfg.batch_size,
                     **{k: float(v) / max(m.steps, 1) for k, v in m.sums.items()},
                     "dead_fraction": float((m.since_fired >= self.dead_tokens).float().mean()), "tokens_per_s": rate}
-            log.write(json.dumps(line) + "\n")
+            lines.append(json.dumps(line) + "\n")
             m.sums.clear()
             m.steps = 0
             shown = shown or f"{m.name}: L0 {line.get('l0', float('nan')):.1f}, FVU {line.get('fvu', float('nan')):.3f}"
-        log.flush()
+        if self.sharded:  # every rank's lines, in the suite's order
+            by_name = {json.loads(line)["sae"]: line for text in self.ranks.gather_text("".join(lines))
+                       for line in text.splitlines(keepends=True)}
+            lines = [by_name[p[0]] for p in self.plan] if by_name else []
+        if log is not None:
+            log.writelines(lines)
+            log.flush()
         bar.set_postfix_str(shown, refresh=False)
 
     def _write_saes(self) -> list[Path]:
-        paths = []
+        """Data-parallel: rank 0 writes every SAE; sharded: each rank its own."""
+        self.ranks.barrier()  # rank 0 has written the last metrics lines
         final = _last_metrics(self.out / METRICS)
-        for m in self.members:
+        for m in self.members if self.sharded or self.ranks.lead else ():
             m.sae.cfg.extra = {"training": json.loads(self.cfg.model_dump_json()), "final_metrics": final.get(m.name, {}),
                                "steps": self.step}
-            paths.append(m.sae.cpu().save(self.out / "saes" / m.name, format="native"))
-        return paths
+            m.sae.cpu().save(self.out / "saes" / m.name, format="native")
+        self.ranks.barrier()
+        return [self.out / "saes" / p[0] for p in self.plan]
 
 
 @contextmanager
@@ -433,16 +610,28 @@ def _last_metrics(path: Path) -> dict[str, dict]:
     return last
 
 
-def _open_source(cfg: TrainConfig):
+def _resumable(cfg: TrainConfig) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: all but how the
+    ranks share the work (data parts are checked on their own)."""
+    return json.loads(cfg.model_dump_json(exclude={"parallel"}))
+
+
+def _open_source(cfg: TrainConfig, ranks: Ranks):
     from ..data import ActivationStore, HarvestStream
 
     if cfg.store:
         return ActivationStore(cfg.store)
     if cfg.harvest:
-        return HarvestStream(cfg.harvest)
+        harvest = cfg.harvest
+        if ranks.device.type == "cuda" and not ranks.solo:  # each rank's model on its own GPU
+            harvest = harvest.model_copy(update={"device": str(ranks.device)})
+        with ranks.lead_first():  # the first load fills the model cache the others then read
+            return HarvestStream(harvest)
     raise SaescopeError("training needs activations: set `store` (a harvest folder) or `harvest` (stream from a model)")
 
 
 def train(cfg: TrainConfig, out: str | Path, *, source=None, progress: bool = True) -> list[Path]:
-    """Train every SAE of `cfg` into `out/saes/<name>/`; rerunning resumes from the checkpoint."""
-    return Trainer(cfg, out, source).run(progress=progress)
+    """Train every SAE of `cfg` into `out/saes/<name>/`; rerunning resumes from the checkpoint.
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; `cfg.parallel` says how they share."""
+    with joined(cfg.parallel, cfg.device) as ranks:
+        return Trainer(cfg, out, source, ranks=ranks).run(progress=progress)

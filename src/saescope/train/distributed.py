@@ -1,0 +1,219 @@
+"""torch.distributed for training: who this process is, the few collectives the trainer needs, and
+which SAEs each rank trains.
+
+A job is started by torchrun (`--standalone` on one machine, the c10d rendezvous across nodes);
+WORLD_SIZE > 1 in the environment makes `train` join the process group: NCCL when the device is
+CUDA (each rank on its LOCAL_RANK's GPU), gloo on CPUs, and a gloo group beside NCCL for host-side
+messages. Two modes (ParallelConfig.mode):
+
+- "data": every rank trains every SAE on its share of each global batch. After each backward the
+  fired masks, the batch statistics and the gradients are all-reduced (only the rows of latents
+  that fired somewhere, when at most a quarter did: the other rows are zero on every rank), so
+  every rank takes the same Adam step. Rank 0 writes checkpoints and outputs.
+- "sae": the suite's SAEs are spread over the ranks, balanced by size, and each is trained on
+  whole batches with no per-step collective. How activations reach a rank: from a store (or
+  memory) each rank reads, itself, the sites its own SAEs need, for every part of each batch —
+  reading is cheap and a shared filesystem serves many readers, while sending rows between ranks
+  would move as many bytes and tie the ranks to one pace; a suite spread by site reads each site
+  once. From a harvest a model forward makes the rows, so each rank makes its parts of each batch
+  and an all-gather gives every rank all of it: the forward, the costly step, is done once.
+
+Either way a global batch is the union of `parts` independently shuffled data parts (part p
+reads shards, or corpus rows, p, p + parts, …), so the batches do not depend on how many ranks
+make them: a checkpoint resumes on any rank count its mode can split the parts over, and one
+process with data_parts = N replays an N-rank run exactly."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..config import ParallelConfig
+from ..errors import SaescopeError, first_line
+
+BUCKET = 2**25               # elements per gradient all-reduce (128 MiB of float32)
+PATIENT = timedelta(days=7)  # waits on another stage (rank 0's harvest), not on a collective
+
+
+@dataclass
+class Ranks:
+    """This process's place in the job; with world 1 every collective is the identity."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group: object = None      # collectives on the training device
+    control: object = None    # gloo on CPU tensors: host-side messages and barriers
+    patient: object = None    # gloo with a long timeout, for waiting on rank 0's stages
+    timeout_s: float = 600.0
+
+    @property
+    def solo(self) -> bool:
+        return self.world == 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def alone(self) -> "Ranks":
+        """This process by itself: whom a batch is split over when each rank holds whole batches."""
+        return Ranks(device=self.device)
+
+    def _run(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:  # gloo and NCCL raise DistBackendError (a RuntimeError) or RuntimeError
+            raise SaescopeError(f"rank {self.rank}: {what} across {self.world} ranks failed — another rank has died or "
+                                f"stalled over {self.timeout_s:g} s ({first_line(exc)})") from None
+
+    # --- on the training device ----------------------------------------------------------------
+    def sum_(self, flat: torch.Tensor) -> torch.Tensor:
+        """All-reduce a tensor in place by sum."""
+        if not self.solo:
+            self._run("a sum", dist.all_reduce, flat, group=self.group)
+        return flat
+
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the ranks: one all-reduce per bucket of about
+        BUCKET elements (a few large messages, without one copy of every gradient at once)."""
+        if self.solo:
+            return
+        bucket: list[torch.Tensor] = []
+        for i, t in enumerate(tensors):
+            bucket.append(t)
+            if i == len(tensors) - 1 or sum(b.numel() for b in bucket) + tensors[i + 1].numel() > BUCKET:
+                flat = self.sum_(torch.cat([b.reshape(-1) for b in bucket])).div_(self.world)
+                start = 0
+                for b in bucket:
+                    b.copy_(flat[start:start + b.numel()].view_as(b))
+                    start += b.numel()
+                bucket = []
+
+    def mean_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean row of x [rows, d] over every rank's rows (equal counts)."""
+        if self.solo:
+            return x.mean(0)
+        return self.sum_(x.sum(0)).div_(x.shape[0] * self.world)
+
+    def gather_rows(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's x (same shape), in rank order."""
+        if self.solo:
+            return [x]
+        out = [torch.empty_like(x) for _ in range(self.world)]
+        self._run("an all-gather", dist.all_gather, out, x.contiguous(), group=self.group)
+        return out
+
+    def kth_largest(self, top: torch.Tensor, k: int) -> torch.Tensor:
+        """The k-th largest value of the union of every rank's values, from each rank's own largest
+        `top` (sorted, at most k): BatchTopK's cut over a batch split across ranks."""
+        padded = torch.full((k,), -torch.inf, dtype=top.dtype, device=top.device)
+        padded[:len(top)] = top
+        return torch.cat(self.gather_rows(padded)).topk(k).values[-1]
+
+    def min(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.solo:
+            t = t.clone()
+            self._run("a minimum", dist.all_reduce, t, op=dist.ReduceOp.MIN, group=self.group)
+        return t
+
+    # --- host side -----------------------------------------------------------------------------
+    def first(self, values: list[int]) -> list[int]:
+        """Per entry, the smallest non-negative value any rank holds (−1 where none): first steps."""
+        if self.solo or not values:
+            return values
+        big = 2**62
+        t = torch.tensor([v if v >= 0 else big for v in values], dtype=torch.int64)
+        self._run("a check", dist.all_reduce, t, op=dist.ReduceOp.MIN, group=self.control)
+        return [v if v < big else -1 for v in t.tolist()]
+
+    def broadcast(self, values: list[float]) -> list[float]:
+        """Rank 0's values on every rank."""
+        if self.solo or not values:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        self._run("a broadcast", dist.broadcast, t, src=0, group=self.control)
+        return t.tolist()
+
+    def gather_text(self, text: str) -> list[str]:
+        """Every rank's text on rank 0 (in rank order); [] elsewhere. Bytes in tensors, no pickle."""
+        if self.solo:
+            return [text]
+        data = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8) if text else torch.zeros(0, dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        self._run("a gather", dist.all_gather, sizes, torch.tensor([len(data)]), group=self.control)
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[:len(data)] = data
+        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+        self._run("a gather", dist.all_gather, out, padded, group=self.control)
+        if not self.lead:
+            return []
+        return [bytes(o[:int(s)].tolist()).decode() for o, s in zip(out, sizes)]
+
+    def barrier(self, patient: bool = False) -> None:
+        if not self.solo:
+            self._run("a barrier", dist.barrier, group=self.patient if patient else self.control)
+
+    @contextmanager
+    def lead_first(self):
+        """Rank 0 runs the block, then the others (e.g. a model's first load fills a shared cache)."""
+        if not self.lead:
+            self.barrier(patient=True)
+        yield
+        if self.lead:
+            self.barrier(patient=True)
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def joined(parallel: ParallelConfig, device: str):
+    """The job's Ranks: one process unless torchrun set WORLD_SIZE > 1, then the process group
+    (joined here unless the caller already has; left again on the way out)."""
+    world = world_size()
+    if world == 1:
+        yield Ranks(device=torch.device(device))
+        return
+    cuda = torch.device(device).type == "cuda"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = timedelta(seconds=parallel.timeout_s)
+    made = not dist.is_initialized()
+    if made:
+        if cuda:
+            torch.cuda.set_device(local)
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise SaescopeError(f"cannot join the torch.distributed job: {first_line(exc)}") from None
+    control = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
+    ranks = Ranks(rank=dist.get_rank(), world=dist.get_world_size(),
+                  device=torch.device("cuda", local) if cuda else torch.device(device),
+                  group=dist.group.WORLD, control=control, patient=dist.new_group(backend="gloo", timeout=PATIENT),
+                  timeout_s=parallel.timeout_s)
+    yield ranks
+    if made:  # only on the way out of a finished job: a failed one exits, and torchrun ends the others
+        dist.destroy_process_group()
+
+
+def assign(members: list[tuple[str, frozenset, int]], world: int) -> list[list[str]]:
+    """Sharded mode: SAEs (name, sites read, size) spread over `world` ranks, largest first, each
+    to the least-loaded rank (a tie goes to a rank that already reads its sites). Every rank
+    computes the same answer from the suite alone."""
+    if len(members) < world:
+        raise SaescopeError(f"SAE-sharded training of {len(members)} SAEs cannot use {world} ranks; "
+                            "use at most that many, or data-parallel mode")
+    loads, reads = [0] * world, [set() for _ in range(world)]
+    out: list[list[str]] = [[] for _ in range(world)]
+    for name, sites, size in sorted(members, key=lambda m: (-m[2], m[0])):
+        r = min(range(world), key=lambda r: (loads[r], not sites <= reads[r], r))
+        loads[r] += size
+        reads[r] |= sites
+        out[r].append(name)
+    return out
