@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(signal, "SIGPIPE"):  # `saescope ... | head` ends quietly
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING if args.quiet or not _lead() else logging.INFO, format="%(message)s")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     if args.quiet:
         from transformers.utils import logging as hf_logging
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except SaescopeError as exc:
-        print(f"saescope: error: {exc}", file=sys.stderr)
+        world = os.environ.get("WORLD_SIZE", "1")
+        where = f"rank {os.environ.get('RANK')} of {world}: " if world != "1" else ""
+        print(f"saescope: error: {where}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("saescope: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -168,7 +171,8 @@ def _dispatch(args) -> int:
         from .train import train
 
         paths = train(_train_config(args), args.out, progress=not args.quiet)
-        print(f"{len(paths)} SAEs in {Path(args.out) / 'saes'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
+        if _lead():
+            print(f"{len(paths)} SAEs in {Path(args.out) / 'saes'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
     elif args.command == "eval":
         from .evals.report import evaluate_paths
 
@@ -217,6 +221,8 @@ def _dispatch(args) -> int:
         from .pipeline import load_config, run
 
         outputs = run(load_config(args.config), args.out, progress=not args.quiet)
+        if outputs is None:  # a torchrun rank other than 0: rank 0 reports
+            return 0
         from .evals.report import markdown_table
 
         print(markdown_table(outputs["records"]))
@@ -237,6 +243,11 @@ def _dispatch(args) -> int:
 
         print(ActivationStore(args.path).summary())
     return 0
+
+
+def _lead() -> bool:
+    """Rank 0 of a torchrun job, or a lone process: the one that prints results."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _train_config(args):

@@ -59,8 +59,17 @@ def load_config(path: str | Path | None) -> RunConfig:
     return RunConfig() if path is None else config_from_file(RunConfig, path)
 
 
-def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
-    """Run every stage into `out`; returns the report's records and where things are."""
+def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict | None:
+    """Run every stage into `out`; returns the report's records and where things are. Under
+    torchrun every rank trains (cfg.train.parallel says how) and rank 0 alone harvests before and
+    evaluates after; the other ranks return None once the SAEs are written."""
+    from .train.distributed import joined
+
+    with joined(cfg.train.parallel, cfg.train.device) as ranks:
+        return _stages(cfg, Path(out), ranks, progress)
+
+
+def _stages(cfg: RunConfig, out: Path, ranks, progress: bool) -> dict | None:
     from .evals.report import evaluate_paths, write_report
     from .explore.build import build_dir
     from .lm import load_model
@@ -70,7 +79,6 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
     def model():  # loaded once, by the first stage that needs it
         return load_model(cfg.harvest.model, device=cfg.harvest.device)
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timing_path = out / "timings.json"
     timings = read_json(timing_path) if timing_path.is_file() else {}
@@ -81,12 +89,17 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict:
         t = time.perf_counter()
         fn()
         timings[name] = round(time.perf_counter() - t, 1)
-        write_json(timing_path, timings)
+        if ranks.lead:
+            write_json(timing_path, timings)
 
     store_dir, train_dir, eval_path = out / "activations", out / "train", out / "eval.json"
-    stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, lm=model(), progress=progress))
+    if ranks.lead:
+        stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, lm=model(), progress=progress))
+    ranks.barrier(patient=True)  # the others wait for the store
     train_cfg = cfg.train.model_copy(update={"store": str(store_dir)})
-    stage("train", _trained(train_dir, train_cfg), lambda: _train(train, train_cfg, train_dir, progress))
+    stage("train", _trained(train_dir, train_cfg), lambda: _train(train, train_cfg, train_dir, progress, ranks.lead))
+    if not ranks.lead:
+        return None
     corpus = CorpusConfig(**{**cfg.harvest.corpus.model_dump(), "split": "heldout", "seq_len": cfg.eval.seq_len})
     stage("eval", eval_path.is_file(), lambda: evaluate_paths(
         [str(train_dir / "saes")], model(), corpus, cfg.eval.tokens, eval_path,
@@ -117,10 +130,10 @@ def _trained(out: Path, cfg: TrainConfig) -> bool:
     return True
 
 
-def _train(train, cfg: TrainConfig, out: Path, progress: bool) -> None:
+def _train(train, cfg: TrainConfig, out: Path, progress: bool, lead: bool) -> None:
     paths = train(cfg, out, progress=progress)
-    done = {"saes": [str(p) for p in paths], "config": cfg.model_dump(mode="json")}
-    write_json(out / "done.json", done)
+    if lead:
+        write_json(out / "done.json", {"saes": [str(p) for p in paths], "config": cfg.model_dump(mode="json")})
 
 
 def _absorption(records: list[dict], cfg: RunConfig, path: Path, lm) -> None:

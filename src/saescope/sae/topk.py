@@ -75,8 +75,8 @@ class BatchTopKSAE(TopKSAE):
     threshold (an average of the smallest kept activation), i.e. a JumpReLU with a shared θ.
 
     When a batch is split over data-parallel ranks, `across` (set by the trainer) gives the cut
-    of the whole batch: an object with `world`, `kth_largest(top, k)` (of the union of every
-    rank's largest values) and `min(t)` (over the ranks)."""
+    of the whole batch: an object with `world`, `largest_share(top, n)` (how many of this rank's
+    largest values are among the batch's n largest) and `min(t)` (over the ranks)."""
 
     across = None
 
@@ -89,9 +89,9 @@ class BatchTopKSAE(TopKSAE):
         world = self.across.world if self.across is not None else 1
         n = min(self.cfg.k * rows * world, flat.numel() * world)
         vals, idx = flat.topk(min(n, flat.numel()))
-        if self.across is not None:  # this rank's share of the batch's n largest
-            keep = vals >= self.across.kth_largest(vals.detach(), n)
-            vals, idx = vals[keep], idx[keep]
+        if self.across is not None:  # this rank's share of the batch's n largest (a prefix: topk sorts)
+            keep = self.across.largest_share(vals.detach(), n)
+            vals, idx = vals[:keep], idx[:keep]
         self._track_threshold(vals)
         return vals, idx
 

@@ -68,8 +68,8 @@ class Ranks:
         try:
             return fn(*args, **kwargs)
         except RuntimeError as exc:  # gloo and NCCL raise DistBackendError (a RuntimeError) or RuntimeError
-            raise SaescopeError(f"rank {self.rank}: {what} across {self.world} ranks failed — another rank has died or "
-                                f"stalled over {self.timeout_s:g} s ({first_line(exc)})") from None
+            raise SaescopeError(f"{what} across {self.world} ranks failed: another rank has died, or stalled for over "
+                                f"{self.timeout_s:g} s ({first_line(exc)})") from None
 
     # --- on the training device ----------------------------------------------------------------
     def sum_(self, flat: torch.Tensor) -> torch.Tensor:
@@ -108,12 +108,18 @@ class Ranks:
         self._run("an all-gather", dist.all_gather, out, x.contiguous(), group=self.group)
         return out
 
-    def kth_largest(self, top: torch.Tensor, k: int) -> torch.Tensor:
-        """The k-th largest value of the union of every rank's values, from each rank's own largest
-        `top` (sorted, at most k): BatchTopK's cut over a batch split across ranks."""
-        padded = torch.full((k,), -torch.inf, dtype=top.dtype, device=top.device)
+    def largest_share(self, top: torch.Tensor, n: int) -> int:
+        """How many of this rank's largest values `top` (sorted, descending, at most n) are among the
+        n largest of every rank's together: BatchTopK's cut over a batch split across ranks. Ties
+        at the cut go to lower ranks first, so that exactly n are kept, as one process would (a tie
+        is usually a row the shuffle drew twice: either copy gives the same gradient)."""
+        padded = torch.full((n,), -torch.inf, dtype=top.dtype, device=top.device)
         padded[:len(top)] = top
-        return torch.cat(self.gather_rows(padded)).topk(k).values[-1]
+        cut = torch.cat(self.gather_rows(padded)).topk(n).values[-1]
+        counts = torch.stack([(top > cut).sum(), (top == cut).sum()])
+        every = torch.stack(self.gather_rows(counts))  # [world, (above, at the cut)]
+        share = (n - every[:, 0].sum() - every[:self.rank, 1].sum()).clamp(0, counts[1])
+        return int(counts[0] + share)
 
     def min(self, t: torch.Tensor) -> torch.Tensor:
         if not self.solo:

@@ -18,6 +18,7 @@ import time
 import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import islice
 from pathlib import Path
 
@@ -215,7 +216,7 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------
     def build(self, first_batch: dict[str, torch.Tensor]) -> None:
-        scalars = self._norm_scalars()
+        scalars = self.norm_scalars
         for name, spec, site, target, width, value in self.plan:
             if name not in self.own:
                 continue
@@ -253,9 +254,11 @@ class Trainer:
             m.enc_rows = m.sae.W_enc.detach().t()
             m.optimizer = self._optimizer(m.sae, m.enc_rows)
 
-    def _norm_scalars(self) -> dict[str, float]:
+    @cached_property
+    def norm_scalars(self) -> dict[str, float]:
         """C per input site. A store's (or memory's) is exact and the same on every rank; a harvest
-        estimates it from its first rows, so every rank takes data part 0's (rank 0's) estimate."""
+        estimates it from its first rows (so `run` asks before the first batch fills the shuffle
+        buffer), and every rank takes data part 0's (rank 0's) estimate."""
         sites = sorted({p[2] for p in self.plan if not p[1].transcoder})
         if not self.source.produced:
             return {s: self.source.norm_scalar(s) for s in sites if s in self.sites}
@@ -376,6 +379,7 @@ class Trainer:
         if lead:
             write_json(self.out / "train_config.json", self.cfg.model_dump(mode="json"))
         stream = self._batches()
+        self.norm_scalars  # noqa: B018 — estimated from a harvest's first rows, before the buffer takes them
         first = next(stream, None)
         if first is None:
             raise SaescopeError("the activation source gave no batch; it holds fewer rows than one batch")
