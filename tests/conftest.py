@@ -110,3 +110,47 @@ def feature_db(tiny_lm, doc_folder, tmp_path):
     info = build(saes, tiny_lm, rows, tmp_path / "features.db", batch_size=3, top_k=5, sample=16, bands=4,
                  per_band=2, progress=False)
     return rows, saes, info, tmp_path / "features.db"
+
+
+@pytest.fixture
+def run_config(tmp_path, tokenizer, doc_folder):
+    """`tmp_path/run.toml`: the whole pipeline on a tiny Gemma 3 saved to a folder, in seconds."""
+    model = tmp_path / "model"
+    tiny_model("gemma3").save_pretrained(model)
+    tokenizer.save_pretrained(model)
+    corpus = f'corpus = {{ source = "{doc_folder}", seq_len = 32, holdout_fraction = 0.3 }}'
+    path = tmp_path / "run.toml"
+    path.write_text(f"""
+[harvest]
+model = "{model}"
+sites = ["resid.1", "mlp_in.1", "mlp.1"]
+tokens = 1024
+{corpus}
+
+[train]
+tokens = 2048
+batch_size = 128
+lr = 1e-3
+[[train.saes]]
+sites = ["resid.1"]
+widths = [16, 32]
+lambdas = [1e-3, 1e-2]
+[[train.saes]]
+sites = ["resid.1"]
+arch = "topk"
+widths = [32]
+ks = [4]
+[[train.saes]]
+sites = ["mlp_in.1"]
+transcoder = true
+widths = [32]
+
+[eval]
+tokens = 192
+seq_len = 32
+
+[explore]
+tokens = 256
+seq_len = 32
+""")
+    return path

@@ -37,3 +37,13 @@ def test_the_suite_prints_one_table_and_writes_json(tmp_path):
     assert who == ["reference", "dense", "auto", "auto bf16", "reference", "auto", "auto bf16"]
     steps = json.loads(out.read_text())["steps"]
     assert len(steps) == 7 and all(s["dense_roofline_fraction"] > 0 for s in steps)
+
+
+def test_the_distributed_bench_prints_a_row_per_mode(tmp_path):
+    out = tmp_path / "distributed.json"
+    args = [sys.executable, str(BENCH.parent / "distributed.py"), "--d-in", "8", "--width", "64", "--saes", "2",
+            "--steps", "4", "--batch", "128", "--out", str(out)]
+    printed = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    assert [row.split(" | ")[1] for row in printed.splitlines() if row.startswith("| ")][1:] == ["one process", "data", "sae"]
+    results = json.loads(out.read_text())["results"]
+    assert [r["ranks"] for r in results] == [1, 2, 2] and all(r["tokens_per_s"] > 0 for r in results)

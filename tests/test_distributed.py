@@ -94,9 +94,9 @@ def _config(folder: Path, store: Path, steps: int = 40) -> Path:
     return path
 
 
-def _torchrun(*args: str, wait: bool = True, timeout: float = 300):
+def _torchrun(*args: str, wait: bool = True, timeout: float = 300, command: str = "train"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2",
-           "-m", "saescope", "-q", "train", *args]
+           "-m", "saescope", "-q", command, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -143,7 +143,8 @@ def test_data_parallel_equals_one_process_on_the_same_batches(store, single, tmp
 
 
 def test_sharded_mode_trains_every_sae_as_one_process_would(store, single, tmp_path):
-    done = _torchrun("--config", str(_config(tmp_path, store)), "--parallel", "sae", "--out", str(tmp_path / "sh"))
+    done = _torchrun("--config", str(_config(tmp_path, store)), "--parallel", "sae", "--data-parts", "2",
+                     "--out", str(tmp_path / "sh"))
     assert done.returncode == 0, done.stdout + done.stderr
     # whole batches on every rank: the same arithmetic as one process, to the bit
     _assert_same(_weights(tmp_path / "sh"), single, rtol=0, atol=0)
@@ -280,3 +281,16 @@ def test_sharding_balances_sizes_and_keeps_sites_together():
     assert assign(members, 2) == [["a", "e"], ["b", "c", "d"]]  # e joins a (both read resid.0) on a tie
     assert sorted(sum(assign(members, 3), [])) == list("abcde")
     assert assign(members, 1) == [["a", "b", "c", "e", "d"]]
+
+
+def test_the_whole_pipeline_under_torchrun(run_config, tmp_path):
+    """`saescope run` on two ranks: rank 0 harvests, both train (sharded here), rank 0 evaluates and reports."""
+    run_config.write_text(run_config.read_text().replace("[eval]", "[train.parallel]\nmode = \"sae\"\n\n[eval]"))
+    done = _torchrun("--config", str(run_config), "--out", str(tmp_path / "out"), command="run")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("report:") == 1
+    records = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert len(records) == 6 and (tmp_path / "out" / "features.db").is_file()
+    state = json.loads((tmp_path / "out" / "train" / "checkpoint" / "state.json").read_text())
+    assert (state["ranks"], state["mode"]) == (2, "sae")
+    assert ActivationStore(tmp_path / "out" / "activations").n_shards >= 2  # a shard per rank, had they been data-parallel

@@ -4,48 +4,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import tiny_model
 from saescope.cli import main
 
 
-def test_run_writes_the_report_and_reruns_skip_finished_stages(tmp_path, tokenizer, doc_folder, capsys):
-    model = tmp_path / "model"
-    tiny_model("gemma3").save_pretrained(model)
-    tokenizer.save_pretrained(model)
-    corpus = f'corpus = {{ source = "{doc_folder}", seq_len = 32, holdout_fraction = 0.3 }}'
-    (tmp_path / "run.toml").write_text(f"""
-[harvest]
-model = "{model}"
-sites = ["resid.1", "mlp_in.1", "mlp.1"]
-tokens = 1024
-{corpus}
-
-[train]
-tokens = 2048
-batch_size = 128
-lr = 1e-3
-[[train.saes]]
-sites = ["resid.1"]
-widths = [16, 32]
-lambdas = [1e-3, 1e-2]
-[[train.saes]]
-sites = ["resid.1"]
-arch = "topk"
-widths = [32]
-ks = [4]
-[[train.saes]]
-sites = ["mlp_in.1"]
-transcoder = true
-widths = [32]
-
-[eval]
-tokens = 192
-seq_len = 32
-
-[explore]
-tokens = 256
-seq_len = 32
-""")
+def test_run_writes_the_report_and_reruns_skip_finished_stages(tmp_path, run_config, capsys):
     out = tmp_path / "out"
     assert main(["-q", "run", "--config", str(tmp_path / "run.toml"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -87,8 +87,8 @@ class ParallelConfig(_Config):
                             "sae: the suite's SAEs are spread over the ranks, each trained on whole batches")
     data_parts: int | None = Field(
         None, gt=0, description="each global batch is the union of this many independently shuffled parts (default: "
-                                "the number of ranks); fixed for a run, so it may resume on any rank count that "
-                                "divides it")
+                                "the number of ranks; 1 when SAE-sharded ranks read a store); fixed for a run, so "
+                                "it may resume on any rank count that divides it")
     timeout_s: float = Field(600.0, gt=0, description="a collective waiting longer than this ends the job "
                                                       "(a hung or lost rank)")
 

@@ -94,7 +94,8 @@ def _stages(cfg: RunConfig, out: Path, ranks, progress: bool) -> dict | None:
 
     store_dir, train_dir, eval_path = out / "activations", out / "train", out / "eval.json"
     if ranks.lead:
-        stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(cfg.harvest, store_dir, lm=model(), progress=progress))
+        stage("harvest", _complete(store_dir / "store.json"), lambda: harvest(
+            cfg.harvest, store_dir, lm=model(), progress=progress, min_shards=ranks.world))  # a shard for each rank
     ranks.barrier(patient=True)  # the others wait for the store
     train_cfg = cfg.train.model_copy(update={"store": str(store_dir)})
     stage("train", _trained(train_dir, train_cfg), lambda: _train(train, train_cfg, train_dir, progress, ranks.lead))

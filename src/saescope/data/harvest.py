@@ -45,8 +45,11 @@ def _kept(acts: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.
     return {s: a.reshape(-1, a.shape[-1])[flat.to(a.device)].float().cpu() for s, a in acts.items()}
 
 
-def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = None, progress: bool = True) -> ActivationStore:
-    """Run the model over `cfg.tokens` tokens and write every site's activations to `out`.
+def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = None, progress: bool = True,
+            min_shards: int = 1) -> ActivationStore:
+    """Run the model over `cfg.tokens` tokens and write every site's activations to `out`, in
+    shards of about `cfg.shard_mb`, smaller where that makes at least `min_shards` (so that many
+    data-parallel ranks each get their own).
 
     Rerunning with the same settings resumes after the last committed shard. A writer thread
     masks, checks, hashes and writes each batch while the model computes the next one."""
@@ -56,7 +59,7 @@ def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = N
     n_seq_total = math.ceil(cfg.tokens / seq_len)
     widths = {str(s): s.width(lm) for s in sites}
     bytes_per_row = sum(widths.values()) * (4 if cfg.dtype == "float32" else 2)
-    shard_seqs = max(1, int(cfg.shard_mb * 2**20 / bytes_per_row) // seq_len)
+    shard_seqs = max(1, min(int(cfg.shard_mb * 2**20 / bytes_per_row) // seq_len, n_seq_total // min_shards))
     special = SpecialTokens.of(lm.tokenizer).ids
     writer = StoreWriter(out, model=lm.name, sites=widths, dtype=cfg.dtype, seq_len=seq_len,
                          corpus=cfg.corpus.model_dump(), special_ids=special)

@@ -204,7 +204,8 @@ class Trainer:
         if asked and saved and asked != saved:
             raise SaescopeError(f"{self.out} holds a run with {saved} data parts; a run keeps its data parts "
                                 f"(leave data_parts unset, or set it to {saved})")
-        parts = asked or saved or world
+        # sharded, from a store: each rank reads whole batches itself, so one part is enough
+        parts = asked or saved or (1 if self.sharded and not self.gather else world)
         if self.cfg.batch_size % parts:
             raise SaescopeError(f"batch_size {self.cfg.batch_size} does not split into {parts} equal data parts")
         if (not self.sharded or self.gather) and parts % world:
