@@ -163,8 +163,8 @@ class Trainer:
         self.plan = expand(cfg)
         self.saved = self._saved_state()
         self.source = source if source is not None else _open_source(cfg, self.ranks)
-        plan_sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
-        missing = [s for s in plan_sites if s not in self.source.sites]
+        self.plan_sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        missing = [s for s in self.plan_sites if s not in self.source.sites]
         if missing:
             raise SaescopeError(f"the activation source has no {', '.join(missing)}; it holds {', '.join(self.source.sites)}")
         self.model_name = model_name or getattr(self.source, "model_name", None)
@@ -283,8 +283,7 @@ class Trainer:
         same on every rank and kept by the checkpoint, so that the batches replay exactly."""
         if self.saved:
             return self.saved["buffer_rows"]
-        sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
-        total = self.cfg.buffer_rows or self.source.default_buffer(sites)
+        total = self.cfg.buffer_rows or self.source.default_buffer(self.plan_sites)
         return int(self.ranks.broadcast([max(total // self.parts, 1)])[0])
 
     def _batches(self):
@@ -311,8 +310,8 @@ class Trainer:
                 if order is None:
                     made = [p for r in range(world) for p in range(r, self.parts, world)]
                     order = torch.tensor(sorted(range(self.parts), key=made.__getitem__))
-                batch = {s: torch.cat(self.ranks.gather_rows(x)).view(self.parts, per, -1)[order].view(-1, x.shape[1])
-                         for s, x in batch.items()}
+                batch = {s: torch.cat(self.ranks.gather_rows(x.to(self.device))).view(self.parts, per, -1)[order]
+                         .view(-1, x.shape[1]) for s, x in batch.items()}  # NCCL gathers device tensors
             yield batch
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -540,7 +539,7 @@ class Trainer:
     def _check_finite(self, last_good: int | None) -> None:
         """Stop on the first NaN or Inf seen since the last check (one read from the device; under
         torchrun one small all-reduce, so that every rank stops at once with the same message)."""
-        sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        sites = self.plan_sites
         mine = {m.name: m for m in self.members}
         local = [int(self._bad_batch[s]) if s in self._bad_batch else -1 for s in sites]
         local += [int(mine[p[0]].bad_step) if p[0] in mine else -1 for p in self.plan]
