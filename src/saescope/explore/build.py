@@ -14,6 +14,7 @@ token — and the windows are looked up there by binary search at the end."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -149,7 +150,8 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
     """Write the feature database for `saes` ({id: (sae, path)}) over token rows [n_seq, T]."""
     db_path = Path(db_path)
     tmp = db_path.with_name(f".{db_path.name}.partial")
-    tmp.unlink(missing_ok=True)
+    for stale in db_path.parent.glob(f".{db_path.name}.*"):  # what a killed build left: partial file, spill folders
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     start = time.perf_counter()
     special = SpecialTokens.of(lm.tokenizer).ids
     sites = {name: check_sae(sae, lm) for name, (sae, _) in saes.items()}

@@ -386,6 +386,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.build(first)
         resumed = self._load_checkpoint()
+        if lead:  # lines logged after the checkpoint (a killed run) are logged again as the run replays
+            _metrics_until(self.out / METRICS, self.step)
         if resumed:  # the stream is a function of the seed: replay it up to the checkpoint's step
             stream = islice(stream, self.step - 1, None)
         else:
@@ -603,6 +605,20 @@ def _kept(last_good: int | None) -> str:
 def _chain_first(first, rest):
     yield first
     yield from rest
+
+
+def _metrics_until(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps up to `step` (a killed run may also leave half a line)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            pass
+    atomic_write(path, "".join(kept).encode())
 
 
 def _last_metrics(path: Path) -> dict[str, dict]:
