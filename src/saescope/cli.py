@@ -131,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="summarise an activation store")
     i.add_argument("path")
+
+    v = sub.add_parser("verify", help="check a store, SAEs, a checkpoint, a feature database or a whole run folder")
+    v.add_argument("paths", nargs="+", metavar="PATH")
     return p
 
 
@@ -242,6 +245,15 @@ def _dispatch(args) -> int:
         from .data import ActivationStore
 
         print(ActivationStore(args.path).summary())
+    elif args.command == "verify":
+        from .verify import verify
+
+        checks = [c for path in args.paths for c in verify(path)]
+        for c in checks:
+            print(f"{'ok ' if c.ok else 'BAD'}  {c.what}: {c.detail}")
+        bad = sum(not c.ok for c in checks)
+        print(f"{len(checks) - bad} of {len(checks)} intact" + (f"; {bad} damaged" if bad else ""))
+        return 1 if bad else 0
     return 0
 
 

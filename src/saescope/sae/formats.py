@@ -43,6 +43,11 @@ def gemmascope_dir(root: str | os.PathLike, layer: int, d_sae: int, l0: float) -
 def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "native") -> Path:
     """Write `sae` into the folder `path`; gemmascope and saelens hold the folded (released) form."""
     path = Path(path)
+    # the config goes last, and an old one first: a folder is an SAE once both files are there,
+    # so an interrupted save leaves "holds no SAE", never new weights under an old config
+    config = {"native": NATIVE_CONFIG, "saelens": SAELENS_CONFIG}.get(format)
+    if config:
+        (path / config).unlink(missing_ok=True)
     if format == "native":
         state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
         atomic_write(path / NATIVE_WEIGHTS, st_save(state))
