@@ -154,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"rank {os.environ.get('RANK')} of {world}: " if world != "1" else ""
         print(f"saescope: error: {where}{exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a lost mount, where no stage gave a better message
+        print(f"saescope: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("saescope: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import CorpusConfig, HarvestConfig
-from ..errors import SaescopeError
+from ..errors import SaescopeError, first_line
 from ..lm import LanguageModel, capture, load_model, parse_sites
 from .corpus import iter_documents
 from .store import ActivationStore, StoreWriter
@@ -92,11 +92,14 @@ def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = N
                 done += len(tokens)
             while in_flight:
                 in_flight.popleft().result()
-        except BaseException:
+        except BaseException as exc:
             for f in in_flight:
                 f.cancel()
             pool.shutdown(wait=True)
             writer.abandon()
+            if isinstance(exc, OSError):  # a full disk, a lost mount: what is committed stays usable
+                raise SaescopeError(f"cannot write the store {out} ({exc.strerror or first_line(exc)}); it keeps its "
+                                    f"first {len(writer.record['shards'])} shards: make room and rerun to resume") from None
             raise
     bar.close()
     if done == 0:

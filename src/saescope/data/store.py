@@ -113,7 +113,10 @@ class _ShardFile:
         return {"file": self.path.name, "rows": self.shape[0], "bytes": self.nbytes, "sha256": self.hash.hexdigest()}
 
     def abandon(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes: on a full disk this fails too
+        except OSError:
+            pass
         self.tmp.unlink(missing_ok=True)
 
 

@@ -333,13 +333,19 @@ class Trainer:
         every rank); once all have, rank 0 commits them in state.json and drops older steps."""
         root = self.out / CHECKPOINT
         folder = f"step-{self.step:08d}"
-        for m in self.members if self.sharded or self.ranks.lead else ():
-            state = {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
-                     "optimizer": m.optimizer.state_dict(), "since_fired": m.since_fired,
-                     "controller": json.dumps(m.controller.state() if m.controller else None)}
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            atomic_write(root / folder / f"{m.name}.pt", buf.getvalue())
+        try:
+            for m in self.members if self.sharded or self.ranks.lead else ():
+                state = {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
+                         "optimizer": m.optimizer.state_dict(), "since_fired": m.since_fired,
+                         "controller": json.dumps(m.controller.state() if m.controller else None)}
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                atomic_write(root / folder / f"{m.name}.pt", buf.getvalue())
+        except OSError as exc:  # a full disk: the last committed checkpoint is untouched
+            shutil.rmtree(root / folder, ignore_errors=True)
+            kept = self.saved["step"] if self.saved else None
+            raise SaescopeError(f"cannot write the checkpoint of step {self.step} in {root} "
+                                f"({exc.strerror or first_line(exc)}); {_kept(kept)}: make room and rerun to resume") from None
         self.ranks.barrier()
         if self.ranks.lead:
             self.saved = {"format": 2, "step": self.step, "folder": folder, "parts": self.parts,
