@@ -14,8 +14,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
@@ -26,6 +26,7 @@ from ..sae.formats import load_sae
 from .db import connect
 
 MAX_TEXT = 4000        # characters accepted by the live-text and steering routes
+MAX_BODY = 64 * 1024   # bytes of a request body: MAX_TEXT characters of JSON-escaped UTF-8 fit
 MAX_NEW_TOKENS = 64
 PLOTS = ("pareto.png", "architectures.png", "firing_frequency.png", "by_position.png")  # written by the report
 STATIC = Path(__file__).parent / "static"
@@ -60,6 +61,17 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
     model_lock = threading.Lock()  # steering hooks the shared model: no other forward may pass meanwhile
     app = FastAPI(title="saescope explorer", version="1")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def bounded_body(request: Request, call_next):
+        """Refuse an over-long body before reading it (413), or one of unstated length (411)."""
+        size = request.headers.get("content-length")
+        if request.method in ("POST", "PUT", "PATCH"):
+            if size is None or not size.isdigit():
+                return JSONResponse({"detail": "a request body needs a Content-Length"}, status_code=411)
+            if int(size) > MAX_BODY:
+                return JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
+        return await call_next(request)
 
     def sae_row(sae_id: str) -> dict:
         if sae_id not in saes:
