@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SaescopeError
+from .errors import SaescopeError, first_line
 
 BUILTIN_CORPUS = "python-docs"
 
@@ -142,9 +142,12 @@ def read_config_file(path: str | Path) -> dict:
                 import tomli as tomllib
             return tomllib.loads(path.read_text())
         if path.suffix == ".json":
-            return json.loads(path.read_text())
+            values = json.loads(path.read_text())
+            if not isinstance(values, dict):
+                raise SaescopeError(f"config {path} must hold an object of settings, not {type(values).__name__}")
+            return values
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
-        raise SaescopeError(f"config {path} cannot be parsed: {exc}") from None
+        raise SaescopeError(f"config {path} cannot be parsed: {first_line(exc)}") from None
     raise SaescopeError(f"config {path}: use a .toml or .json file")
 
 

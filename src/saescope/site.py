@@ -29,7 +29,7 @@ class Site:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise SaescopeError(f"unknown site kind '{self.kind}'; available: {', '.join(KINDS)}")
+            raise SaescopeError(f"unknown site kind {self.kind!r}; available: {', '.join(KINDS)}")
         if not isinstance(self.layer, int) or self.layer < 0:
             raise SaescopeError(f"site layer must be a non-negative integer, got {self.layer!r}")
 
@@ -44,7 +44,7 @@ class Site:
         if (m := _TL.match(text)) and m["hook"] in _TL_NAMES:
             return cls(_TL_NAMES[m["hook"]], int(m["layer"]))
         raise SaescopeError(
-            f"unknown site '{text}'; use KIND.LAYER with KIND in {', '.join(KINDS)} (e.g. resid.6), "
+            f"unknown site {text!r}; use KIND.LAYER with KIND in {', '.join(KINDS)} (e.g. resid.6), "
             f"or blocks.L.{{{', '.join(_TL_NAMES)}}}")
 
     def __str__(self) -> str:
@@ -69,6 +69,12 @@ def parse_sites(sites: "str | Site | Iterable[str | Site]") -> list[Site]:
     """A comma-separated string or a list of sites, parsed and de-duplicated in order."""
     if isinstance(sites, (str, Site)):
         sites = [s for s in str(sites).split(",") if s.strip()] if isinstance(sites, str) else [sites]
+    try:
+        sites = list(sites)
+    except TypeError:
+        sites = None
+    if sites is None or not all(isinstance(s, (str, Site)) for s in sites):
+        raise SaescopeError(f"sites must be a comma-separated string or a list of site names, got {sites!r}")
     out = []
     for s in sites:
         site = Site.parse(s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -61,13 +62,22 @@ def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = N
     bytes_per_row = sum(widths.values()) * (4 if cfg.dtype == "float32" else 2)
     shard_seqs = max(1, min(int(cfg.shard_mb * 2**20 / bytes_per_row) // seq_len, n_seq_total // min_shards))
     special = SpecialTokens.of(lm.tokenizer).ids
+    fresh = not Path(out).exists()
     writer = StoreWriter(out, model=lm.name, sites=widths, dtype=cfg.dtype, seq_len=seq_len,
                          corpus=cfg.corpus.model_dump(), special_ids=special)
+
+    def drop_if_empty():  # a store this call made and nothing was committed to: leave no folder behind
+        if fresh and not writer.record["shards"]:
+            shutil.rmtree(out, ignore_errors=True)
     if writer.complete:
         log.info("store %s is already complete", out)
         return ActivationStore(out)
     done = writer.n_sequences
-    rows = islice(token_rows(lm, cfg.corpus), done, n_seq_total)
+    try:
+        rows = islice(token_rows(lm, cfg.corpus), done, n_seq_total)
+    except SaescopeError:
+        drop_if_empty()
+        raise
     bar = tqdm(total=n_seq_total * seq_len, initial=done * seq_len, unit="tok", unit_scale=True,
                desc=f"harvest {','.join(widths)}", disable=not progress)
     special_t = torch.tensor(special)
@@ -97,12 +107,14 @@ def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = N
                 f.cancel()
             pool.shutdown(wait=True)
             writer.abandon()
+            drop_if_empty()
             if isinstance(exc, OSError):  # a full disk, a lost mount: what is committed stays usable
                 raise SaescopeError(f"cannot write the store {out} ({exc.strerror or first_line(exc)}); it keeps its "
                                     f"first {len(writer.record['shards'])} shards: make room and rerun to resume") from None
             raise
     bar.close()
     if done == 0:
+        drop_if_empty()
         raise SaescopeError(f"corpus {cfg.corpus.source} (split {cfg.corpus.split}) gave no text")
     if done < n_seq_total:
         log.warning("corpus %s ran out after %d sequences (%d tokens) of the %d tokens asked for",

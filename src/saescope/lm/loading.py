@@ -86,9 +86,18 @@ def _from_folder(folder: Path, name: str, device, dtype) -> LanguageModel:
     return LanguageModel(model.to(device).eval(), tokenizer=_tokenizer(folder), name=name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
 def _tokenizer(source, **kwargs):
     from transformers import AutoTokenizer
 
+    folder = Path(source)
+    if folder.is_dir() and "gguf_file" not in kwargs and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer of the model's type from config.json alone
+        log.warning("no tokenizer files in %s; pass token ids directly", folder)
+        return None
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError):

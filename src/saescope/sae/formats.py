@@ -3,6 +3,7 @@ the SAELens folder, and our own native folder. `load_sae` tells them apart by th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -15,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import SaescopeError
+from ..errors import SaescopeError, first_line
 from ..files import atomic_write, read_json, write_json
 from ..site import Site
 from .base import SAEConfig, SparseAutoencoder
@@ -50,8 +51,10 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         (path / config).unlink(missing_ok=True)
     if format == "native":
         state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
-        atomic_write(path / NATIVE_WEIGHTS, st_save(state))
-        meta = {"format": "saescope-sae", "version": 1, "config": sae.cfg.to_dict()}
+        data = st_save(state)
+        atomic_write(path / NATIVE_WEIGHTS, data)
+        meta = {"format": "saescope-sae", "version": 1, "config": sae.cfg.to_dict(),
+                "sha256": hashlib.sha256(data).hexdigest()}
         write_json(path / NATIVE_CONFIG, meta)
         return path
     if format not in FORMATS:
@@ -80,7 +83,9 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         "activation_fn_kwargs": {"k": cfg.k} if cfg.arch == "topk" else {},
         "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out},
     }
-    atomic_write(path / SAELENS_WEIGHTS, st_save(arrays))
+    data = st_save(arrays)
+    saelens["saescope"]["sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write(path / SAELENS_WEIGHTS, data)
     write_json(path / SAELENS_CONFIG, saelens)
     return path
 
@@ -133,11 +138,15 @@ def _canonical(width_dir: Path) -> Path:
     return min(found)[2]
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; when its config records a sha256 (ours do), checked first."""
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SaescopeError(f"{path} does not match the sha256 its config records: damaged or altered")
     try:
-        return st_load(path.read_bytes())
+        return st_load(data)
     except SafetensorError as exc:
-        raise SaescopeError(f"{path} is not a readable safetensors file ({exc})") from None
+        raise SaescopeError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
 
 
 def _from_arrays(arrays: dict[str, torch.Tensor], cfg_values: dict, where: Path) -> SparseAutoencoder:
@@ -220,7 +229,7 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
               "model": cfg.get("model_name") or meta.get("model_name")}
     if arch == "topk":
         values["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k") or cfg.get("k")
-    sae = _from_arrays(_read_safetensors(path / SAELENS_WEIGHTS), values, path)
+    sae = _from_arrays(_read_safetensors(path / SAELENS_WEIGHTS, ours.get("sha256")), values, path)
     if cfg.get("apply_b_dec_to_input"):
         sae.pre_encoder_bias.fill_(True)
     return sae
@@ -236,7 +245,7 @@ def _load_native(path: Path) -> SparseAutoencoder:
         sae = build_sae(SAEConfig(**meta["config"]))
     except TypeError as exc:
         raise SaescopeError(f"{path / NATIVE_CONFIG}: bad config ({exc})") from None
-    state = _read_safetensors(path / NATIVE_WEIGHTS)
+    state = _read_safetensors(path / NATIVE_WEIGHTS, meta.get("sha256"))
     own = sae.state_dict()
     for k, v in own.items():
         if k not in state:
