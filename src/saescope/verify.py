@@ -166,7 +166,9 @@ def _pictures(report: Path) -> str:
 
 
 def _database(path: Path) -> str:
-    con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
+    from .explore.db import connect
+
+    con = connect(path, readonly=True)
     try:
         result = con.execute("PRAGMA integrity_check").fetchone()[0]
         if result != "ok":
