@@ -1,0 +1,105 @@
+"""JumpReLU SAEs and transcoders as pure JAX functions over a parameter pytree (SPEC §2), with the
+straight-through pseudo-derivatives as `jax.custom_vjp`. The same maths as sae/jumprelu.py:
+
+    pre = (x − b_dec·[pre-encoder bias]) W_enc + b_enc,  f = pre · H(pre − θ),  x̂ = f W_dec + b_dec
+    loss = E‖x̂ − target‖² + λ · E Σ H(pre − θ)
+    ∂f/∂θ := −(θ/ε) K((pre − θ)/ε),  ∂H/∂θ := −(1/ε) K((pre − θ)/ε),  K the rectangle on (−½, ½)
+
+Parameters travel between the backends through `from_torch` / `to_torch`, so an SAE trained
+here is saved by the same formats code and read by everything else in saescope."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+Params = dict[str, jax.Array]  # W_enc [d_in, m], b_enc [m], W_dec [m, d_out], b_dec [d_out], theta or log_theta [m]
+
+
+def _kernel(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    u = (z - theta) / eps
+    return ((u > -0.5) & (u < 0.5)).astype(z.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    """z · H(z − θ); ∂/∂z = H(z − θ), ∂/∂θ := −(θ/ε)·K."""
+    return z * (z > theta).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, theta, eps):
+    return jumprelu(z, theta, eps), (z, theta)
+
+
+def _jumprelu_bwd(eps, saved, g):
+    z, theta = saved
+    return g * (z > theta).astype(z.dtype), (g * -(theta / eps) * _kernel(z, theta, eps)).sum(0)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def step(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
+    """H(z − θ); ∂/∂z = 0, ∂/∂θ := −(1/ε)·K."""
+    return (z > theta).astype(z.dtype)
+
+
+def _step_fwd(z, theta, eps):
+    return step(z, theta, eps), (z, theta)
+
+
+def _step_bwd(eps, saved, g):
+    z, theta = saved
+    return jnp.zeros_like(z), (g * -(1.0 / eps) * _kernel(z, theta, eps)).sum(0)
+
+
+step.defvjp(_step_fwd, _step_bwd)
+
+
+def threshold(params: Params) -> jax.Array:
+    return jnp.exp(params["log_theta"]) if "log_theta" in params else params["theta"]
+
+
+def pre_acts(params: Params, x: jax.Array, pre_bias: bool) -> jax.Array:
+    """Encoder pre-activations of normalised input."""
+    if pre_bias:
+        x = x - params["b_dec"]
+    return x @ params["W_enc"] + params["b_enc"]
+
+
+def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Array, *, eps: float,
+         pre_bias: bool) -> tuple[jax.Array, dict]:
+    """The training loss on normalised input and target, and {mse, l0, fired}."""
+    theta = threshold(params)
+    pre = pre_acts(params, x, pre_bias)
+    f = jumprelu(pre, theta, eps)
+    x_hat = f @ params["W_dec"] + params["b_dec"]
+    mse = ((x_hat - target) ** 2).sum(-1).mean()
+    l0 = step(pre, theta, eps).sum(-1).mean()
+    return mse + coeff * l0, {"mse": mse, "l0": l0, "fired": (f != 0).any(0)}
+
+
+def from_torch(sae) -> tuple[Params, dict]:
+    """A PyTorch JumpReLUSAE's parameters as a pytree, and the static settings the loss needs."""
+    if sae.cfg.arch != "jumprelu":
+        raise ValueError(f"the JAX backend trains JumpReLU SAEs, not {sae.cfg.arch}")
+    state = {k: jnp.asarray(v.detach().cpu().numpy()) for k, v in sae.named_parameters()}
+    params = {"W_enc": state["W_enc"], "b_enc": state["b_enc"], "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    if sae.cfg.theta_param == "log":
+        params["log_theta"] = state["log_threshold"]
+    else:
+        params["theta"] = state["theta"]
+    return params, {"eps": sae.cfg.bandwidth, "pre_bias": bool(sae.pre_encoder_bias)}
+
+
+def to_torch(params: Params, sae) -> None:
+    """Write the pytree's values into a PyTorch JumpReLUSAE of the same shape (in place)."""
+    names = {"theta": "theta", "log_theta": "log_threshold"}
+    with torch.no_grad():
+        for k, v in params.items():
+            getattr(sae, names.get(k, k)).copy_(torch.from_numpy(np.array(v)))
