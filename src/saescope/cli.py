@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="the products' dtype (bfloat16 keeps float32 master weights; tf32: CUDA only)")
     h2.add_argument("--kernels", default=None, choices=["auto", "dense", "sparse", "reference"],
                     help="training-step path (default auto: sparse once few latents fire)")
+    h2.add_argument("--backend", default=None, choices=["torch", "jax"],
+                    help="jax: JumpReLU SAEs and transcoders stepped in JAX (pip install 'saescope[jax]')")
     d = t.add_argument_group("under torchrun (see README: Scaling out)")
     d.add_argument("--parallel", default=None, choices=["data", "sae"],
                    help="data: each rank trains every SAE on its share of each batch; sae: the SAEs are spread over the ranks")
@@ -284,7 +286,7 @@ def _train_config(args):
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "device": args.device,
-        "precision": args.precision, "kernels": args.kernels,
+        "precision": args.precision, "kernels": args.kernels, "backend": args.backend,
     }.items() if v is not None}
     parallel = {k: v for k, v in {"mode": args.parallel, "data_parts": args.data_parts,
                                   "timeout_s": args.dist_timeout}.items() if v is not None}

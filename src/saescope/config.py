@@ -120,6 +120,8 @@ class TrainConfig(_Config):
     kernels: Literal["auto", "dense", "sparse", "reference"] = Field(
         "auto", description="training-step path: auto (sparse once few latents fire), dense, sparse, or the plain reference")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="torchrun jobs: data or SAE parallel")
+    backend: Literal["torch", "jax"] = Field("torch", description="jax: JumpReLU SAEs and transcoders stepped in JAX "
+                                                                  "(pip install 'saescope[jax]')")
 
     @model_validator(mode="after")
     def _tf32_on_cuda(self):

@@ -335,11 +335,8 @@ class Trainer:
         folder = f"step-{self.step:08d}"
         try:
             for m in self.members if self.sharded or self.ranks.lead else ():
-                state = {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
-                         "optimizer": m.optimizer.state_dict(), "since_fired": m.since_fired,
-                         "controller": json.dumps(m.controller.state() if m.controller else None)}
                 buf = io.BytesIO()
-                torch.save(state, buf)
+                torch.save(self._member_state(m), buf)
                 atomic_write(root / folder / f"{m.name}.pt", buf.getvalue())
         except OSError as exc:  # a full disk: the last committed checkpoint is untouched
             shutil.rmtree(root / folder, ignore_errors=True)
@@ -369,14 +366,29 @@ class Trainer:
             except Exception as exc:  # torch raises several types for a damaged file
                 raise SaescopeError(f"checkpoint {path} cannot be read ({first_line(exc)}); "
                                     f"move {self.out / CHECKPOINT} away to start over") from None
-            m.sae.load_state_dict(s["sae"])
-            m.optimizer.load_state_dict(s["optimizer"])
-            m.since_fired.copy_(s["since_fired"])
-            ctl = json.loads(s["controller"])
-            if ctl:
-                m.controller = TargetL0(**ctl, device=self.device)
+            self._restore_member(m, s)
         self.step = self.saved["step"]
         return True
+
+    def _member_state(self, m: Member) -> dict:
+        """What a checkpoint holds of one SAE (tensors and strings only: loaded with weights_only)."""
+        return {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
+                "optimizer": self._optimizer_state(m), "since_fired": m.since_fired,
+                "controller": json.dumps(m.controller.state() if m.controller else None)}
+
+    def _optimizer_state(self, m: Member) -> dict:
+        return m.optimizer.state_dict()
+
+    def _restore_optimizer(self, m: Member, saved: dict) -> None:
+        m.optimizer.load_state_dict(saved)
+
+    def _restore_member(self, m: Member, s: dict) -> None:
+        m.sae.load_state_dict(s["sae"])
+        self._restore_optimizer(m, s["optimizer"])
+        m.since_fired.copy_(s["since_fired"])
+        ctl = json.loads(s["controller"])
+        if ctl:
+            m.controller = TargetL0(**ctl, device=self.device)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> list[Path]:
@@ -430,11 +442,15 @@ class Trainer:
         with _tf32(self.cfg.precision == "tf32"):  # forward and backward products alike
             self._train_step(batch)
 
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
-        lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
-        for site in self.sites:  # remember the first step with non-finite activations
+    def _note_bad_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Remember the first step with non-finite activations (read at the next check)."""
+        for site in self.sites:
             bad = ~torch.isfinite(batch[site]).all() & (self._bad_batch[site] < 0)
             self._bad_batch[site] = torch.where(bad, self.step, self._bad_batch[site])
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
+        self._note_bad_batch(batch)
         scaled: dict[tuple[str, float], torch.Tensor] = {}
 
         def view(site: str, c: float) -> torch.Tensor:
@@ -659,5 +675,9 @@ def _open_source(cfg: TrainConfig, ranks: Ranks):
 def train(cfg: TrainConfig, out: str | Path, *, source=None, progress: bool = True) -> list[Path]:
     """Train every SAE of `cfg` into `out/saes/<name>/`; rerunning resumes from the checkpoint.
     Under torchrun (WORLD_SIZE > 1) every rank calls this; `cfg.parallel` says how they share."""
+    if cfg.backend == "jax":
+        from ..jax.trainer import JaxTrainer
+
+        return JaxTrainer(cfg, out, source).run(progress=progress)
     with joined(cfg.parallel, cfg.device) as ranks:
         return Trainer(cfg, out, source, ranks=ranks).run(progress=progress)

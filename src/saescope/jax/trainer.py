@@ -1,0 +1,99 @@
+"""`saescope train --backend jax`: the PyTorch trainer's data, suite, initialisation, schedules,
+target-L0 controller, metrics and checkpoints, with each SAE's step taken in JAX (train.py).
+The SAE objects stay the PyTorch ones, refreshed from the JAX parameters whenever they are
+saved, so checkpoints and outputs are the same files either backend writes."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from ..errors import SaescopeError
+from ..train.schedule import coeff_at, lr_at
+from ..train.trainer import Member, Trainer
+from .sae import from_torch, to_torch
+from .train import State, adam, init, train_step
+
+
+class JaxTrainer(Trainer):
+    def __init__(self, cfg, out, source=None, **kwargs):
+        archs = sorted({s.arch for s in cfg.saes if s.arch != "jumprelu"})
+        if archs:
+            raise SaescopeError(f"the JAX backend trains JumpReLU SAEs and transcoders; {', '.join(archs)} "
+                                "train with backend 'torch'")
+        if cfg.precision != "float32":
+            raise SaescopeError(f"the JAX backend computes in float32; precision '{cfg.precision}' is for backend 'torch'")
+        super().__init__(cfg, out, source, **kwargs)
+        if not self.ranks.solo:
+            raise SaescopeError("the JAX backend is one process (it spreads over a host's devices itself); "
+                                "launch it without torchrun")
+        self.optimizer = adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+        self.states: dict[str, tuple[State, dict]] = {}
+
+    def build(self, first_batch) -> None:
+        super().build(first_batch)
+        for m in self.members:
+            params, static = from_torch(m.sae)
+            self.states[m.name] = (init(params, self.optimizer), static)
+
+    def _train_step(self, batch) -> None:
+        lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
+        self._note_bad_batch(batch)
+        scaled: dict[tuple[str, float], tuple[jnp.ndarray, float]] = {}
+
+        def view(site: str, c: float):
+            if (site, c) not in scaled:
+                x = jnp.asarray((batch[site] / c).numpy())
+                scaled[site, c] = x, ((x - x.mean(0)) ** 2).sum(-1).mean()
+            return scaled[site, c]
+
+        for m in self.members:
+            x, _ = view(m.site, m.scale)
+            y, var = view(m.target, m.scale)
+            coeff = float(m.controller.coeff) if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
+            state, static = self.states[m.name]
+            state, out = train_step(state, x, y, lr, coeff, optimizer=self.optimizer, **static)
+            self.states[m.name] = (state, static)
+            self._record(m, out, var, coeff, lr, x.shape[0])
+
+    def _record(self, m: Member, out: dict, var, coeff: float, lr: float, rows: int) -> None:
+        loss = torch.tensor(float(out["loss"]))
+        bad = ~torch.isfinite(loss) & (m.bad_step < 0)
+        m.bad_step = torch.where(bad, self.step, m.bad_step)
+        m.bad_loss = torch.where(bad, loss, m.bad_loss)
+        m.since_fired.add_(rows).masked_fill_(torch.from_numpy(np.array(out["fired"])), 0)
+        l0 = torch.tensor(float(out["l0"]))
+        if m.controller:
+            m.controller.update(l0)
+        mse = float(out["mse"])
+        for key, value in (("loss", float(loss)), ("mse", mse), ("l0", float(l0)), ("fvu", mse / float(var)),
+                           ("lambda", coeff), ("lr", lr)):
+            m.sums[key] = m.sums.get(key, 0.0) + value
+        m.steps += 1
+
+    def _sync(self, m: Member) -> None:
+        to_torch(self.states[m.name][0].params, m.sae)
+
+    def _optimizer_state(self, m: Member) -> dict:
+        """optax's Adam state (count, mu, nu) as tensors, after the SAE is refreshed for saving."""
+        self._sync(m)
+        adam_state = self.states[m.name][0].adam
+        return {"count": torch.tensor(int(adam_state.count)),
+                **{f"{part}.{k}": torch.from_numpy(np.array(v)) for part in ("mu", "nu")
+                   for k, v in getattr(adam_state, part).items()}}
+
+    def _restore_optimizer(self, m: Member, saved: dict) -> None:
+        """The JAX state from the checkpoint (called after the SAE's own weights are loaded)."""
+        params, static = from_torch(m.sae)
+        fresh = init(params, self.optimizer).adam
+        adam_state = fresh._replace(count=jnp.asarray(int(saved["count"]), dtype=fresh.count.dtype),
+                                    mu={k: jnp.asarray(saved[f"mu.{k}"].numpy()) for k in params},
+                                    nu={k: jnp.asarray(saved[f"nu.{k}"].numpy()) for k in params})
+        self.states[m.name] = (State(params, adam_state), static)
+
+    def _write_saes(self):
+        for m in self.members:
+            self._sync(m)
+        return super()._write_saes()
+
