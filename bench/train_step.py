@@ -25,7 +25,6 @@ import torch
 from saescope.config import SAESpec, TrainConfig, validated
 from saescope.errors import SaescopeError
 from saescope.data import TensorSource
-from saescope.train.trainer import Trainer
 
 from common import emit, step_arguments, step_line, time_steps
 
@@ -61,6 +60,7 @@ def main() -> int:
                    help="the step's path (reference: SPEC §2 written plainly, the speed before the fast paths)")
     p.add_argument("--precision", choices=["float32", "bfloat16", "tf32"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", choices=["torch", "jax"], default="torch", help="jax: the step in JAX (jumprelu)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -70,10 +70,17 @@ def main() -> int:
     spec = SAESpec(sites=[SITE], arch=a.arch, widths=[a.d_sae], ks=[a.k], lambdas=[1e-4])
     try:
         cfg = validated(TrainConfig, saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
-                        checkpoint_every=10**6, kernels=a.kernels, precision=a.precision, device=a.device)
+                        checkpoint_every=10**6, kernels=a.kernels, precision=a.precision, device=a.device,
+                        backend=a.backend)
     except SaescopeError as exc:
         print(f"train_step: {exc}", file=sys.stderr)
         return 2
+    if a.backend == "jax":
+        from saescope.jax import from_torch
+        from saescope.jax.train import init
+        from saescope.jax.trainer import JaxTrainer as Trainer
+    else:
+        from saescope.train.trainer import Trainer
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, source=TensorSource({SITE: batches[0][SITE].cpu()}))
     trainer.build(batches[0])
@@ -82,6 +89,9 @@ def main() -> int:
         with torch.no_grad():
             pre = sae.pre_acts(batches[0][SITE] / trainer.members[0].scale)
             sae.set_threshold(pre.quantile(1 - a.k / a.d_sae, dim=0).clamp_min(1e-3))
+        if a.backend == "jax":  # the JAX state starts from the thresholds just set
+            params, static = from_torch(sae)
+            trainer.states[trainer.members[0].name] = (init(params, trainer.optimizer), static)
 
     def step(i: int, timed: bool) -> None:
         trainer.train_step(batches[i % len(batches)])
@@ -92,6 +102,7 @@ def main() -> int:
     member = trainer.members[0]
     l0 = float(member.sums["l0"]) / member.steps
     line = step_line(a, times, library="saescope", arch=a.arch, kernels=a.kernels, precision=a.precision, l0=l0,
+                     backend=a.backend,
                      device=torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu")
     if a.device.startswith("cuda"):
         line["peak_device_mib"] = torch.cuda.max_memory_allocated(a.device) / 2**20

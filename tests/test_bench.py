@@ -47,3 +47,10 @@ def test_the_distributed_bench_prints_a_row_per_mode(tmp_path):
     assert [row.split(" | ")[1] for row in printed.splitlines() if row.startswith("| ")][1:] == ["one process", "data", "sae"]
     results = json.loads(out.read_text())["results"]
     assert [r["ranks"] for r in results] == [1, 2, 2] and all(r["tokens_per_s"] > 0 for r in results)
+
+
+def test_train_step_bench_times_the_jax_step(tmp_path):
+    args = [sys.executable, str(BENCH), "--arch", "jumprelu", "--d-in", "16", "--d-sae", "256", "--batch", "128",
+            "--threads", "1", "--target-s", "0.2", "--k", "8", "--backend", "jax"]
+    line = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    assert line["backend"] == "jax" and line["tokens_per_s"] > 0 and 4 <= line["l0"] <= 16
