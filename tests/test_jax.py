@@ -203,3 +203,38 @@ def test_each_backends_sae_files_load_in_the_other(acts, tmp_path):
 
         train(_suite("jax", saes=[SAESpec(sites=["resid.0"], arch="topk", widths=[16], ks=[2])]), tmp_path / "x",
               source=acts, progress=False)
+
+
+SHARDED = """
+import sys, torch
+from saescope.config import ParallelConfig, SAESpec, TrainConfig
+from saescope.data import TensorSource
+from saescope.train import train
+g = torch.Generator().manual_seed(5)
+x = torch.randn(3000, 12, generator=g) * 4 + 1
+cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[32, 64], lambdas=[1e-2], bandwidth=0.05),
+                        SAESpec(sites=["mlp_in.0"], transcoder=True, widths=[32], lambdas=[1e-2], bandwidth=0.05)],
+                  tokens=12 * 256, batch_size=256, lr=2e-3, checkpoint_every=0, backend="jax",
+                  parallel=ParallelConfig(mode=sys.argv[2]))
+train(cfg, sys.argv[1], source=TensorSource({"resid.0": x, "mlp_in.0": x[:, :10], "mlp.0": x.tanh() * 2}), progress=False)
+import jax; print(len(jax.devices()))
+"""
+
+
+def test_data_and_latent_sharded_runs_on_four_host_devices_equal_one_device(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    runs = {"one": (1, "data"), "data": (4, "data"), "sae": (4, "sae")}
+    for name, (devices, mode) in runs.items():
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        done = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / name), mode], env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0 and done.stdout.split()[-1] == str(devices), done.stderr[-2000:]
+    one = _weights(tmp_path / "one")
+    for name in ("data", "sae"):
+        got = _weights(tmp_path / name)
+        for sae, state in one.items():
+            for k, v in state.items():
+                torch.testing.assert_close(got[sae][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {sae} {k}")

@@ -1,13 +1,23 @@
 """`saescope train --backend jax`: the PyTorch trainer's data, suite, initialisation, schedules,
 target-L0 controller, metrics and checkpoints, with each SAE's step taken in JAX (train.py).
 The SAE objects stay the PyTorch ones, refreshed from the JAX parameters whenever they are
-saved, so checkpoints and outputs are the same files either backend writes."""
+saved, so checkpoints and outputs are the same files either backend writes.
+
+With more than one JAX device (TPU cores, GPUs, or host devices from
+XLA_FLAGS=--xla_force_host_platform_device_count=N) the step runs on a 1-D mesh over all of them
+through jax.sharding, by `parallel.mode`: "data" splits each batch over the devices with the
+parameters replicated (XLA all-reduces the gradients), "sae" splits every SAE's latents over the
+devices (W_enc's columns, W_dec's rows, b_enc and θ; the batch replicated) for SAEs too wide for
+one device. The same jitted step serves all three: only where the arrays live changes."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ..errors import SaescopeError
 from ..train.schedule import coeff_at, lr_at
@@ -26,16 +36,39 @@ class JaxTrainer(Trainer):
             raise SaescopeError(f"the JAX backend computes in float32; precision '{cfg.precision}' is for backend 'torch'")
         super().__init__(cfg, out, source, **kwargs)
         if not self.ranks.solo:
-            raise SaescopeError("the JAX backend is one process (it spreads over a host's devices itself); "
+            raise SaescopeError("the JAX backend is one process that spreads over its JAX devices itself; "
                                 "launch it without torchrun")
         self.optimizer = adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
         self.states: dict[str, tuple[State, dict]] = {}
+        devices = jax.devices()
+        self.mesh = Mesh(np.array(devices), ("d",)) if len(devices) > 1 else None
+        if self.mesh is not None and cfg.parallel.mode == "data" and cfg.batch_size % len(devices):
+            raise SaescopeError(f"batch_size {cfg.batch_size} does not split over {len(devices)} JAX devices")
+        if self.mesh is not None and cfg.parallel.mode == "sae":
+            odd = sorted({w for s in cfg.saes for w in s.widths if w % len(devices)})
+            if odd:
+                raise SaescopeError(f"widths {odd} do not split over {len(devices)} JAX devices")
+
+    def _placed(self, params) -> dict:
+        """The parameters where the mode wants them (replicated, or latents split over the mesh)."""
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in params.items()}
+        split = self.cfg.parallel.mode == "sae"
+        layout = {"W_enc": P(None, "d"), "W_dec": P("d", None), "b_enc": P("d"), "theta": P("d"), "log_theta": P("d")}
+        return {k: jax.device_put(v, NamedSharding(self.mesh, layout.get(k, P()) if split else P()))
+                for k, v in params.items()}
+
+    def _batch(self, x: np.ndarray) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        rows = P("d", None) if self.cfg.parallel.mode == "data" else P()
+        return jax.device_put(x, NamedSharding(self.mesh, rows))
 
     def build(self, first_batch) -> None:
         super().build(first_batch)
         for m in self.members:
             params, static = from_torch(m.sae)
-            self.states[m.name] = (init(params, self.optimizer), static)
+            self.states[m.name] = (init(self._placed(params), self.optimizer), static)
 
     def _train_step(self, batch) -> None:
         lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
@@ -44,7 +77,7 @@ class JaxTrainer(Trainer):
 
         def view(site: str, c: float):
             if (site, c) not in scaled:
-                x = jnp.asarray((batch[site] / c).numpy())
+                x = self._batch((batch[site] / c).numpy())
                 scaled[site, c] = x, ((x - x.mean(0)) ** 2).sum(-1).mean()
             return scaled[site, c]
 
@@ -86,10 +119,11 @@ class JaxTrainer(Trainer):
     def _restore_optimizer(self, m: Member, saved: dict) -> None:
         """The JAX state from the checkpoint (called after the SAE's own weights are loaded)."""
         params, static = from_torch(m.sae)
+        params = self._placed(params)
         fresh = init(params, self.optimizer).adam
         adam_state = fresh._replace(count=jnp.asarray(int(saved["count"]), dtype=fresh.count.dtype),
-                                    mu={k: jnp.asarray(saved[f"mu.{k}"].numpy()) for k in params},
-                                    nu={k: jnp.asarray(saved[f"nu.{k}"].numpy()) for k in params})
+                                    mu=self._placed({k: saved[f"mu.{k}"].numpy() for k in params}),
+                                    nu=self._placed({k: saved[f"nu.{k}"].numpy() for k in params}))
         self.states[m.name] = (State(params, adam_state), static)
 
     def _write_saes(self):
