@@ -78,6 +78,23 @@ def test_the_theta_pseudo_gradient_inside_and_outside_the_window():
     assert not np.asarray(vjp(g)[0]).any()
 
 
+@pytest.mark.parametrize("theta_param", ["theta", "log"])
+def test_folding_equals_pytorchs_and_keeps_the_activations(theta_param):
+    sae, x, _ = _sae(theta_param, False)
+    sae.norm_scalar.fill_(7.0)
+    raw = x * 7.0
+    params, static = sj.from_torch(sae)
+    folded = sj.fold(params, 7.0, static["pre_bias"])
+    want, _ = sj.from_torch(sae.fold())
+    for k, v in want.items():
+        np.testing.assert_allclose(np.asarray(folded[k]), np.asarray(v), rtol=1e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(np.asarray(sj.encode(folded, jnp.asarray(raw.numpy()), 1.0, False)),
+                               np.asarray(sj.encode(params, jnp.asarray(raw.numpy()), 7.0, static["pre_bias"])),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(sj.encode(params, jnp.asarray(raw.numpy()), 7.0, static["pre_bias"])),
+                               sae.encode(raw).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_parameters_round_trip_through_pytorch():
     sae, *_ = _sae("log", False)
     params, _ = sj.from_torch(sae)

@@ -8,6 +8,6 @@ except ImportError as exc:  # the extra is optional; say how to get it
 
     raise SaescopeError("the JAX backend needs jax and optax: pip install 'saescope[jax]'") from exc
 
-from .sae import from_torch, jumprelu, loss, pre_acts, step, threshold, to_torch
+from .sae import encode, fold, from_torch, jumprelu, loss, pre_acts, step, threshold, to_torch
 
-__all__ = ["from_torch", "jumprelu", "loss", "pre_acts", "step", "threshold", "to_torch"]
+__all__ = ["encode", "fold", "from_torch", "jumprelu", "loss", "pre_acts", "step", "threshold", "to_torch"]

@@ -84,6 +84,24 @@ def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Arr
     return mse + coeff * l0, {"mse": mse, "l0": l0, "fired": (f != 0).any(0)}
 
 
+def encode(params: Params, x: jax.Array, c: float, pre_bias: bool) -> jax.Array:
+    """Latent activations of raw input: C·f(x / C) (the training form's C and pre-encoder bias)."""
+    pre = pre_acts(params, x / c, pre_bias)
+    return c * pre * (pre > threshold(params)).astype(pre.dtype)
+
+
+def fold(params: Params, c: float, pre_bias: bool) -> Params:
+    """The released form (SPEC §2): C and the pre-encoder bias moved into the weights, so that
+    encoding raw x with C = 1 and no pre-encoder bias gives the same activations."""
+    b_enc = params["b_enc"] - (params["b_dec"] @ params["W_enc"] if pre_bias else 0.0)
+    out = {**params, "b_enc": c * b_enc, "b_dec": c * params["b_dec"]}
+    if "log_theta" in params:
+        out["log_theta"] = params["log_theta"] + jnp.log(c)
+    else:
+        out["theta"] = c * params["theta"]
+    return out
+
+
 def from_torch(sae) -> tuple[Params, dict]:
     """A PyTorch JumpReLUSAE's parameters as a pytree, and the static settings the loss needs."""
     if sae.cfg.arch != "jumprelu":
