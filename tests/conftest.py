@@ -112,12 +112,36 @@ def feature_db(tiny_lm, doc_folder, tmp_path):
     return rows, saes, info, tmp_path / "features.db"
 
 
+def save_tiny_model(folder, tokenizer=None):
+    """The tiny Gemma 3 (the same weights as `tiny_lm`'s) saved as a model folder, as users pass one;
+    without `tokenizer`, a folder with no tokenizer files."""
+    tiny_model("gemma3").save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
-def run_config(tmp_path, tokenizer, doc_folder):
+def model_dir(tmp_path, tokenizer):
+    return save_tiny_model(tmp_path / "model", tokenizer)
+
+
+def interrupt_training(monkeypatch, trainer_cls, step: int) -> None:
+    """Make `trainer_cls` stop with KeyboardInterrupt (a Ctrl-C) as it starts `step`."""
+    real = trainer_cls.train_step
+
+    def dying(self, batch):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(trainer_cls, "train_step", dying)
+
+
+@pytest.fixture
+def run_config(model_dir, tmp_path, doc_folder):
     """`tmp_path/run.toml`: the whole pipeline on a tiny Gemma 3 saved to a folder, in seconds."""
-    model = tmp_path / "model"
-    tiny_model("gemma3").save_pretrained(model)
-    tokenizer.save_pretrained(model)
+    model = model_dir
     corpus = f'corpus = {{ source = "{doc_folder}", seq_len = 32, holdout_fraction = 0.3 }}'
     path = tmp_path / "run.toml"
     path.write_text(f"""

@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import save_tiny_model
 from saescope import JumpReLUSAE, SAEConfig, SaescopeError, load_sae
 from saescope.cli import main
 from saescope.config import TrainConfig, config_from_file
@@ -193,7 +194,7 @@ def test_object_arrays_in_npz_are_refused_unpickled(tmp_path):
     assert zipfile.is_zipfile(tmp_path / "params.npz")
 
 
-def test_an_sae_that_does_not_fit_the_model(tiny_lm, tmp_path, capsys):
+def test_an_sae_that_does_not_fit_the_model(tiny_lm, model_dir, tmp_path, capsys):
     from saescope.checks import check_sae
 
     sae = JumpReLUSAE(SAEConfig(d_in=16, d_sae=8, site="resid.1"))
@@ -201,23 +202,21 @@ def test_an_sae_that_does_not_fit_the_model(tiny_lm, tmp_path, capsys):
         check_sae(sae, tiny_lm)
     _one_line(info.value)
     sae.save(tmp_path / "sae")
-    tiny_lm.model.save_pretrained(tmp_path / "model")
-    tiny_lm.tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "eval.json"
     capsys.readouterr()
-    assert main(["-q", "eval", "--sae", str(tmp_path / "sae"), "--model", str(tmp_path / "model"), "--out", str(out)]) == 2
+    assert main(["-q", "eval", "--sae", str(tmp_path / "sae"), "--model", str(model_dir), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "16" in err and not out.exists()
 
 
-def test_a_model_without_tokenizer_and_an_empty_corpus(tiny_lm, tmp_path, capsys):
-    tiny_lm.model.save_pretrained(tmp_path / "model")  # weights and config only
+def test_a_model_without_tokenizer_and_an_empty_corpus(tokenizer, tmp_path, capsys):
+    save_tiny_model(tmp_path / "model")  # weights and config only
     (tmp_path / "docs").mkdir()
     capsys.readouterr()
     harvest = ["-q", "harvest", "--sites", "resid.1", "--tokens", "256", "--seq-len", "32", "--corpus", str(tmp_path / "docs")]
     assert main([*harvest, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "a")]) == 2
     assert capsys.readouterr().err.strip().endswith("the model has no tokenizer; text corpora need one (pass token ids instead)")
-    tiny_lm.tokenizer.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
     assert main([*harvest, "--model", str(tmp_path / "model"), "--out", str(tmp_path / "b")]) == 2
     assert "holds no .txt/.jsonl/.parquet files" in capsys.readouterr().err
     (tmp_path / "docs" / "empty.txt").write_text("")

@@ -6,15 +6,7 @@ import json
 
 import pytest
 
-from conftest import tiny_model
 from saescope.cli import main
-
-
-@pytest.fixture
-def model_dir(tmp_path, tokenizer):
-    tiny_model("gemma3").save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
 
 
 def test_help_lists_every_subcommand(capsys):

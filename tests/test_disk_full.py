@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_tiny_model
 from saescope import load_sae
 from saescope.cli import main
 from saescope.verify import verify
@@ -81,11 +82,8 @@ def _harvest(setup_dir: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
-    from conftest import tiny_model
-
     root = tmp_path_factory.mktemp("disk")
-    tiny_model("gemma3").save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", tokenizer)
     (root / "docs").mkdir()
     for i in range(200):
         (root / "docs" / f"{i:03d}.txt").write_text(" ".join(f"word{(i * 7 + j) % 50}" for j in range(300)) + ".")

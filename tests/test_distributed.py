@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupt_training
 from saescope import SaescopeError, load_sae
 from saescope.config import ParallelConfig, SAESpec, TrainConfig
 from saescope.data import ActivationStore, StoreWriter, TensorSource
@@ -186,14 +187,7 @@ def test_a_dying_rank_ends_the_job_and_the_run_resumes_on_one_process(store, sin
 
 def test_a_one_process_run_resumes_sharded_on_two_ranks(store, single, tmp_path, monkeypatch):
     config = _config(tmp_path, store)
-    real = Trainer.train_step
-
-    def dying(self, batch):
-        if self.step == 25:
-            raise KeyboardInterrupt
-        return real(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
+    interrupt_training(monkeypatch, Trainer, 25)
     with pytest.raises(KeyboardInterrupt):
         _single(config, tmp_path / "cut")
     monkeypatch.undo()
@@ -218,11 +212,9 @@ def test_a_rank_that_fails_stops_every_rank_with_its_reason(store, tmp_path):
     assert "rank 1 of 2: shard" in done.stderr and "00003.safetensors is corrupt" in done.stderr
 
 
-def test_streaming_from_a_model_on_two_ranks(tiny_lm, tmp_path):
+def test_streaming_from_a_model_on_two_ranks(model_dir, tmp_path):
     """No disk: each rank harvests its data parts; sharded mode shares them by all-gather."""
-    tiny_lm.model.save_pretrained(tmp_path / "model")
-    tiny_lm.tokenizer.save_pretrained(tmp_path / "model")
-    common = ["--model", str(tmp_path / "model"), "--sites", "resid.1", "--widths", "16,24", "--tokens", "2048",
+    common = ["--model", str(model_dir), "--sites", "resid.1", "--widths", "16,24", "--tokens", "2048",
               "--harvest-tokens", "8192",
               "--batch-size", "128", "--lr", "1e-3", "--log-every", "4"]
     for mode in ("data", "sae"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import save_tiny_model
 from saescope import load_sae
 
 SEEDS = (1, 2, 3)
@@ -24,11 +25,8 @@ SEEDS = (1, 2, 3)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     """A tiny Gemma 3 in a folder and a corpus folder of 400 generated documents."""
-    from conftest import tiny_model
-
     root = tmp_path_factory.mktemp("faults")
-    tiny_model("gemma3").save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_model(root / "model", tokenizer)
     rng = random.Random(0)
     words = "the quick brown fox sparse latent model layer token feature residual stream python data".split()
     (root / "docs").mkdir()

@@ -13,6 +13,7 @@ import torch
 jax = pytest.importorskip("jax")  # the [jax] extra: installed by make, so this never skips in CI
 import jax.numpy as jnp  # noqa: E402
 
+from conftest import interrupt_training
 from saescope import JumpReLUSAE, SAEConfig, SaescopeError  # noqa: E402
 from saescope import jax as sj  # noqa: E402
 
@@ -187,14 +188,7 @@ def test_a_killed_jax_run_resumes_to_the_same_saes(acts, tmp_path, monkeypatch):
     from saescope.train import train
 
     train(_suite("jax"), tmp_path / "whole", source=acts, progress=False)
-    real = JaxTrainer.train_step
-
-    def dying(self, batch):
-        if self.step == 15:
-            raise KeyboardInterrupt
-        return real(self, batch)
-
-    monkeypatch.setattr(JaxTrainer, "train_step", dying)
+    interrupt_training(monkeypatch, JaxTrainer, 15)
     with pytest.raises(KeyboardInterrupt):
         train(_suite("jax"), tmp_path / "cut", source=acts, progress=False)
     monkeypatch.undo()

@@ -15,11 +15,9 @@ from saescope.explore.server import MAX_BODY, create_app
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "serve_load.py"
 
 
-def test_twenty_clients_for_thirty_seconds_without_an_error(tiny_lm, feature_db, tmp_path):
-    tiny_lm.model.save_pretrained(tmp_path / "model")
-    tiny_lm.tokenizer.save_pretrained(tmp_path / "model")
+def test_twenty_clients_for_thirty_seconds_without_an_error(feature_db, model_dir, tmp_path):
     out = tmp_path / "load.json"
-    done = subprocess.run([sys.executable, str(BENCH), str(feature_db[3].parent), "--model", str(tmp_path / "model"),
+    done = subprocess.run([sys.executable, str(BENCH), str(feature_db[3].parent), "--model", str(model_dir),
                            "--clients", "20", "--seconds", "30", "--out", str(out)], capture_output=True, text=True)
     result = json.loads(out.read_text())
     print(done.stdout)  # the latency table, in the test log

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import interrupt_training
 from saescope import SaescopeError, load_sae
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
@@ -94,14 +95,7 @@ def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypa
     whole = _weights(tmp_path / "whole")
     assert len(whole) == 13  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder + target L0
 
-    real = Trainer.train_step
-
-    def dying(self, batch):
-        if self.step == 25:
-            raise KeyboardInterrupt
-        return real(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", dying)
+    interrupt_training(monkeypatch, Trainer, 25)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "cut", source=suite_source, progress=False)
     monkeypatch.undo()

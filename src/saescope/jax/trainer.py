@@ -91,16 +91,16 @@ class JaxTrainer(Trainer):
             self._record(m, out, var, coeff, lr, x.shape[0])
 
     def _record(self, m: Member, out: dict, var, coeff: float, lr: float, rows: int) -> None:
-        loss = torch.tensor(float(out["loss"]))
-        bad = ~torch.isfinite(loss) & (m.bad_step < 0)
-        m.bad_step = torch.where(bad, self.step, m.bad_step)
-        m.bad_loss = torch.where(bad, loss, m.bad_loss)
-        m.since_fired.add_(rows).masked_fill_(torch.from_numpy(np.array(out["fired"])), 0)
-        l0 = torch.tensor(float(out["l0"]))
+        """The step's numbers on the host, in one transfer (the controller and the dead-latent
+        counters need them every step)."""
+        loss, mse, l0, fired, var = jax.device_get((out["loss"], out["mse"], out["l0"], out["fired"], var))
+        bad = not np.isfinite(loss) and int(m.bad_step) < 0
+        if bad:
+            m.bad_step, m.bad_loss = torch.tensor(self.step), torch.tensor(float(loss))
+        m.since_fired.add_(rows).masked_fill_(torch.from_numpy(np.array(fired)), 0)
         if m.controller:
-            m.controller.update(l0)
-        mse = float(out["mse"])
-        for key, value in (("loss", float(loss)), ("mse", mse), ("l0", float(l0)), ("fvu", mse / float(var)),
+            m.controller.update(torch.tensor(float(l0)))
+        for key, value in (("loss", float(loss)), ("mse", float(mse)), ("l0", float(l0)), ("fvu", float(mse / var)),
                            ("lambda", coeff), ("lr", lr)):
             m.sums[key] = m.sums.get(key, 0.0) + value
         m.steps += 1

@@ -163,7 +163,7 @@ class Trainer:
         self.plan = expand(cfg)
         self.saved = self._saved_state()
         self.source = source if source is not None else _open_source(cfg, self.ranks)
-        self.plan_sites = sorted({p[2] for p in self.plan} | {p[3] for p in self.plan})
+        self.plan_sites = _sites(self.plan)
         missing = [s for s in self.plan_sites if s not in self.source.sites]
         if missing:
             raise SaescopeError(f"the activation source has no {', '.join(missing)}; it holds {', '.join(self.source.sites)}")
@@ -178,7 +178,7 @@ class Trainer:
         self.gather = self.sharded and self.source.produced
         self.own = set(self._owned())
         reads = [p for p in self.plan if p[0] in self.own] if self.sharded and not self.gather else self.plan
-        self.sites = sorted({p[2] for p in reads} | {p[3] for p in reads})
+        self.sites = _sites(reads)
         self.parts = self._data_parts()
         spread = not self.sharded or self.gather
         self.local_parts = list(range(self.ranks.rank, self.parts, self.ranks.world) if spread else range(self.parts))
@@ -302,16 +302,14 @@ class Trainer:
         return self._side_by_side(streams)
 
     def _side_by_side(self, streams):
-        order = None
+        per, world = self.cfg.batch_size // self.parts, self.ranks.world
+        made = [p for r in range(world) for p in range(r, self.parts, world)]  # rank r made parts r, r + world, …
+        order = torch.tensor(sorted(range(self.parts), key=made.__getitem__))
         for parts in zip(*streams):
             batch = {s: torch.cat([b[s] for b in parts]) if len(parts) > 1 else parts[0][s] for s in self.sites}
-            if self.gather:  # every rank's parts, then in part order: rank r made parts r, r + world, …
-                per, world = self.cfg.batch_size // self.parts, self.ranks.world
-                if order is None:
-                    made = [p for r in range(world) for p in range(r, self.parts, world)]
-                    order = torch.tensor(sorted(range(self.parts), key=made.__getitem__))
+            if self.gather:  # every rank's parts, put in part order (NCCL gathers device tensors)
                 batch = {s: torch.cat(self.ranks.gather_rows(x.to(self.device))).view(self.parts, per, -1)[order]
-                         .view(-1, x.shape[1]) for s, x in batch.items()}  # NCCL gathers device tensors
+                         .view(-1, x.shape[1]) for s, x in batch.items()}
             yield batch
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -484,7 +482,7 @@ class Trainer:
                                        path=self.cfg.kernels, workspace=self.workspace, pre=pre)
         m.sae.zero_grad(set_to_none=True)
         out["loss"].backward()
-        out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, rows=x.shape[0])
+        out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, batch=x.shape[0])
         return out
 
     def _update(self, m: Member, out: dict, var: torch.Tensor, lr: float) -> None:
@@ -499,7 +497,7 @@ class Trainer:
         m.enc_rows.grad = m.sae.W_enc.grad.t()
         m.optimizer.step()
         m.sae.apply_constraints(rows)
-        m.since_fired.add_(out["rows"] * self.split.world).masked_fill_(out["fired"], 0)
+        m.since_fired.add_(out["batch"] * self.split.world).masked_fill_(out["fired"], 0)
         if m.controller:
             m.controller.update(out["l0"])
         for key, value in (("loss", loss), ("mse", mse), ("l0", out["l0"]), ("fvu", mse / var),
@@ -527,7 +525,7 @@ class Trainer:
             out["fired"], out["touched"] = flat[start:start + width] > 0, flat[start + width:start + 2 * width] > 0
             out["l0"], out["loss"], out["mse"] = (flat[start + 2 * width:start + 2 * width + 3] / world).float().unbind()
             start += 2 * width + 3
-            rows = out["touched"].nonzero().squeeze(1) if int(out["touched"].count_nonzero()) <= width // 4 else None
+            rows = _few_touched(out)
             for p in m.sae.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
@@ -555,10 +553,7 @@ class Trainer:
         and L0 50, a batch of 4096 reaches about 18% of them)."""
         if self.cfg.kernels == "reference" or self.cfg.adam_beta1 != 0:
             return None
-        touched = out.get("touched", out["fired"])
-        if int(touched.count_nonzero()) > touched.numel() // 4:
-            return None
-        return touched.nonzero().squeeze(1)
+        return _few_touched(out)
 
     def _check_finite(self, last_good: int | None) -> None:
         """Stop on the first NaN or Inf seen since the last check (one read from the device; under
@@ -617,6 +612,21 @@ def _tf32(enabled: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def _sites(plan: list) -> list[str]:
+    """The input and target sites a part of the suite reads."""
+    return sorted({p[2] for p in plan} | {p[3] for p in plan})
+
+
+def _few_touched(out: dict) -> torch.Tensor | None:
+    """The latents a step's gradient reached, when at most a quarter were (else None); kept in
+    `out`, so the all-reduce and the decoder-norm step read the mask once."""
+    if "few_touched" not in out:
+        touched = out.get("touched", out["fired"])
+        out["few_touched"] = (touched.nonzero().squeeze(1) if int(touched.count_nonzero()) <= touched.numel() // 4
+                              else None)
+    return out["few_touched"]
 
 
 def _kept(last_good: int | None) -> str:
