@@ -8,13 +8,21 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test bench bench-suite setup clean
+.PHONY: demo test test-quick browser bench bench-suite setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+# The whole suite, every test (CI runs this); tests/need-browser installs Chromium for the browser test.
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q --durations=15
+
+# For iterating: the suite less the tests marked slow (`make test` still runs them).
+test-quick: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m "not slow"
+
+browser:
+	@tests/need-browser
 
 bench: $(STAMP)
 	$(BIN)/python bench/harvest.py --out runs/bench-harvest.json

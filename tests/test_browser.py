@@ -4,6 +4,7 @@ Saves screenshots under artifacts/ (CI keeps them)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -16,7 +17,9 @@ import uvicorn
 from saescope.explore.server import create_app
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# tests/need-browser (run by `make test`) installs these where they are missing.
+CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("SAESCOPE_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 
 @pytest.fixture
@@ -47,7 +50,7 @@ def server(tiny_lm, feature_db, tmp_path):
 def browser(tmp_path):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not found: install Debian's chromium and chromium-driver (.ci/run does)")
+        pytest.fail(f"{', '.join(missing)} not found: run tests/need-browser (`make test` does)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
