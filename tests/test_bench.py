@@ -26,6 +26,7 @@ def test_train_step_bench_prints_and_appends_one_json_line(arch, tmp_path):
     assert 4 <= line["l0"] <= 16  # about k latents fire per token, JumpReLU's thresholds included
 
 
+@pytest.mark.slow
 def test_the_suite_prints_one_table_and_writes_json(tmp_path):
     """bench/suite.py on one tiny shape without peers or harvest: a row per path and precision."""
     out = tmp_path / "suite.json"

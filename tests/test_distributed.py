@@ -212,6 +212,7 @@ def test_a_rank_that_fails_stops_every_rank_with_its_reason(store, tmp_path):
     assert "rank 1 of 2: shard" in done.stderr and "00003.safetensors is corrupt" in done.stderr
 
 
+@pytest.mark.slow
 def test_streaming_from_a_model_on_two_ranks(model_dir, tmp_path):
     """No disk: each rank harvests its data parts; sharded mode shares them by all-gather."""
     common = ["--model", str(model_dir), "--sites", "resid.1", "--widths", "16,24", "--tokens", "2048",

@@ -92,6 +92,7 @@ def _harvest(setup, out: Path) -> list[str]:
                 "--seq-len", "64", "--shard-mb", "0.15", "--corpus", str(setup / "docs"), "--out", str(out))
 
 
+@pytest.mark.slow
 def test_killed_harvests_resume_to_the_same_store(setup, tmp_path):
     work = _work_seconds(_harvest(setup, tmp_path / "whole"), lambda: (tmp_path / "whole" / "store.json").is_file())
     whole = _store_digest(tmp_path / "whole")
@@ -122,6 +123,7 @@ def _trained(out: Path) -> tuple[dict, list]:
     return weights, [(line["sae"], line["step"], line["loss"]) for line in lines]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_same_saes_and_log(store, tmp_path):
     work = _work_seconds(_train(store, tmp_path / "whole"), lambda: (tmp_path / "whole" / "metrics.jsonl").is_file())
     weights, log = _trained(tmp_path / "whole")
@@ -155,6 +157,7 @@ def _db_digest(path: Path) -> dict:
     return digest
 
 
+@pytest.mark.slow
 def test_killed_explorer_builds_rebuild_the_same_database(setup, store, tmp_path):
     _run(_train(store, tmp_path / "train"))
     saes = tmp_path / "train" / "saes"

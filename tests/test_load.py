@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from saescope.explore.server import MAX_BODY, create_app
@@ -15,6 +16,7 @@ from saescope.explore.server import MAX_BODY, create_app
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "serve_load.py"
 
 
+@pytest.mark.slow
 def test_twenty_clients_for_thirty_seconds_without_an_error(feature_db, model_dir, tmp_path):
     out = tmp_path / "load.json"
     done = subprocess.run([sys.executable, str(BENCH), str(feature_db[3].parent), "--model", str(model_dir),
