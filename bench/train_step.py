@@ -25,6 +25,7 @@ import torch
 from saescope.config import SAESpec, TrainConfig, validated
 from saescope.errors import SaescopeError
 from saescope.data import TensorSource
+from saescope.train import trainer_for
 
 from common import emit, step_arguments, step_line, time_steps
 
@@ -75,14 +76,8 @@ def main() -> int:
     except SaescopeError as exc:
         print(f"train_step: {exc}", file=sys.stderr)
         return 2
-    if a.backend == "jax":
-        from saescope.jax import from_torch
-        from saescope.jax.train import init
-        from saescope.jax.trainer import JaxTrainer as Trainer
-    else:
-        from saescope.train.trainer import Trainer
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, tmp, source=TensorSource({SITE: batches[0][SITE].cpu()}))
+        trainer = trainer_for(cfg, tmp, source=TensorSource({SITE: batches[0][SITE].cpu()}))
     trainer.build(batches[0])
     sae = trainer.members[0].sae
     if a.arch == "jumprelu":
@@ -90,8 +85,7 @@ def main() -> int:
             pre = sae.pre_acts(batches[0][SITE] / trainer.members[0].scale)
             sae.set_threshold(pre.quantile(1 - a.k / a.d_sae, dim=0).clamp_min(1e-3))
         if a.backend == "jax":  # the JAX state starts from the thresholds just set
-            params, static = from_torch(sae)
-            trainer.states[trainer.members[0].name] = (init(params, trainer.optimizer), static)
+            trainer.backend.reset(trainer.members[0])
 
     def step(i: int, timed: bool) -> None:
         trainer.train_step(batches[i % len(batches)])

@@ -94,7 +94,7 @@ def feature_db(tiny_lm, doc_folder, tmp_path):
     """Two JumpReLU SAEs (resid.1, attn.0), saved, and their feature database over 10 rows of 32."""
     import numpy as np
 
-    from saescope import CorpusConfig, JumpReLUSAE, SAEConfig
+    from saescope import CorpusConfig, JumpReLUSAE, SAEConfig, save_sae
     from saescope.data import token_rows
     from saescope.explore import build
 
@@ -106,7 +106,7 @@ def feature_db(tiny_lm, doc_folder, tmp_path):
         sae.init_weights(torch.Generator().manual_seed(1))
         with torch.no_grad():
             sae.set_threshold(torch.full((24,), 0.05))
-        saes[site] = (sae, sae.save(tmp_path / "saes" / site))
+        saes[site] = (sae, save_sae(sae, tmp_path / "saes" / site))
     info = build(saes, tiny_lm, rows, tmp_path / "features.db", batch_size=3, top_k=5, sample=16, bands=4,
                  per_band=2, progress=False)
     return rows, saes, info, tmp_path / "features.db"

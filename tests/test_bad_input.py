@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import save_tiny_model
-from saescope import JumpReLUSAE, SAEConfig, SaescopeError, load_sae
+from saescope import JumpReLUSAE, SAEConfig, SaescopeError, load_sae, save_sae
 from saescope.cli import main
 from saescope.config import TrainConfig, config_from_file
 from saescope.pipeline import RunConfig
@@ -149,7 +149,7 @@ def saved(tmp_path_factory):
     sae = JumpReLUSAE(SAEConfig(d_in=8, d_sae=16, site="resid.1"))
     sae.init_weights(torch.Generator().manual_seed(0))
     root = tmp_path_factory.mktemp("saes")
-    return {fmt: sae.save(root / fmt, format=fmt) for fmt in ("native", "saelens", "gemmascope")}, sae
+    return {fmt: save_sae(sae, root / fmt, format=fmt) for fmt in ("native", "saelens", "gemmascope")}, sae
 
 
 def _weights_file(folder: Path, fmt: str) -> Path:
@@ -201,7 +201,7 @@ def test_an_sae_that_does_not_fit_the_model(tiny_lm, model_dir, tmp_path, capsys
     with pytest.raises(SaescopeError, match=r"d_in 16.*32|32.*d_in 16") as info:
         check_sae(sae, tiny_lm)
     _one_line(info.value)
-    sae.save(tmp_path / "sae")
+    save_sae(sae, tmp_path / "sae")
     out = tmp_path / "eval.json"
     capsys.readouterr()
     assert main(["-q", "eval", "--sae", str(tmp_path / "sae"), "--model", str(model_dir), "--out", str(out)]) == 2

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from saescope import save_sae
 from saescope.cli import main
 
 
@@ -91,14 +92,14 @@ def test_eval_writes_json_and_markdown(model_dir, doc_folder, tmp_path, capsys):
     for site, d in (("resid.1", 32), ("attn.0", 48)):
         sae = ReLUSAE(SAEConfig(arch="relu", d_in=d, d_sae=8, site=site))
         sae.init_weights()
-        sae.save(tmp_path / "saes" / site, format="saelens" if site == "attn.0" else "gemmascope")
+        save_sae(sae, tmp_path / "saes" / site, format="saelens" if site == "attn.0" else "gemmascope")
     out = tmp_path / "eval.json"
     args = ["-q", "eval", "--sae", str(tmp_path / "saes"), "--model", str(model_dir), "--tokens", "128",
             "--corpus", str(doc_folder), "--seq-len", "32", "--holdout-fraction", "0.5", "--out", str(out)]
     assert main(args) == 2  # gemmascope folder has no site recorded → resid.1 unknown: a clear error
     assert "does not say which site it reads" in capsys.readouterr().err
     (tmp_path / "saes" / "resid.1" / "params.npz").unlink()
-    ReLUSAE(SAEConfig(arch="relu", d_in=32, d_sae=8, site="resid.1")).save(tmp_path / "saes" / "resid.1")
+    save_sae(ReLUSAE(SAEConfig(arch="relu", d_in=32, d_sae=8, site="resid.1")), tmp_path / "saes" / "resid.1")
     assert main(args) == 0
     records = json.loads(out.read_text())
     assert [r["sae"] for r in records] == ["attn.0", "resid.1"]
@@ -114,7 +115,7 @@ def test_explore_build_on_a_folder_of_saes(model_dir, doc_folder, tmp_path, caps
 
     sae = JumpReLUSAE(SAEConfig(d_in=32, d_sae=16, site="resid.1"))
     sae.init_weights()
-    sae.save(tmp_path / "saes" / "one")
+    save_sae(sae, tmp_path / "saes" / "one")
     assert main(["-q", "explore", "build", str(tmp_path / "saes"), "--tokens", "128", "--corpus", str(doc_folder),
                  "--split", "all", "--seq-len", "32"]) == 2
     assert "pass --model" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from conftest import interrupt_training
 from saescope import SaescopeError, load_sae
 from saescope.config import ParallelConfig, SAESpec, TrainConfig
 from saescope.data import ActivationStore, StoreWriter, TensorSource
-from saescope.train import Trainer, train
+from saescope.train import Trainer, train, trainer_for
 from saescope.train.distributed import Ranks, assign
 
 SITES = {"resid.0": 8, "resid.1": 8, "mlp_in.0": 6, "mlp.0": 8}
@@ -239,22 +239,22 @@ def test_data_parts_fix_the_rank_counts_a_run_can_use(store, tmp_path):
     three = Ranks(rank=0, world=3)  # the checks come before any collective
     with pytest.raises(SaescopeError, match=r"the checkpoint of step 20 .* was made of 2 data parts, which 3 ranks "
                                             r"cannot share evenly; use a number of ranks that divides 2, or SAE-sharded"):
-        Trainer(cfg.model_copy(update={"parallel": ParallelConfig()}), tmp_path / "run", ranks=three)
+        trainer_for(cfg.model_copy(update={"parallel": ParallelConfig()}), tmp_path / "run", ranks=three)
     sharded = ParallelConfig(mode="sae")  # reading a store, each rank reads every part: any count
-    assert Trainer(cfg.model_copy(update={"parallel": sharded}), tmp_path / "run", ranks=three).parts == 2
+    assert trainer_for(cfg.model_copy(update={"parallel": sharded}), tmp_path / "run", ranks=three).parts == 2
     with pytest.raises(SaescopeError, match="holds a run with 2 data parts; a run keeps its data parts"):
-        Trainer(cfg.model_copy(update={"parallel": ParallelConfig(data_parts=4)}), tmp_path / "run")
+        trainer_for(cfg.model_copy(update={"parallel": ParallelConfig(data_parts=4)}), tmp_path / "run")
     with pytest.raises(SaescopeError, match="batch_size 240 does not split into 7 equal data parts"):
-        Trainer(cfg.model_copy(update={"parallel": ParallelConfig(data_parts=7)}), tmp_path / "fresh")
+        trainer_for(cfg.model_copy(update={"parallel": ParallelConfig(data_parts=7)}), tmp_path / "fresh")
     with pytest.raises(SaescopeError, match=r"has 6 shards, fewer than the 8 data parts"):
         ActivationStore(store).part(0, 8)
     with pytest.raises(SaescopeError, match="SAE-sharded training of 3 SAEs cannot use 4 ranks"):
-        Trainer(cfg.model_copy(update={"parallel": ParallelConfig(mode="sae", data_parts=4)}), tmp_path / "fresh",
+        trainer_for(cfg.model_copy(update={"parallel": ParallelConfig(mode="sae", data_parts=4)}), tmp_path / "fresh",
                 ranks=Ranks(rank=0, world=4))
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(SaescopeError, match="checkpoint of an earlier saescope"):
-        Trainer(cfg, tmp_path / "old")
+        trainer_for(cfg, tmp_path / "old")
 
 
 def test_data_parts_split_every_source_disjointly(store):

@@ -14,7 +14,8 @@ from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
 from saescope.sae import fast
 from saescope.sae.fast import Code, Workspace
-from saescope.train.trainer import EncoderGroup, Trainer
+from saescope.train import trainer_for
+from saescope.train.step_torch import EncoderGroup, TorchStep
 
 D_IN, D_SAE, BATCH = 12, 48, 64
 CASES = [("jumprelu", {}), ("jumprelu", {"theta_param": "log"}), ("relu", {}), ("topk", {"k": 5}),
@@ -167,7 +168,7 @@ def _lockstep(saes, kernels, tmp_path, batch_size=128, steps=30, plant_dead=True
     for path in ("reference", kernels):
         cfg = TrainConfig(saes=saes, tokens=steps * batch_size, batch_size=batch_size, lr=1e-3, dead_tokens=256,
                           kernels=path)
-        trainers[path] = Trainer(cfg, tmp_path / path, source=TensorSource({"resid.0": acts}))
+        trainers[path] = trainer_for(cfg, tmp_path / path, source=TensorSource({"resid.0": acts}))
     ref, fast_ = trainers["reference"], trainers[kernels]
     batches = list(ref._batches())[:steps]
     torch.manual_seed(0)
@@ -181,7 +182,8 @@ def _lockstep(saes, kernels, tmp_path, batch_size=128, steps=30, plant_dead=True
     for batch in batches:
         for a, b in zip(ref.members, fast_.members):
             b.sae.load_state_dict(a.sae.state_dict())
-            b.optimizer.load_state_dict(copy.deepcopy(a.optimizer.state_dict()))  # else they share tensors
+            adam = copy.deepcopy(ref.backend.optimizers[a.name].state_dict())  # else they share tensors
+            fast_.backend.optimizers[b.name].load_state_dict(adam)
             b.since_fired.copy_(a.since_fired)
         aux_seen |= any(bool((m.since_fired >= ref.dead_tokens).any()) for m in ref.members)
         for t in (ref, fast_):
@@ -217,14 +219,14 @@ def test_the_decoder_norm_step_on_fired_rows_only(tmp_path, monkeypatch):
     """A wide TopK SAE reaches few decoder rows a step: the norm step on those rows alone equals
     the full one, with AuxK's rows included once latents die."""
     restricted = []
-    original = Trainer._decoder_rows
+    original = TorchStep._decoder_rows
 
     def spy(self, out):
         rows = original(self, out)
         restricted.append(rows is not None and self.cfg.kernels != "reference")
         return rows
 
-    monkeypatch.setattr(Trainer, "_decoder_rows", spy)
+    monkeypatch.setattr(TorchStep, "_decoder_rows", spy)
     saes = [SAESpec(sites=["resid.0"], arch="topk", widths=[1024], ks=[2])]
     assert _lockstep(saes, "auto", tmp_path, batch_size=32, steps=20, plant_dead=False)
     assert sum(restricted) >= 10
@@ -256,18 +258,18 @@ def test_sae_groups_share_one_encoder_product(tmp_path, monkeypatch):
     saes = [SAESpec(sites=["resid.0"], widths=[D_SAE, 2 * D_SAE], lambdas=[1e-3]),
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
             SAESpec(sites=["resid.1"], widths=[D_SAE], lambdas=[1e-3])]      # alone on its input
-    trainer = Trainer(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
+    trainer = trainer_for(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
     batch = next(iter(trainer._batches()))
     trainer.build(batch)
-    assert trainer.groups == []  # the CPU steps SAEs apart
+    assert trainer.backend.groups == []  # the CPU steps SAEs apart
     monkeypatch.setattr(EncoderGroup, "APART_ON", set())
-    trainer = Trainer(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
+    trainer = trainer_for(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
     trainer.build(batch)
-    [group] = trainer.groups
+    [group] = trainer.backend.groups
     assert [m.sae.cfg.d_sae for m in group.members] == [D_SAE, 2 * D_SAE, D_SAE]
     for m in group.members:
         assert m.sae.W_enc.untyped_storage().data_ptr() == group.weight.untyped_storage().data_ptr()
-        alias = m.optimizer.param_groups[0]["params"][0]  # Adam steps W_enc through its contiguous transpose
+        alias = trainer.backend.optimizers[m.name].param_groups[0]["params"][0]  # Adam steps W_enc through its contiguous transpose
         assert alias.is_contiguous() and alias.data_ptr() == m.sae.W_enc.data_ptr() and alias.shape == (m.sae.cfg.d_sae, D_IN)
     x = batch["resid.0"] / group.scale
     for m in group.members:  # each SAE's shared-product pre-activations against its own

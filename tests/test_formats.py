@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from saescope import LanguageModel, SAEConfig, SaescopeError, build_sae, check_sae, load_sae
+from saescope import LanguageModel, SAEConfig, SaescopeError, build_sae, check_sae, load_sae, save_sae
 from saescope.sae.formats import gemmascope_dir, width_label
 
 
@@ -39,9 +39,9 @@ def test_round_trip(tmp_path, fmt, arch, kw):
     sae = _trained_like(arch, **kw)
     if arch == "topk" and fmt == "gemmascope":
         with pytest.raises(SaescopeError, match="Gemma Scope format holds JumpReLU"):
-            sae.save(tmp_path / "s", format=fmt)
+            save_sae(sae, tmp_path / "s", format=fmt)
         return
-    sae.save(tmp_path / "s", format=fmt)
+    save_sae(sae, tmp_path / "s", format=fmt)
     back = load_sae(tmp_path / "s")
     x = torch.randn(16, 32) * 12.5
     if fmt == "native":
@@ -60,7 +60,7 @@ def test_round_trip(tmp_path, fmt, arch, kw):
 
 def test_gemmascope_npz_layout(tmp_path):
     sae = _trained_like()
-    sae.save(tmp_path, format="gemmascope")
+    save_sae(sae, tmp_path, format="gemmascope")
     with np.load(tmp_path / "params.npz", allow_pickle=False) as npz:
         assert sorted(npz.files) == ["W_dec", "W_enc", "b_dec", "b_enc", "threshold"]
         assert all(npz[k].dtype == np.float32 for k in npz.files)
@@ -70,20 +70,20 @@ def test_gemmascope_npz_layout(tmp_path):
 def test_release_tree_and_canonical(tmp_path):
     root = tmp_path / "gemma-scope-2b-pt-res"
     for l0 in (22, 71, 141, 300):
-        _trained_like().save(gemmascope_dir(root, 20, 16384, l0 + 0.4), format="gemmascope")
+        save_sae(_trained_like(), gemmascope_dir(root, 20, 16384, l0 + 0.4), format="gemmascope")
     assert (root / "layer_20" / "width_16k" / "average_l0_71" / "params.npz").is_file()
     sae = load_sae(root / "layer_20" / "width_16k" / "average_l0_71")
     assert sae.cfg.site == "resid.20" and sae.cfg.model == "gemma-2-2b"
     canon = load_sae(root / "layer_20" / "width_16k" / "canonical")   # |141 − 100| < |71 − 100|
     assert torch.equal(canon.W_enc, load_sae(root / "layer_20/width_16k/average_l0_141/params.npz").W_enc)
     tc = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_9"
-    _trained_like().save(tc, format="gemmascope")
+    save_sae(_trained_like(), tc, format="gemmascope")
     assert (load_sae(tc).cfg.site, load_sae(tc).cfg.target_site) == ("mlp_in.3", "mlp.3")
     assert [width_label(w) for w in (4096, 16384, 65536, 131072, 2**20)] == ["4k", "16k", "65k", "131k", "1m"]
 
 
 def test_saelens_hook_names(tmp_path):
-    _trained_like().save(tmp_path, format="saelens")
+    save_sae(_trained_like(), tmp_path, format="saelens")
     cfg = json.loads((tmp_path / "cfg.json").read_text())
     assert cfg["hook_name"] == "blocks.1.hook_resid_post" and cfg["hook_layer"] == 1
     assert cfg["architecture"] == "jumprelu" and cfg["apply_b_dec_to_input"] is False
@@ -106,7 +106,7 @@ def test_object_arrays_are_refused(tmp_path):
     (lambda p: p.write_bytes(b"not a zip"), "not a readable npz file"),
 ])
 def test_damaged_npz(tmp_path, damage, message):
-    _trained_like().save(tmp_path, format="gemmascope")
+    save_sae(_trained_like(), tmp_path, format="gemmascope")
     damage(tmp_path / "params.npz")
     with pytest.raises(SaescopeError, match=message):
         load_sae(tmp_path)

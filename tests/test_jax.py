@@ -112,14 +112,14 @@ def test_steps_equal_the_pytorch_trainer(theta_param, tmp_path):
     from saescope.config import SAESpec, TrainConfig
     from saescope.data import TensorSource
     from saescope.jax import train as jt
-    from saescope.train import Trainer, coeff_at, lr_at
+    from saescope.train import coeff_at, lr_at, trainer_for
 
     g = torch.Generator().manual_seed(3)
     acts = torch.randn(4096, 16, generator=g) * 3 + 1
     cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[64], lambdas=[3e-2], theta_param=theta_param,
                                     bandwidth=0.05)],
                       tokens=12 * 256, batch_size=256, lr=3e-3, kernels="reference", checkpoint_every=0)
-    trainer = Trainer(cfg, tmp_path, source=TensorSource({"resid.0": acts}))
+    trainer = trainer_for(cfg, tmp_path, source=TensorSource({"resid.0": acts}))
     batches = list(trainer._batches())[:12]
     trainer.build(batches[0])
     [m] = trainer.members
@@ -184,11 +184,10 @@ def test_the_jax_backend_trains_the_suite_as_pytorch_does(acts, tmp_path):
 
 
 def test_a_killed_jax_run_resumes_to_the_same_saes(acts, tmp_path, monkeypatch):
-    from saescope.jax.trainer import JaxTrainer
-    from saescope.train import train
+    from saescope.train import Trainer, train
 
     train(_suite("jax"), tmp_path / "whole", source=acts, progress=False)
-    interrupt_training(monkeypatch, JaxTrainer, 15)
+    interrupt_training(monkeypatch, Trainer, 15)
     with pytest.raises(KeyboardInterrupt):
         train(_suite("jax"), tmp_path / "cut", source=acts, progress=False)
     monkeypatch.undo()

@@ -12,7 +12,7 @@ from conftest import interrupt_training
 from saescope import SaescopeError, load_sae
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
-from saescope.train import Trainer, coeff_at, lr_at, train
+from saescope.train import Trainer, coeff_at, lr_at, train, trainer_for
 
 
 def planted(n=60_000, d=32, m=64, l0=4.0, seed=0):
@@ -140,11 +140,11 @@ def test_diverging_loss_stops(tmp_path):
 
 def test_bad_suites(suite_source, tmp_path):
     with pytest.raises(SaescopeError, match="a transcoder reads mlp_in.L, not resid.0"):
-        Trainer(TrainConfig(saes=[SAESpec(sites=["resid.0"], transcoder=True)]), tmp_path, suite_source)
+        trainer_for(TrainConfig(saes=[SAESpec(sites=["resid.0"], transcoder=True)]), tmp_path, suite_source)
     with pytest.raises(SaescopeError, match=r"the activation source has no attn\.3"):
-        Trainer(TrainConfig(saes=[SAESpec(sites=["attn.3"])]), tmp_path, suite_source)
+        trainer_for(TrainConfig(saes=[SAESpec(sites=["attn.3"])]), tmp_path, suite_source)
     with pytest.raises(SaescopeError, match="target_l0 is for jumprelu SAEs"):
-        Trainer(TrainConfig(saes=[SAESpec(arch="topk", target_l0=[5.0])]), tmp_path, suite_source)
+        trainer_for(TrainConfig(saes=[SAESpec(arch="topk", target_l0=[5.0])]), tmp_path, suite_source)
     assert math.isfinite(suite_source.norm_scalar("resid.0"))
 
 

@@ -122,7 +122,7 @@ def _checkpoint(path: Path) -> str:
 
     state = read_json(path / "state.json")
     folder = path / state["folder"]
-    names = [p[0] for p in expand(TrainConfig(**state["config"]))]
+    names = [p.name for p in expand(TrainConfig(**state["config"]))]
     for name in names:
         file = folder / f"{name}.pt"
         if not file.is_file():

@@ -10,7 +10,7 @@ from ..data import token_tensor
 from ..errors import SaescopeError
 from ..files import atomic_write, write_json
 from ..lm import load_model
-from ..sae.formats import detect_format, gemmascope_dir, load_sae, resolve_sae_path
+from ..sae.formats import detect_format, gemmascope_dir, load_sae, resolve_sae_path, save_sae
 from .metrics import evaluate
 
 TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_recovered", "kl", "dead_fraction",
@@ -71,12 +71,12 @@ def export_released(records: list[dict], root: Path) -> None:
         layer = Site.parse(r["site"]).layer
         if sae.cfg.arch == "topk":
             dest = root / f"layer_{layer}" / "topk" / r["sae"]
-            sae.save(dest, format="saelens")
+            save_sae(sae, dest, format="saelens")
         else:
             dest = gemmascope_dir(root, layer, sae.cfg.d_sae, r["l0"])
             if (dest / "params.npz").exists() and str(dest) != r.get("released"):
                 dest = dest.with_name(dest.name + "_" + r["sae"])  # two SAEs with the same rounded L0
-            sae.save(dest, format="gemmascope")
+            save_sae(sae, dest, format="gemmascope")
         r["released"] = str(dest)
 
 

@@ -1,6 +1,6 @@
 """Load any causal LM that `transformers` knows: hub ids, local folders, GGUF files and the
 embedded Gemma 3 270M, whose dequantised weights are cached as safetensors so that only the
-first load pays the ~40 s GGUF conversion."""
+first load pays the GGUF conversion."""
 
 from __future__ import annotations
 

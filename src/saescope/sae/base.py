@@ -236,12 +236,6 @@ class SparseAutoencoder(nn.Module):
         """Per-latent thresholds of the inference form (zeros where the architecture has none)."""
         return torch.zeros_like(self.b_enc)
 
-    def save(self, path, format: str = "native"):
-        """Write to folder `path` as "gemmascope" (params.npz), "saelens" or "native"."""
-        from .formats import save_sae
-
-        return save_sae(self, path, format)
-
     def extra_repr(self) -> str:
         c = self.cfg
         site = f", {c.site}" + (f" → {c.target_site}" if c.transcoder else "") if c.site else ""

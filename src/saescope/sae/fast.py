@@ -30,11 +30,10 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-# Above this share of non-zero [batch, m] entries the dense products beat the sparse sums.
-# Measured with bench/train_step.py (JumpReLU, 640 × 16384, batch 4096, 2-core CPU, tokens/s
-# dense : sparse): float32 at density 0.8% 1261 : 3620, 3.1% 1268 : 1954, 6.2% 1337 : 1305,
-# 12.5% 1225 : 695; bfloat16 (products 3× faster, sums not) 1.6% 2635 : 4202, 3.1% 2824 : 2410.
-# Accelerators run products relatively faster still, hence the lower bound there (not measured).
+# Above this share of non-zero [batch, m] entries the dense products beat the sparse sums: the
+# crossovers bench/train_step.py measures (--kernels dense against sparse at several L0s; the
+# README has the table). bfloat16 speeds the products and not the sums, so its crossover is
+# lower; accelerators run products relatively faster still, hence the lower bound there.
 MAX_DENSITY = {("cpu", None): 0.05, ("cpu", torch.bfloat16): 0.02}
 MAX_DENSITY_OTHER = 0.01
 
@@ -109,9 +108,9 @@ def _offsets(sorted_ids: torch.Tensor, n: int) -> torch.Tensor:
 
 class Workspace:
     """Buffers reused by steps that run one after another (the trainer's SAEs, step after step).
-    A fresh [batch, m] tensor is fresh memory, and touching it page-faults on every step: measured
-    on a 2-core CPU at 4096 × 16384, the encoder product took 642 ms into new memory and 528 ms
-    into a reused buffer, a comparison 53 and 23 ms. A buffer handed out again is overwritten, so
+    A fresh [batch, m] tensor is fresh memory, and touching it page-faults on every step (a
+    product or a comparison into new memory is measurably slower than into a reused buffer,
+    most of all for the cheap elementwise passes). A buffer handed out again is overwritten, so
     a graph still holding the last one must have run its backward first (autograd's version check
     raises otherwise)."""
 
@@ -248,3 +247,14 @@ class DenseEncode(torch.autograd.Function):
         if near is not None:
             g_theta = _theta_grad(theta, near, g_near, g_count, ctx.eps)
         return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None
+
+
+def few_touched(out: dict) -> torch.Tensor | None:
+    """The latents a step's gradient reached (`out` from a `training_loss`), when at most a
+    quarter were (else None); kept in `out`, so the all-reduce and the decoder-norm step read the
+    mask once."""
+    if "few_touched" not in out:
+        touched = out.get("touched", out["fired"])
+        out["few_touched"] = (touched.nonzero().squeeze(1) if int(touched.count_nonzero()) <= touched.numel() // 4
+                              else None)
+    return out["few_touched"]

@@ -58,7 +58,7 @@ class JumpReLUSAE(SparseAutoencoder):
     Why θ directly by default: Adam moves a parameter by about lr per step, so log θ changes θ by
     a factor of e^lr per step, roughly 0.01% at lr 7e-5; from θ = 0.001, thresholds that need to
     reach 0.05–0.5 on unit-norm inputs cannot get there in a short run and L0 stays stuck high.
-    θ itself moves by lr per step in absolute terms (measured: see THETA_NOTE in the README)."""
+    θ itself moves by lr per step in absolute terms (the README's measurement)."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from ..config import ParallelConfig
 from ..errors import SaescopeError, first_line
+from ..sae.fast import few_touched
 
 BUCKET = 2**25               # elements per gradient all-reduce (128 MiB of float32)
 PATIENT = timedelta(days=7)  # waits on another stage (rank 0's harvest), not on a collective
@@ -223,3 +224,86 @@ def assign(members: list[tuple[str, frozenset, int]], world: int) -> list[list[s
         reads[r] |= sites
         out[r].append(name)
     return out
+
+
+def average_step(ranks: Ranks, saes: list, outs: list[dict], scaled: dict) -> dict:
+    """Data-parallel: make this rank's step the whole batch's, for every SAE at once (one
+    all-reduce of the small statistics, then the gradients in buckets). Each rank's loss is a
+    mean over an equal share, so the batch's gradient is the mean of the ranks' gradients; a
+    latent fired if it fired anywhere. Where at most a quarter of an SAE's latents were
+    touched, only their encoder and decoder rows are sent: every other row's gradient is zero
+    on every rank. `outs` are the SAEs' `training_loss` outputs (updated in place); returns each
+    scaled input's variance over the whole batch (for FVU)."""
+    stats = []
+    for out in outs:
+        touched = out.get("touched", out["fired"])
+        stats += [out["fired"].double(), touched.double(), torch.stack([out["l0"], out["loss"], out["mse"]]).double()]
+    for x in scaled.values():
+        stats += [x.sum(0, dtype=torch.float64), x.double().pow(2).sum().view(1)]
+    flat = ranks.sum_(torch.cat(stats))
+    world, start, grads, picked = ranks.world, 0, [], []
+    for sae, out in zip(saes, outs):
+        width = sae.cfg.d_sae
+        out["fired"], out["touched"] = flat[start:start + width] > 0, flat[start + width:start + 2 * width] > 0
+        out["l0"], out["loss"], out["mse"] = (flat[start + 2 * width:start + 2 * width + 3] / world).float().unbind()
+        start += 2 * width + 3
+        rows = few_touched(out)
+        for p in sae.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grad = p.grad.t() if p is sae.W_enc else p.grad  # W_enc's rows are latents, as W_dec's
+            if rows is not None and (p is sae.W_enc or p is sae.W_dec):
+                picked.append((grad, rows, grad[rows]))
+            else:
+                grads.append(grad)
+    ranks.average_(grads + [g for _, _, g in picked])
+    for grad, rows, rows_grad in picked:
+        grad.index_copy_(0, rows, rows_grad)
+    var = {}
+    for key, x in scaled.items():
+        d, n = x.shape[1], x.shape[0] * world
+        moments = flat[start:start + d + 1]
+        var[key] = moments[d] / n - (moments[:d] / n).pow(2).sum()
+        start += d + 1
+    return var
+
+
+def data_parts(asked: int | None, saved: dict | None, world: int, *, batch_size: int, sharded: bool, gather: bool,
+               out) -> int:
+    """How many parts each global batch is made of: fixed for a run (its checkpoint, `saved`,
+    says). `sharded`: SAE-sharded mode; `gather`: its ranks make parts of a harvest and gather
+    them (else each reads whole batches from a store itself, so one part is enough). `out` is
+    the run's folder, named in messages."""
+    saved_step, saved = (saved["step"], saved["parts"]) if saved else (None, None)
+    if asked and saved and asked != saved:
+        raise SaescopeError(f"{out} holds a run with {saved} data parts; a run keeps its data parts "
+                            f"(leave data_parts unset, or set it to {saved})")
+    parts = asked or saved or (1 if sharded and not gather else world)
+    if batch_size % parts:
+        raise SaescopeError(f"batch_size {batch_size} does not split into {parts} equal data parts")
+    if (not sharded or gather) and parts % world:
+        why = f"the checkpoint of step {saved_step} in {out} was made of" if saved else "each batch is made of"
+        raise SaescopeError(f"{why} {parts} data parts, which {world} ranks cannot share evenly; "
+                            f"use a number of ranks that divides {parts}"
+                            + ("" if sharded else ", or SAE-sharded mode (parallel.mode = 'sae')"))
+    return parts
+
+
+def local_parts(ranks: Ranks, parts: int, spread: bool) -> list[int]:
+    """The data parts this rank makes: r, r + world, … when the parts are shared out, else all."""
+    return list(range(ranks.rank, parts, ranks.world) if spread else range(parts))
+
+
+def side_by_side(streams: list, ranks: Ranks, parts: int, per: int, sites: list[str], gather: bool):
+    """Global batches (or this rank's share of each) from the local parts' streams, each giving
+    `per` rows a batch. `gather`: every rank's parts are all-gathered and put in part order, so
+    every rank sees the whole batch (SAE-sharded ranks streaming from a model)."""
+    world = ranks.world
+    made = [p for r in range(world) for p in range(r, parts, world)]  # rank r made parts r, r + world, …
+    order = torch.tensor(sorted(range(parts), key=made.__getitem__))
+    for chunks in zip(*streams):
+        batch = {s: torch.cat([b[s] for b in chunks]) if len(chunks) > 1 else chunks[0][s] for s in sites}
+        if gather:  # NCCL gathers device tensors
+            batch = {s: torch.cat(ranks.gather_rows(x.to(ranks.device))).view(parts, per, -1)[order]
+                     .view(-1, x.shape[1]) for s, x in batch.items()}
+        yield batch

@@ -1,7 +1,7 @@
-"""`saescope train --backend jax`: the PyTorch trainer's data, suite, initialisation, schedules,
-target-L0 controller, metrics and checkpoints, with each SAE's step taken in JAX (train.py).
-The SAE objects stay the PyTorch ones, refreshed from the JAX parameters whenever they are
-saved, so checkpoints and outputs are the same files either backend writes.
+"""`backend = "jax"`: each JumpReLU SAE's step taken in JAX (train.py); the data, suite,
+initialisation, schedules, target-L0 controller, metrics and checkpoints stay the trainer's. The
+SAE objects stay the PyTorch ones, refreshed from the JAX parameters whenever they are saved, so
+checkpoints and outputs are the same files either backend writes.
 
 With more than one JAX device (TPU cores, GPUs, or host devices from
 XLA_FLAGS=--xla_force_host_platform_device_count=N) the step runs on a 1-D mesh over all of them
@@ -20,24 +20,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ..errors import SaescopeError
-from ..train.schedule import coeff_at, lr_at
-from ..train.trainer import Member, Trainer
+from ..train.step import Backend, Member
 from .sae import from_torch, to_torch
 from .train import State, adam, init, train_step
 
 
-class JaxTrainer(Trainer):
-    def __init__(self, cfg, out, source=None, **kwargs):
+class JaxStep(Backend):
+    def __init__(self, cfg):
         archs = sorted({s.arch for s in cfg.saes if s.arch != "jumprelu"})
         if archs:
             raise SaescopeError(f"the JAX backend trains JumpReLU SAEs and transcoders; {', '.join(archs)} "
                                 "train with backend 'torch'")
         if cfg.precision != "float32":
             raise SaescopeError(f"the JAX backend computes in float32; precision '{cfg.precision}' is for backend 'torch'")
-        super().__init__(cfg, out, source, **kwargs)
-        if not self.ranks.solo:
-            raise SaescopeError("the JAX backend is one process that spreads over its JAX devices itself; "
-                                "launch it without torchrun")
+        self.cfg = cfg
         self.optimizer = adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
         self.states: dict[str, tuple[State, dict]] = {}
         devices = jax.devices()
@@ -48,6 +44,19 @@ class JaxTrainer(Trainer):
             odd = sorted({w for s in cfg.saes for w in s.widths if w % len(devices)})
             if odd:
                 raise SaescopeError(f"widths {odd} do not split over {len(devices)} JAX devices")
+
+    def setup(self, trainer) -> None:
+        if not trainer.ranks.solo:
+            raise SaescopeError("the JAX backend is one process that spreads over its JAX devices itself; "
+                                "launch it without torchrun")
+        super().setup(trainer)
+        for m in trainer.members:
+            self.reset(m)
+
+    def reset(self, m: Member) -> None:
+        """Start the member's JAX state (fresh Adam) from its PyTorch SAE's current weights."""
+        params, static = from_torch(m.sae)
+        self.states[m.name] = (init(self._placed(params), self.optimizer), static)
 
     def _placed(self, params) -> dict:
         """The parameters where the mode wants them (replicated, or latents split over the mesh)."""
@@ -64,15 +73,8 @@ class JaxTrainer(Trainer):
         rows = P("d", None) if self.cfg.parallel.mode == "data" else P()
         return jax.device_put(x, NamedSharding(self.mesh, rows))
 
-    def build(self, first_batch) -> None:
-        super().build(first_batch)
-        for m in self.members:
-            params, static = from_torch(m.sae)
-            self.states[m.name] = (init(self._placed(params), self.optimizer), static)
-
-    def _train_step(self, batch) -> None:
-        lr = lr_at(self.step, self.cfg.lr, self.lr_warmup)
-        self._note_bad_batch(batch)
+    def step(self, batch, lr: float) -> None:
+        t = self.trainer
         scaled: dict[tuple[str, float], tuple[jnp.ndarray, float]] = {}
 
         def view(site: str, c: float):
@@ -81,42 +83,30 @@ class JaxTrainer(Trainer):
                 scaled[site, c] = x, ((x - x.mean(0)) ** 2).sum(-1).mean()
             return scaled[site, c]
 
-        for m in self.members:
+        for m in t.members:
             x, _ = view(m.site, m.scale)
             y, var = view(m.target, m.scale)
-            coeff = float(m.controller.coeff) if m.controller else coeff_at(self.step, m.coeff, self.coeff_warmup)
+            coeff = float(m.coefficient(t.step, t.coeff_warmup))
             state, static = self.states[m.name]
             state, out = train_step(state, x, y, lr, coeff, optimizer=self.optimizer, **static)
             self.states[m.name] = (state, static)
-            self._record(m, out, var, coeff, lr, x.shape[0])
+            # the step's numbers on the host in one transfer: the controller and the dead-latent counters need them
+            loss, mse, l0, fired, var = jax.device_get((out["loss"], out["mse"], out["l0"], out["fired"], var))
+            m.record(t.step, loss=float(loss), mse=float(mse), l0=float(l0), fired=torch.from_numpy(np.array(fired)),
+                     var=float(var), coeff=coeff, lr=lr, rows=x.shape[0])
 
-    def _record(self, m: Member, out: dict, var, coeff: float, lr: float, rows: int) -> None:
-        """The step's numbers on the host, in one transfer (the controller and the dead-latent
-        counters need them every step)."""
-        loss, mse, l0, fired, var = jax.device_get((out["loss"], out["mse"], out["l0"], out["fired"], var))
-        bad = not np.isfinite(loss) and int(m.bad_step) < 0
-        if bad:
-            m.bad_step, m.bad_loss = torch.tensor(self.step), torch.tensor(float(loss))
-        m.since_fired.add_(rows).masked_fill_(torch.from_numpy(np.array(fired)), 0)
-        if m.controller:
-            m.controller.update(torch.tensor(float(l0)))
-        for key, value in (("loss", float(loss)), ("mse", float(mse)), ("l0", float(l0)), ("fvu", float(mse / var)),
-                           ("lambda", coeff), ("lr", lr)):
-            m.sums[key] = m.sums.get(key, 0.0) + value
-        m.steps += 1
-
-    def _sync(self, m: Member) -> None:
+    def sync(self, m: Member) -> None:
         to_torch(self.states[m.name][0].params, m.sae)
 
-    def _optimizer_state(self, m: Member) -> dict:
+    def state(self, m: Member) -> dict:
         """optax's Adam state (count, mu, nu) as tensors, after the SAE is refreshed for saving."""
-        self._sync(m)
+        self.sync(m)
         adam_state = self.states[m.name][0].adam
         return {"count": torch.tensor(int(adam_state.count)),
                 **{f"{part}.{k}": torch.from_numpy(np.array(v)) for part in ("mu", "nu")
                    for k, v in getattr(adam_state, part).items()}}
 
-    def _restore_optimizer(self, m: Member, saved: dict) -> None:
+    def load_state(self, m: Member, saved: dict) -> None:
         """The JAX state from the checkpoint (called after the SAE's own weights are loaded)."""
         params, static = from_torch(m.sae)
         params = self._placed(params)
@@ -125,9 +115,3 @@ class JaxTrainer(Trainer):
                                     mu=self._placed({k: saved[f"mu.{k}"].numpy() for k in params}),
                                     nu=self._placed({k: saved[f"nu.{k}"].numpy() for k in params}))
         self.states[m.name] = (State(params, adam_state), static)
-
-    def _write_saes(self):
-        for m in self.members:
-            self._sync(m)
-        return super()._write_saes()
-

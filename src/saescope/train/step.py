@@ -1,0 +1,79 @@
+"""What a training backend does for the trainer (`Backend`), and the record of one SAE of the suite
+that both sides share (`Member`).
+
+The trainer owns the data, the suite, schedules, metrics and checkpoints; a backend owns how a
+step is computed and what optimizer state that needs. A backend is a module of its own
+(step_torch.py, jax/step.py), chosen by `launch.train`, so the trainer imports neither."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sae import SparseAutoencoder
+from .schedule import TargetL0, coeff_at
+
+
+@dataclass
+class Member:
+    """One SAE of the suite with its schedule and counters. Per-step state stays in tensors; the
+    host reads it only when it logs or checkpoints."""
+
+    name: str
+    sae: SparseAutoencoder
+    site: str
+    target: str
+    scale: float                # C: the SAE sees activations / C
+    coeff: float                # λ after warm-up (unused under a target-L0 controller)
+    since_fired: torch.Tensor   # tokens since each latent last fired
+    controller: TargetL0 | None = None
+    sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
+    steps: int = 0                            # steps in `sums`
+    bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)
+    bad_loss: torch.Tensor | None = None
+
+    def coefficient(self, step: int, warmup: int):
+        """The sparsity coefficient of this step: the controller's, or λ on its warm-up."""
+        return self.controller.coeff if self.controller else coeff_at(step, self.coeff, warmup)
+
+    def record(self, step: int, *, loss, mse, l0, fired: torch.Tensor, var, coeff, lr: float, rows: int) -> None:
+        """A step's outcome: the first non-finite loss, the dead-latent counters (`rows` tokens
+        seen), the controller, and the sums the next metrics line averages."""
+        loss, mse, l0 = (torch.as_tensor(v) for v in (loss, mse, l0))
+        bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(bad, step, self.bad_step)
+        self.bad_loss = torch.where(bad, loss.to(self.bad_loss), self.bad_loss)
+        self.since_fired.add_(rows).masked_fill_(fired.to(self.since_fired.device), 0)
+        if self.controller:
+            self.controller.update(l0)
+        for key, value in (("loss", loss), ("mse", mse), ("l0", l0), ("fvu", mse / var), ("lambda", coeff), ("lr", lr)):
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.steps += 1
+
+
+class Backend(ABC):
+    """How every SAE of a suite takes its step. `setup` is called once the trainer has built its
+    members (and before a checkpoint is loaded into them)."""
+
+    trainer = None
+
+    def setup(self, trainer) -> None:
+        self.trainer = trainer
+
+    @abstractmethod
+    def step(self, batch: dict[str, torch.Tensor], lr: float) -> None:
+        """One step of every member on `batch` (raw activations by site), recorded in each member."""
+
+    @abstractmethod
+    def state(self, m: Member) -> dict:
+        """The optimizer state of a member, tensors only (checkpoints load with weights_only);
+        afterwards `m.sae` holds the member's current weights."""
+
+    @abstractmethod
+    def load_state(self, m: Member, saved: dict) -> None:
+        """Restore what `state` gave, after `m.sae` has been loaded from the same checkpoint."""
+
+    def sync(self, m: Member) -> None:
+        """Make `m.sae` hold the member's current weights (a backend that keeps its own copy)."""

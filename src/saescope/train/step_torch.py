@@ -1,0 +1,175 @@
+"""The PyTorch backend: each SAE's loss and gradient by its kernel path (sae/fast.py), the
+decoder-norm step, Adam, and, data-parallel, one all-reduce of the step (distributed.py)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from ..sae import SparseAutoencoder
+from ..sae.fast import Workspace, compute_dtype, few_touched, product
+from .distributed import average_step
+from .step import Backend, Member
+
+
+@dataclass
+class EncoderGroup:
+    """SAEs of a suite that read the same input, stepped together: their encoders are slices of one
+    latent-major matrix, so one product gives all their pre-activations, each SAE's pre-encoder
+    bias folded into its bias, (x − b_dec)·W_enc + b_enc = x·W_enc + (b_enc − b_dec·W_enc).
+
+    It pays where one small product leaves most of the device idle and each costs a launch
+    (accelerators); on a CPU a product of these sizes is efficient already and grouped steps
+    measured within noise of separate ones (bench/train_step.py), so the CPU steps them apart."""
+
+    site: str
+    scale: float
+    members: list[Member]
+    weight: torch.Tensor      # [Σ widths, d_in]: each member's W_enc is the transpose of a slice
+
+    APART_ON = {"cpu"}        # device types whose SAEs step apart
+
+    @classmethod
+    def form(cls, members: list[Member], device: torch.device) -> list["EncoderGroup"]:
+        if device.type in cls.APART_ON:
+            return []
+        by_input: dict[tuple, list[Member]] = {}
+        for m in members:
+            by_input.setdefault((m.site, m.scale), []).append(m)
+        groups = []
+        for (site, scale), group in by_input.items():
+            if len(group) < 2:
+                continue
+            weight = torch.cat([m.sae.W_enc.detach().t() for m in group])
+            start = 0
+            for m in group:
+                width = m.sae.cfg.d_sae
+                m.sae.W_enc = torch.nn.Parameter(weight[start:start + width].t())
+                start += width
+            groups.append(cls(site, scale, group, weight))
+        return groups
+
+    @torch.no_grad()
+    def pre_activations(self, x: torch.Tensor, workspace: Workspace) -> dict[str, torch.Tensor]:
+        """Each member's graph-free pre-activations: views into one [batch, Σ widths] product."""
+        out = workspace.get("group", (x.shape[0], self.weight.shape[0]), torch.float32, x.device)
+        product(x, self.weight.t(), compute_dtype(x.device), out)
+        views, start = {}, 0
+        for m in self.members:
+            sae, width = m.sae, m.sae.cfg.d_sae
+            bias = sae.b_enc - sae.b_dec @ sae.W_enc if sae._b_pre is not None else sae.b_enc
+            views[m.name] = out[:, start:start + width].add_(bias)
+            start += width
+        return views
+
+
+class TorchStep(Backend):
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.groups: list[EncoderGroup] = []
+        self.optimizers: dict[str, torch.optim.Adam] = {}
+        self.enc_rows: dict[str, torch.Tensor] = {}  # W_enc's contiguous transpose, the tensor Adam steps
+        self.workspace = Workspace()  # the SAEs step one after another, so they share buffers
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if self.cfg.kernels != "reference":
+            self.groups = EncoderGroup.form(trainer.members, trainer.device)
+        for m in trainer.members:  # after grouping, which gives some SAEs a new W_enc parameter
+            self.enc_rows[m.name] = m.sae.W_enc.detach().t()
+            self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name])
+
+    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor) -> torch.optim.Adam:
+        """Adam over the SAE's parameters, W_enc seen through its contiguous transpose `enc_rows`
+        (it is stored latent-major, see SparseAutoencoder): torch's fused Adam copies a
+        non-contiguous tensor in and out on every step. The alias shares the parameter's memory;
+        `_update` hands it W_enc's gradient, transposed (a view). Fused: one pass over each
+        parameter; the reference path keeps torch's plain loop."""
+        cfg = self.cfg
+        params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
+        return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                fused=cfg.kernels != "reference")
+
+    def step(self, batch: dict[str, torch.Tensor], lr: float) -> None:
+        """Each site is scaled (and its variance taken) once per scale, however many SAEs read it."""
+        with _tf32(self.cfg.precision == "tf32"):  # forward and backward products alike
+            self._step(batch, lr)
+
+    def _step(self, batch: dict[str, torch.Tensor], lr: float) -> None:
+        t = self.trainer
+        scaled: dict[tuple[str, float], torch.Tensor] = {}
+
+        def view(site: str, c: float) -> torch.Tensor:
+            if (site, c) not in scaled:
+                scaled[site, c] = batch[site].to(t.device) / c
+            return scaled[site, c]
+
+        pre = {}
+        for group in self.groups:
+            with self._autocast():
+                pre.update(group.pre_activations(view(group.site, group.scale), self.workspace))
+        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name)) for m in t.members]
+        if t.split.solo:
+            var = {key: (x - x.mean(0)).pow(2).sum(-1).mean() for key, x in scaled.items()}
+        else:
+            var = average_step(t.split, [m.sae for m in t.members], outs, scaled)
+        for m, out in zip(t.members, outs):
+            self._update(m, out, var[m.target, m.scale], lr)
+
+    def _autocast(self):
+        """bfloat16: the forward's products under autocast; the fast paths' hand-written backward
+        products follow the dtype their forward saw (fast.compute_dtype)."""
+        return torch.autocast(self.trainer.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16")
+
+    def _backward(self, m: Member, x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor | None) -> dict:
+        """The loss and its gradient on this rank's batch; the graph is freed before the next SAE."""
+        t = self.trainer
+        coeff = m.coefficient(t.step, t.coeff_warmup)
+        with self._autocast():
+            out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= t.dead_tokens,
+                                       path=self.cfg.kernels, workspace=self.workspace, pre=pre)
+        m.sae.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, batch=x.shape[0])
+        return out
+
+    def _update(self, m: Member, out: dict, var: torch.Tensor, lr: float) -> None:
+        optimizer = self.optimizers[m.name]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = self._decoder_rows(out)
+        m.sae.remove_parallel_grad(rows)
+        self.enc_rows[m.name].grad = m.sae.W_enc.grad.t()
+        optimizer.step()
+        m.sae.apply_constraints(rows)
+        m.record(self.trainer.step, loss=out["loss"], mse=out["mse"], l0=out["l0"], fired=out["fired"], var=var,
+                 coeff=out["coeff"], lr=lr, rows=out["batch"] * self.trainer.split.world)
+
+    def _decoder_rows(self, out: dict) -> torch.Tensor | None:
+        """The decoder rows a step can move, when the decoder-norm step may touch only those.
+        A row's gradient is zero unless its latent fired (or AuxK decoded it), and with β1 = 0
+        Adam leaves a zero-gradient row exactly where it was; gathering rows costs a few dense
+        passes' worth each, so this pays when at most a quarter fire (wide SAEs: at 2^20 latents
+        and L0 50, a batch of 4096 reaches about 18% of them)."""
+        if self.cfg.kernels == "reference" or self.cfg.adam_beta1 != 0:
+            return None
+        return few_touched(out)
+
+    def state(self, m: Member) -> dict:
+        return self.optimizers[m.name].state_dict()
+
+    def load_state(self, m: Member, saved: dict) -> None:
+        self.optimizers[m.name].load_state_dict(saved)
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    """TensorFloat-32 for CUDA float32 products while the block runs, then the setting as it was."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled or allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed

@@ -1,0 +1,72 @@
+"""The suite a training config asks for: one named record per SAE, in a fixed order that every
+rank, checkpoint and metrics log agrees on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import SAESpec, TrainConfig
+from ..errors import SaescopeError
+from ..sae.formats import width_label
+from ..site import Site
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One SAE of the suite, before it exists."""
+
+    name: str
+    spec: SAESpec
+    site: str            # what it reads
+    target: str          # what it reconstructs (the site itself, or mlp.L for a transcoder)
+    width: int
+    value: float         # λ, k or the target L0, by the spec's kind
+
+    @property
+    def k(self) -> int | None:
+        return int(self.value) if self.spec.arch in ("topk", "batchtopk") else None
+
+    @property
+    def sites(self) -> frozenset[str]:
+        return frozenset((self.site, self.target))
+
+
+def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str:
+    kind = f"{spec.arch}-tc" if spec.transcoder else spec.arch
+    if spec.arch in ("topk", "batchtopk"):
+        tag = f"k{value}"
+    elif spec.target_l0:
+        tag = f"l0_{value:g}"
+    else:
+        tag = f"lam{value:g}"
+    options = ("-logtheta" if spec.arch == "jumprelu" and spec.theta_param == "log" else "") + (
+        "-bzeros" if spec.b_dec_init == "zeros" else "")
+    return f"{site}-{kind}-{width_label(width)}-{tag}{options}"
+
+
+def expand(cfg: TrainConfig) -> list[Planned]:
+    """Every site × width × (λ, k or target L0) of every `[[saes]]` entry."""
+    out = []
+    for spec in cfg.saes:
+        values = spec.ks if spec.arch in ("topk", "batchtopk") else (spec.target_l0 or spec.lambdas)
+        if spec.target_l0 and spec.arch != "jumprelu":
+            raise SaescopeError(f"target_l0 is for jumprelu SAEs; {spec.arch} sets sparsity with ks or lambdas")
+        for site in spec.sites:
+            target = site
+            if spec.transcoder:
+                s = Site.parse(site)
+                if s.kind != "mlp_in":
+                    raise SaescopeError(f"a transcoder reads mlp_in.L, not {site}")
+                target = str(Site("mlp", s.layer))
+            for width in spec.widths:
+                for value in values:
+                    out.append(Planned(member_name(spec, site, width, value), spec, site, target, width, value))
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise SaescopeError("the suite lists the same SAE twice: " + ", ".join(sorted({n for n in names if names.count(n) > 1})))
+    return out
+
+
+def sites_read(plan: list[Planned]) -> list[str]:
+    """The input and target sites a part of the suite reads."""
+    return sorted({p.site for p in plan} | {p.target for p in plan})
