@@ -215,6 +215,22 @@ def test_trainer_steps_with_fast_paths_equal_the_reference(kernels, grouped, tmp
     assert _lockstep(saes, kernels, tmp_path)  # some steps had dead latents, so AuxK ran
 
 
+@pytest.mark.parametrize("kernels", ["auto", "dense", "sparse"])
+def test_fast_paths_equal_the_reference_with_each_objective(kernels, tmp_path):
+    """Each option of the objective (sae/objectives.py) on, one SAE each, by the same lockstep."""
+    common = dict(sites=["resid.0"], widths=[D_SAE], lambdas=[1e-2])
+    saes = [SAESpec(**common, target_l0=[6.0], sparsity="quadratic", threshold_init="quantile"),
+            SAESpec(**common, target_l0=[6.0], sparsity="quadratic", quadratic_form="token"),
+            SAESpec(**common, sparsity="tanh"),
+            SAESpec(**common, frequency_penalty=0.5, frequency_threshold=0.05),
+            SAESpec(**common, matryoshka=[8, 24]),
+            SAESpec(**common, dead_aux=1 / 32),
+            SAESpec(**common, input_ste=True),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4], matryoshka=[8, 24]),
+            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4], matryoshka=[16])]
+    _lockstep(saes, kernels, tmp_path)
+
+
 def test_the_decoder_norm_step_on_fired_rows_only(tmp_path, monkeypatch):
     """A wide TopK SAE reaches few decoder rows a step: the norm step on those rows alone equals
     the full one, with AuxK's rows included once latents die."""

@@ -106,9 +106,16 @@ def test_parameters_round_trip_through_pytorch():
             torch.testing.assert_close(other.state_dict()[k], v, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("theta_param", ["theta", "log"])
-def test_steps_equal_the_pytorch_trainer(theta_param, tmp_path):
-    """From the same initial parameters and the same batches, N steps of each backend."""
+OBJECTIVES = [{}, {"sparsity": "quadratic", "target_l0": [6.0]}, {"sparsity": "quadratic", "target_l0": [6.0],
+               "quadratic_form": "token"}, {"sparsity": "tanh"}, {"frequency_penalty": 0.5, "frequency_threshold": 0.05},
+              {"matryoshka": [8, 32]}, {"dead_aux": 1 / 32}, {"input_ste": True}]
+
+
+@pytest.mark.parametrize("theta_param,objective", [("theta", {}), ("log", {})] + [("theta", o) for o in OBJECTIVES[1:]])
+def test_steps_equal_the_pytorch_trainer(theta_param, objective, tmp_path):
+    """From the same initial parameters and the same batches, N steps of each backend, with each
+    option of the objective (8 steps: by step 12 float rounding moves one of Matryoshka's
+    pre-activations across the edge of θ's ε-window, which Adam turns into a visible change of θ)."""
     from saescope.config import SAESpec, TrainConfig
     from saescope.data import TensorSource
     from saescope.jax import train as jt
@@ -117,25 +124,32 @@ def test_steps_equal_the_pytorch_trainer(theta_param, tmp_path):
     g = torch.Generator().manual_seed(3)
     acts = torch.randn(4096, 16, generator=g) * 3 + 1
     cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[64], lambdas=[3e-2], theta_param=theta_param,
-                                    bandwidth=0.05)],
-                      tokens=12 * 256, batch_size=256, lr=3e-3, kernels="reference", checkpoint_every=0)
+                                    bandwidth=0.05, **objective)],
+                      tokens=(8 if objective else 12) * 256, batch_size=256, lr=3e-3, kernels="reference",
+                      checkpoint_every=0, dead_tokens=256)
     trainer = trainer_for(cfg, tmp_path, source=TensorSource({"resid.0": acts}))
-    batches = list(trainer._batches())[:12]
+    batches = list(trainer._batches())[:trainer.steps]
     trainer.build(batches[0])
     [m] = trainer.members
+    if objective.get("dead_aux"):  # latents that never fire, so the dead-latent loss has work
+        with torch.no_grad():
+            m.sae.b_enc[:8] = -5.0
     params, static = sj.from_torch(m.sae)
     optimizer = jt.adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
     state = jt.init(params, optimizer)
     for i, batch in enumerate(batches):
         x = jnp.asarray((batch["resid.0"] / m.scale).numpy())
+        dead = jnp.asarray((m.since_fired >= trainer.dead_tokens).numpy())  # before PyTorch's step counts this batch
         state, out = jt.train_step(state, x, x, lr_at(i, cfg.lr, trainer.lr_warmup),
-                                   coeff_at(i, m.coeff, trainer.coeff_warmup), optimizer=optimizer, **static)
+                                   coeff_at(i, m.coeff, trainer.coeff_warmup), dead, optimizer=optimizer, **static)
         trainer.train_step(batch)
         trainer.step += 1
     want, _ = sj.from_torch(m.sae)
     for k, v in want.items():
         np.testing.assert_allclose(np.asarray(state.params[k]), np.asarray(v), rtol=1e-4, atol=2e-6, err_msg=k)
     assert float(out["l0"]) > 0
+    if objective.get("dead_aux"):
+        assert bool((m.since_fired >= trainer.dead_tokens).any())
 
 
 def _suite(backend: str, **kw):

@@ -71,6 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
     g.add_argument("--theta-param", default=None, choices=["theta", "log"])
     g.add_argument("--b-dec-init", default=None, choices=["zeros", "mean"])
+    o = t.add_argument_group("the objective (README: Objectives)")
+    o.add_argument("--sparsity", default=None, choices=["l0", "quadratic", "tanh"],
+                   help="jumprelu: λ·L0, λ·(L0 − L0*)²/(2·L0*) around each --target-l0, or λ·Σ tanh(s·f)")
+    o.add_argument("--quadratic-form", default=None, choices=["batch", "token"])
+    o.add_argument("--tanh-scale", type=float, default=None, help="s in tanh(s·f)")
+    o.add_argument("--frequency-penalty", type=float, default=None, help="weight on latents firing more often than the threshold")
+    o.add_argument("--frequency-threshold", type=float, default=None, help="firing share above which a latent pays (default 0.1)")
+    o.add_argument("--matryoshka", default=None, help="comma-separated prefix widths, each reconstructing alone")
+    o.add_argument("--matryoshka-weights", default=None, help="comma-separated, one per prefix and the whole")
+    o.add_argument("--dead-aux", type=float, default=None, help="jumprelu: weight of the AuxK-style loss on dead latents")
+    o.add_argument("--input-ste", action="store_true", default=None, help="jumprelu: the kernel's gradient reaches the input")
+    o.add_argument("--threshold-init", default=None, choices=["constant", "quantile"],
+                   help="quantile: θ from the first batch so that L0 starts at the target")
     h2 = t.add_argument_group("recipe")
     for flag, kind, text in (("--tokens", int, "training tokens"), ("--batch-size", int, "activations per step"),
                              ("--lr", float, "learning rate (paper 7e-5)"), ("--seed", int, "data and init seed"),
@@ -282,6 +295,11 @@ def _train_config(args):
         "b_dec_init": args.b_dec_init,
         "widths": args.widths and numbers(args.widths, int), "lambdas": args.lambdas and numbers(args.lambdas, float),
         "ks": args.ks and numbers(args.ks, int), "target_l0": args.target_l0 and numbers(args.target_l0, float),
+        "sparsity": args.sparsity, "quadratic_form": args.quadratic_form, "tanh_scale": args.tanh_scale,
+        "frequency_penalty": args.frequency_penalty, "frequency_threshold": args.frequency_threshold,
+        "matryoshka": args.matryoshka and numbers(args.matryoshka, int),
+        "matryoshka_weights": args.matryoshka_weights and numbers(args.matryoshka_weights, float),
+        "dead_aux": args.dead_aux, "input_ste": args.input_ste, "threshold_init": args.threshold_init,
     }.items() if v is not None}
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

@@ -68,8 +68,50 @@ class SAESpec(_Config):
     theta_param: Literal["theta", "log"] = Field("theta", description="train θ directly or as log θ (the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
     b_dec_init: Literal["mean", "zeros"] = Field("mean", description="the first batch's mean (measured better, see README) or zeros (the paper)")
+    # the objective (sae/objectives.py)
+    sparsity: Literal["l0", "quadratic", "tanh"] = Field(
+        "l0", description="jumprelu: λ·L0 (Gemma Scope), λ·(L0 − L0*)²/(2·L0*) around each target_l0 (Gemma Scope 2), "
+                          "or λ·Σ tanh(s·f)")
+    quadratic_form: Literal["batch", "token"] = Field("batch", description="quadratic: of the batch's mean L0, or per token")
+    tanh_scale: float = Field(4.0, gt=0, description="tanh: s in tanh(s·f)")
+    frequency_penalty: float = Field(0.0, ge=0, description="jumprelu: weight w of w·Σ max(0, p_i − τ), p_i latent i's firing share")
+    frequency_threshold: float = Field(0.1, gt=0, lt=1, description="τ: the firing share above which a latent pays")
+    matryoshka: list[int] = Field(default_factory=list, description="prefix widths that each reconstruct alone (the whole is implied last)")
+    matryoshka_weights: list[float] = Field(default_factory=list, description="one per prefix and the whole (default equal, summing to 1)")
+    dead_aux: float = Field(0.0, ge=0, description="jumprelu: weight of the AuxK-style loss on dead latents' pre-activations")
+    input_ste: bool = Field(False, description="jumprelu: the threshold kernel's gradient also reaches the pre-activations")
+    threshold_init: Literal["constant", "quantile"] = Field(
+        "constant", description="jumprelu: θ = 0.001 (the paper), or per-latent quantiles of the first batch's "
+                                "pre-activations, so that L0 starts at the target")
 
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
+
+    @model_validator(mode="after")
+    def _objective_fits(self):
+        jumprelu_only = [name for name, on in (("sparsity", self.sparsity != "l0"), ("frequency_penalty", self.frequency_penalty),
+                                               ("dead_aux", self.dead_aux), ("input_ste", self.input_ste),
+                                               ("threshold_init", self.threshold_init != "constant")) if on]
+        if self.arch != "jumprelu" and jumprelu_only:
+            raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
+        if self.sparsity == "quadratic" and not self.target_l0:
+            raise ValueError("sparsity 'quadratic' penalises the distance to each target_l0: set target_l0")
+        if self.threshold_init == "quantile" and not self.target_l0:
+            raise ValueError("threshold_init 'quantile' starts L0 at the target: set target_l0")
+        try:  # the objective's own checks, here where the config is read
+            self.objective(self.target_l0[0] if self.target_l0 else None).check_width(min(self.widths))
+        except SaescopeError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def objective(self, target_l0: float | None = None):
+        """The training objective of this family's SAE at `target_l0` (sae/objectives.py)."""
+        from .sae.objectives import Objective
+
+        return Objective(sparsity=self.sparsity, target_l0=target_l0, quadratic_form=self.quadratic_form,
+                         tanh_scale=self.tanh_scale, frequency_penalty=self.frequency_penalty,
+                         frequency_threshold=self.frequency_threshold, matryoshka=tuple(self.matryoshka),
+                         matryoshka_weights=tuple(self.matryoshka_weights), dead_aux=self.dead_aux,
+                         input_ste=self.input_ste)
 
     @field_validator("widths", "ks")
     @classmethod

@@ -5,6 +5,9 @@ straight-through pseudo-derivatives as `jax.custom_vjp`. The same maths as sae/j
     loss = E‖x̂ − target‖² + λ · E Σ H(pre − θ)
     ∂f/∂θ := −(θ/ε) K((pre − θ)/ε),  ∂H/∂θ := −(1/ε) K((pre − θ)/ε),  K the rectangle on (−½, ½)
 
+and the objectives of sae/objectives.py (quadratic and tanh sparsity, the frequency penalty,
+Matryoshka prefixes, the dead-latent loss, the input STE), chosen by the same `Objective`.
+
 Parameters travel between the backends through `from_torch` / `to_torch`, so an SAE trained
 here is saved by the same formats code and read by everything else in saescope."""
 
@@ -17,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from ..sae.objectives import Objective
+
 Params = dict[str, jax.Array]  # W_enc [d_in, m], b_enc [m], W_dec [m, d_out], b_dec [d_out], theta or log_theta [m]
 
 
@@ -25,37 +30,40 @@ def _kernel(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
     return ((u > -0.5) & (u < 0.5)).astype(z.dtype)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def jumprelu(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
-    """z · H(z − θ); ∂/∂z = H(z − θ), ∂/∂θ := −(θ/ε)·K."""
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def jumprelu(z: jax.Array, theta: jax.Array, eps: float, input_ste: bool = False) -> jax.Array:
+    """z · H(z − θ); ∂/∂z = H(z − θ) (+ (θ/ε)·K with the input STE), ∂/∂θ := −(θ/ε)·K."""
     return z * (z > theta).astype(z.dtype)
 
 
-def _jumprelu_fwd(z, theta, eps):
-    return jumprelu(z, theta, eps), (z, theta)
+def _jumprelu_fwd(z, theta, eps, input_ste):
+    return jumprelu(z, theta, eps, input_ste), (z, theta)
 
 
-def _jumprelu_bwd(eps, saved, g):
+def _jumprelu_bwd(eps, input_ste, saved, g):
     z, theta = saved
-    return g * (z > theta).astype(z.dtype), (g * -(theta / eps) * _kernel(z, theta, eps)).sum(0)
+    kernel_part = g * (theta / eps) * _kernel(z, theta, eps)
+    dz = g * (z > theta).astype(z.dtype) + (kernel_part if input_ste else 0.0)
+    return dz, -kernel_part.sum(0)
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def step(z: jax.Array, theta: jax.Array, eps: float) -> jax.Array:
-    """H(z − θ); ∂/∂z = 0, ∂/∂θ := −(1/ε)·K."""
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def step(z: jax.Array, theta: jax.Array, eps: float, input_ste: bool = False) -> jax.Array:
+    """H(z − θ); ∂/∂z = 0 ((1/ε)·K with the input STE), ∂/∂θ := −(1/ε)·K."""
     return (z > theta).astype(z.dtype)
 
 
-def _step_fwd(z, theta, eps):
-    return step(z, theta, eps), (z, theta)
+def _step_fwd(z, theta, eps, input_ste):
+    return step(z, theta, eps, input_ste), (z, theta)
 
 
-def _step_bwd(eps, saved, g):
+def _step_bwd(eps, input_ste, saved, g):
     z, theta = saved
-    return jnp.zeros_like(z), (g * -(1.0 / eps) * _kernel(z, theta, eps)).sum(0)
+    kernel_part = g * (1.0 / eps) * _kernel(z, theta, eps)
+    return (kernel_part if input_ste else jnp.zeros_like(z)), -kernel_part.sum(0)
 
 
 step.defvjp(_step_fwd, _step_bwd)
@@ -72,16 +80,47 @@ def pre_acts(params: Params, x: jax.Array, pre_bias: bool) -> jax.Array:
     return x @ params["W_enc"] + params["b_enc"]
 
 
-def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Array, *, eps: float,
-         pre_bias: bool) -> tuple[jax.Array, dict]:
-    """The training loss on normalised input and target, and {mse, l0, fired}."""
+def _squared_error(x_hat: jax.Array, target: jax.Array) -> jax.Array:
+    return ((x_hat - target) ** 2).sum(-1).mean()
+
+
+def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Array, dead: jax.Array | None = None, *,
+         eps: float, pre_bias: bool, objective: Objective = Objective()) -> tuple[jax.Array, dict]:
+    """The training loss on normalised input and target, and {mse, l0, fired}; `dead` marks the
+    latents the dead-latent loss reads (with `objective.dead_aux`)."""
+    obj = objective
     theta = threshold(params)
     pre = pre_acts(params, x, pre_bias)
-    f = jumprelu(pre, theta, eps)
-    x_hat = f @ params["W_dec"] + params["b_dec"]
-    mse = ((x_hat - target) ** 2).sum(-1).mean()
-    l0 = step(pre, theta, eps).sum(-1).mean()
-    return mse + coeff * l0, {"mse": mse, "l0": l0, "fired": (f != 0).any(0)}
+    f = jumprelu(pre, theta, eps, obj.input_ste)
+    h = step(pre, theta, eps, obj.input_ste)
+    tokens, latents = h.sum(-1), h.sum(0)
+    w_dec = params["W_dec"]
+    bounds = (*obj.matryoshka, w_dec.shape[0])
+    x_hat, recon, lo = params["b_dec"], 0.0, 0
+    for hi, weight in zip(bounds, obj.weights if obj.matryoshka else (1.0,)):
+        x_hat = x_hat + f[:, lo:hi] @ w_dec[lo:hi]
+        mse = _squared_error(x_hat, target)
+        recon, lo = recon + weight * mse, hi
+    l0 = tokens.mean()
+    if obj.sparsity == "l0":
+        penalty = coeff * l0
+    elif obj.sparsity == "quadratic":
+        gap = l0 - obj.target_l0 if obj.quadratic_form == "batch" else tokens - obj.target_l0
+        penalty = coeff * (gap ** 2).mean() / (2 * obj.target_l0)
+    else:
+        penalty = coeff * jnp.tanh(obj.tanh_scale * f).sum() / x.shape[0]
+    total = recon + penalty
+    if obj.frequency_penalty:
+        share = latents / x.shape[0]
+        total = total + obj.frequency_penalty * jnp.maximum(share - obj.frequency_threshold, 0.0).sum()
+    if obj.dead_aux and dead is not None:  # AuxK on dead latents' pre-activations (SparseAutoencoder._aux_reference)
+        k_aux = min(max(1, x.shape[1] // 2), pre.shape[1])
+        vals, idx = jax.lax.top_k(jnp.where(dead, jax.nn.relu(pre), 0.0), k_aux)
+        rows = jnp.arange(pre.shape[0])[:, None]
+        rec = jnp.zeros_like(pre).at[rows, idx].set(vals) @ w_dec
+        residual = target - jax.lax.stop_gradient(x_hat)
+        total = total + obj.dead_aux * _squared_error(rec, residual) * dead.any()
+    return total, {"mse": mse, "l0": l0, "fired": (f != 0).any(0)}
 
 
 def encode(params: Params, x: jax.Array, c: float, pre_bias: bool) -> jax.Array:
@@ -112,7 +151,7 @@ def from_torch(sae) -> tuple[Params, dict]:
         params["log_theta"] = state["log_threshold"]
     else:
         params["theta"] = state["theta"]
-    return params, {"eps": sae.cfg.bandwidth, "pre_bias": bool(sae.pre_encoder_bias)}
+    return params, {"eps": sae.cfg.bandwidth, "pre_bias": bool(sae.pre_encoder_bias), "objective": sae.objective}
 
 
 def to_torch(params: Params, sae) -> None:

@@ -88,7 +88,8 @@ class JaxStep(Backend):
             y, var = view(m.target, m.scale)
             coeff = float(m.coefficient(t.step, t.coeff_warmup))
             state, static = self.states[m.name]
-            state, out = train_step(state, x, y, lr, coeff, optimizer=self.optimizer, **static)
+            dead = jnp.asarray((m.since_fired >= t.dead_tokens).numpy()) if m.sae.objective.dead_aux else None
+            state, out = train_step(state, x, y, lr, coeff, dead, optimizer=self.optimizer, **static)
             self.states[m.name] = (state, static)
             # the step's numbers on the host in one transfer: the controller and the dead-latent counters need them
             loss, mse, l0, fired, var = jax.device_get((out["loss"], out["mse"], out["l0"], out["fired"], var))

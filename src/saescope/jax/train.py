@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ..sae.objectives import Objective
 from .sae import Params, loss
 
 
@@ -30,12 +31,13 @@ def init(params: Params, optimizer: optax.GradientTransformation) -> State:
     return State(params, optimizer.init(params))
 
 
-@partial(jax.jit, static_argnames=("optimizer", "eps", "pre_bias"))
-def train_step(state: State, x: jax.Array, target: jax.Array, lr: float, coeff: float, *,
-               optimizer: optax.GradientTransformation, eps: float, pre_bias: bool) -> tuple[State, dict]:
+@partial(jax.jit, static_argnames=("optimizer", "eps", "pre_bias", "objective"))
+def train_step(state: State, x: jax.Array, target: jax.Array, lr: float, coeff: float, dead: jax.Array | None = None, *,
+               optimizer: optax.GradientTransformation, eps: float, pre_bias: bool,
+               objective: Objective = Objective()) -> tuple[State, dict]:
     """One step on normalised x and target; returns the new state and {loss, mse, l0, fired}."""
-    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params, x, target, coeff, eps=eps,
-                                                                  pre_bias=pre_bias)
+    (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params, x, target, coeff, dead, eps=eps,
+                                                                  pre_bias=pre_bias, objective=objective)
     w = state.params["W_dec"]
     g = grads["W_dec"]
     grads = {**grads, "W_dec": g - (g * w).sum(1, keepdims=True) * w}  # no change of a row's norm

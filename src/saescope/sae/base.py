@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from .fast import Code, DenseEncode, SparseEncode, Workspace, above, max_density, pre_activations
+from .objectives import Encoded, Objective, squared_error
 
 ARCHS = ("jumprelu", "topk", "batchtopk", "relu")
+AUXK_COEFF = 1 / 32  # weight of the AuxK loss (Gao et al. 2024)
 # How a training step computes: "auto" picks the sparse step when few enough entries fire (see
 # fast.py), "dense" and "sparse" force one fast path, "reference" is SPEC §2 written plainly.
 PATHS = ("auto", "dense", "sparse", "reference")
@@ -62,11 +64,6 @@ class SAEConfig:
         return asdict(self)
 
 
-def squared_error(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Σ_d (x̂ − x)², averaged over the batch: the loss's reconstruction term (SPEC §2)."""
-    return (x_hat - target).pow(2).sum(-1).mean()
-
-
 class SparseAutoencoder(nn.Module):
     """Parameters W_enc (d_in × m), b_enc (m), W_dec (m × d_out), b_dec (d_out) as in SPEC §3."""
 
@@ -83,6 +80,7 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.register_buffer("norm_scalar", torch.tensor(1.0))     # C: the SAE sees x / C
         self.register_buffer("pre_encoder_bias", torch.tensor(False))
+        self.objective = Objective()  # what training minimises beyond reconstruction (objectives.py)
 
     # --- the two forms -------------------------------------------------------------------------
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,43 +128,60 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"path must be one of {', '.join(PATHS)}, got '{path}'")
         return path == "sparse" or (path == "auto" and entries <= max_density(self.W_enc.device) * batch * self.cfg.d_sae)
 
-    def _sparse_values(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None):
-        """The values at a code's entries and the count of fired ones (SparseEncode)."""
-        return SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code, self.cfg.bandwidth)
+    def _sparse_encoded(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None) -> Encoded:
+        """A code's values and firing counts (SparseEncode)."""
+        vals, tokens, latents = SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code,
+                                                   self.cfg.bandwidth, self.objective.input_ste)
+        return Encoded(vals, code, tokens, latents)
 
-    def _sparse_step(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None):
-        """x̂, the count of fired entries, the fired latents and the values of a code's entries."""
-        vals, count = self._sparse_values(x, code, theta)
-        return code.decode(vals, self.W_dec) + self.b_dec, count, code.fired(vals), vals
-
-    def _dense_step(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None,
-                    workspace: Workspace | None = None, candidates: torch.Tensor | None = None):
-        """The same from graph-free pre-activations (overwritten); the last item is f [B, m]."""
+    def _dense_encoded(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None,
+                       workspace: Workspace | None = None, candidates: torch.Tensor | None = None) -> Encoded:
+        """The same from graph-free pre-activations (overwritten)."""
         # a fresh alias: the output joins the graph, the workspace's own tensor stays out of it
-        f, count = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(), self.cfg.bandwidth,
-                                     workspace, candidates)
-        return f @ self.W_dec + self.b_dec, count, f.detach().amax(0) > 0, f  # f ≥ 0: θ > 0
+        f, tokens, latents = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(),
+                                               self.cfg.bandwidth, workspace, candidates, self.objective.input_ste)
+        return Encoded(f, None, tokens, latents)
 
-    def _threshold_step(self, x: torch.Tensor, theta: torch.Tensor | None, path: str, workspace: Workspace | None,
-                        pre: torch.Tensor | None):
-        """JumpReLU (θ) or ReLU (θ None) by the fast path that pays: (x̂, count, fired, sum_f)
-        where sum_f(w) = Σ over the batch of Σ_i f_i·w_i."""
-        pre = self._fast_pre(x, workspace) if pre is None else pre
+    def _threshold_encoded(self, x: torch.Tensor, theta: torch.Tensor | None, path: str, workspace: Workspace | None,
+                           pre: torch.Tensor) -> Encoded:
+        """JumpReLU (θ) or ReLU (θ None) of graph-free pre-activations, by the fast path that pays."""
         candidates = None
         if path != "dense":  # entries with H or K non-zero lie above θ − ε
             floor = theta.detach() - self.cfg.bandwidth if theta is not None else pre.new_zeros(())
             candidates = above(pre, floor, workspace)
             if self._sparse_pays(int(candidates.count_nonzero()), x.shape[0], path):
-                code = Code.from_mask(pre, candidates)
-                x_hat, count, fired, vals = self._sparse_step(x, code, theta)
-                return x_hat, count, fired, lambda w: (vals * w[code.cols]).sum()
-        x_hat, count, fired, f = self._dense_step(x, pre, theta, workspace, candidates)
-        return x_hat, count, fired, lambda w: (f @ w).sum()
+                return self._sparse_encoded(x, Code.from_mask(pre, candidates), theta)
+        return self._dense_encoded(x, pre, theta, workspace, candidates)
 
-    def _reconstruction(self, f: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x̂ in the normalised space and the summed squared error, batch-averaged."""
-        x_hat = f @ self.W_dec + self.b_dec
-        return x_hat, squared_error(x_hat, target)
+    # --- dead latents (AuxK, Gao et al. 2024) ----------------------------------------------------
+    def _aux_code(self, pre: torch.Tensor, dead: torch.Tensor | None) -> Code | None:
+        """The k_aux largest pre-activations of dead latents per token, chosen from graph-free
+        pre-activations (before a dense step overwrites them); None when none is dead."""
+        dead_idx = dead.nonzero().squeeze(1) if dead is not None else None
+        if dead_idx is None or len(dead_idx) == 0:
+            return None
+        k_aux = min(max(1, self.cfg.d_in // 2), len(dead_idx))
+        vals, idx = pre[:, dead_idx].topk(k_aux, dim=-1)
+        return Code.from_topk(vals, dead_idx[idx], self.cfg.d_sae)
+
+    def _aux_loss(self, x: torch.Tensor, code: Code | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """How well the dead latents' ReLU activations of `code` reconstruct the residual error,
+        and the latents it decoded with a non-zero value."""
+        if code is None:
+            return x.new_zeros(()), torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
+        aux_vals = self._sparse_encoded(x, code, None).values
+        return squared_error(code.decode(aux_vals, self.W_dec), residual), code.fired(aux_vals)
+
+    def _aux_reference(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+        """`_aux_loss` written plainly with autograd. Live latents are zeroed rather than removed,
+        so the step never asks an accelerator how many are dead; with none dead the term is
+        multiplied away there, and skipped on the CPU."""
+        if dead is None or (pre.device.type == "cpu" and not dead.any()):  # a CPU "sync" is free: skip two matmuls
+            return pre.new_zeros(())
+        k_aux = min(max(1, self.cfg.d_in // 2), self.cfg.d_sae)
+        vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
+        rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
+        return squared_error(rec, residual) * dead.any()
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -154,42 +154,62 @@ def above(pre: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | Non
     return torch.gt(pre, threshold, out=buffer(workspace, "mask", pre.shape, torch.bool, pre.device))
 
 
-def _theta_grad(theta: torch.Tensor, near: Code, g_vals: torch.Tensor, g_count: torch.Tensor, eps: float) -> torch.Tensor:
-    """θ's pseudo-derivative (SPEC §2) summed over a code's entries, given ∂vals there:
-    −(θ/ε)·K·∂f from the activation and −(1/ε)·K·∂count from the L0 term."""
+def _kernel_terms(theta: torch.Tensor, near: Code, g_vals: torch.Tensor, g_count: torch.Tensor,
+                  eps: float) -> torch.Tensor:
+    """Per entry of a code, the rectangle kernel's share of the gradient, (θ·∂f + ∂H)·K/ε, given
+    ∂f (∂vals) and ∂H (the firing indicator's gradient, from the counts) there. θ's
+    pseudo-derivative (SPEC §2) is its negative summed by latent; with the input STE on, the
+    pre-activation gets it as is (∂H/∂z := K/ε, so ∂f/∂z := H + θ·K/ε)."""
     th = theta[near.cols]
     u = (near.pre - th) / eps
     kernel = ((u > -0.5) & (u < 0.5)).to(g_vals.dtype)
-    per_entry = g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
-    return torch.zeros_like(theta).index_add_(0, near.cols, per_entry)
+    return (g_vals * th + g_count) * kernel / eps
+
+
+def _theta_grad(theta: torch.Tensor, near: Code, terms: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(theta).index_add_(0, near.cols, -terms)
+
+
+def _counts(rows: torch.Tensor, cols: torch.Tensor, on: torch.Tensor, batch: int, width: int):
+    """Firings per token [batch] and per latent [width] of the entries that are `on`."""
+    on = on.to(torch.float32)
+    return (torch.zeros(batch, device=on.device).index_add_(0, rows, on),
+            torch.zeros(width, device=on.device).index_add_(0, cols, on))
 
 
 class SparseEncode(torch.autograd.Function):
-    """The values of a code's entries and the count of fired ones, with the gradients of the
-    dense encoder restricted to those entries.
+    """The values of a code's entries and the firings per token and per latent, with the
+    gradients of the dense encoder restricted to those entries.
 
     Inputs: x [B, d], b_pre [d] or None (the pre-encoder bias: pre = (x − b_pre) W_enc + b_enc),
-    W_enc, b_enc, θ [m] or None (JumpReLU; None: ReLU), the code, ε. Outputs: vals [n] =
-    pre · H(pre − θ) and count = Σ H(pre − θ). Gradients follow SPEC §2: ∂vals/∂pre = H,
-    ∂vals/∂θ := −(θ/ε)·K, ∂count/∂θ := −(1/ε)·K, nothing from count to pre. Entries the code
-    does not hold must have zero H and zero K (the caller picks a superset of both)."""
+    W_enc, b_enc, θ [m] or None (JumpReLU; None: ReLU), the code, ε, and whether the kernel's
+    gradient reaches the input (the input STE). Outputs: vals [n] = pre · H(pre − θ) and the
+    counts Σ_i H(pre − θ) [B] and Σ_b H(pre − θ) [m]: every sparsity and frequency penalty is a
+    function of them. Gradients follow SPEC §2: ∂vals/∂pre = H, ∂vals/∂θ := −(θ/ε)·K,
+    ∂H/∂θ := −(1/ε)·K, nothing from the counts to pre unless the input STE is on. Entries the
+    code does not hold must have zero H and zero K (the caller picks a superset of both)."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, theta, code: Code, eps: float):
+    def forward(ctx, x, b_pre, W_enc, b_enc, theta, code: Code, eps: float, input_ste: bool = False):
         active = code.pre > (theta[code.cols] if theta is not None else 0.0)
         vals = code.pre * active
         x_in = x if b_pre is None else x - b_pre
         ctx.save_for_backward(x_in, W_enc, theta, active)
-        ctx.code, ctx.eps = code, eps
-        return vals, active.count_nonzero().to(vals.dtype)
+        ctx.code, ctx.eps, ctx.input_ste = code, eps, input_ste
+        return vals, *_counts(code.rows, code.cols, active, x.shape[0], code.width)
 
     @staticmethod
-    def backward(ctx, g_vals, g_count):
+    def backward(ctx, g_vals, g_tokens, g_latents):
         x_in, W_enc, theta, active = ctx.saved_tensors
         code = ctx.code
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
         g_pre = g_vals * active
         g_x = g_b_pre = g_W = g_b = g_theta = None
+        if theta is not None and (need_theta or ctx.input_ste):
+            terms = _kernel_terms(theta, code, g_vals, g_tokens[code.rows] + g_latents[code.cols], ctx.eps)
+            g_theta = _theta_grad(theta, code, terms) if need_theta else None
+            if ctx.input_ste:
+                g_pre = g_pre + terms
         if need_W:
             g_W = code.per_latent_sum(g_pre, x_in).t()
         if need_b or need_b_pre:
@@ -198,43 +218,50 @@ class SparseEncode(torch.autograd.Function):
                 g_b_pre = -(W_enc @ g_b)
         if need_x:
             g_x = code.decode(g_pre, W_enc.t().contiguous())
-        if need_theta and theta is not None:
-            g_theta = _theta_grad(theta, code, g_vals, g_count, ctx.eps)
-        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None
 
 
 class DenseEncode(torch.autograd.Function):
     """`SparseEncode` on every entry: the same inputs and gradients, with `pre` (the graph-free
-    pre-activations, overwritten by the output) in place of a code. Outputs f [B, m] and count.
-    `candidates` (pre > θ − ε, when the caller has it) and the workspace save [B, m] passes."""
+    pre-activations, overwritten by the output) in place of a code. Outputs f [B, m] and the
+    counts per token and per latent. `candidates` (pre > θ − ε, when the caller has it) and the
+    workspace save [B, m] passes."""
 
     @staticmethod
     def forward(ctx, x, b_pre, W_enc, b_enc, theta, pre, eps: float, workspace: Workspace | None = None,
-                candidates: torch.Tensor | None = None):
+                candidates: torch.Tensor | None = None, input_ste: bool = False):
         def mask(name):
             return buffer(workspace, name, pre.shape, torch.bool, pre.device)
 
         th = theta if theta is not None else pre.new_zeros(())
         near = None
-        if theta is not None and ctx.needs_input_grad[4]:  # a superset of K's support, exact K later
+        if theta is not None and (ctx.needs_input_grad[4] or input_ste):  # a superset of K's support, exact K later
             lo = candidates if candidates is not None else torch.gt(pre, th - eps, out=mask("mask"))
             near = Code.from_mask(pre, lo.logical_and_(torch.lt(pre, th + eps, out=mask("mask2"))))
         off = torch.le(pre, th, out=mask("off"))
+        batch, width = off.shape
+        tokens = width - off.sum(1, dtype=torch.float32)
+        latents = batch - off.sum(0, dtype=torch.float32)
         f = pre.masked_fill_(off, 0.0)
         ctx.mark_dirty(pre)
         x_in = x if b_pre is None else x - b_pre
         ctx.save_for_backward(x_in, W_enc, theta, off)
-        ctx.near, ctx.eps, ctx.dtype = near, eps, compute_dtype(x.device)
-        return f, (off.numel() - off.count_nonzero()).to(f.dtype)
+        ctx.near, ctx.eps, ctx.dtype, ctx.input_ste = near, eps, compute_dtype(x.device), input_ste
+        return f, tokens, latents
 
     @staticmethod
-    def backward(ctx, g_f, g_count):
+    def backward(ctx, g_f, g_tokens, g_latents):
         x_in, W_enc, theta, off = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
         near = ctx.near
-        g_near = g_f[near.rows, near.cols] if near is not None else None  # before the mask zeroes them
+        terms = None
+        if near is not None:  # read ∂f there before the mask zeroes it
+            terms = _kernel_terms(theta, near, g_f[near.rows, near.cols],
+                                  g_tokens[near.rows] + g_latents[near.cols], ctx.eps)
         # in place: this gradient is ours alone (it comes from the decoder's product)
         g_pre = (g_f if g_f.is_contiguous() else g_f.contiguous()).masked_fill_(off, 0.0)
+        if terms is not None and ctx.input_ste:
+            g_pre.index_put_((near.rows, near.cols), terms, accumulate=True)
         g_x = g_b_pre = g_W = g_b = g_theta = None
         if need_W:  # latent-major, the parameter's layout (see SparseAutoencoder)
             g_W = product(g_pre.t(), x_in, ctx.dtype).t()
@@ -244,9 +271,9 @@ class DenseEncode(torch.autograd.Function):
                 g_b_pre = -(W_enc @ g_b)
         if need_x:
             g_x = product(g_pre, W_enc.t(), ctx.dtype)
-        if near is not None:
-            g_theta = _theta_grad(theta, near, g_near, g_count, ctx.eps)
-        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None
+        if terms is not None and need_theta:
+            g_theta = _theta_grad(theta, near, terms)
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None, None
 
 
 def few_touched(out: dict) -> torch.Tensor | None:

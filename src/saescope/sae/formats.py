@@ -81,7 +81,7 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         "apply_b_dec_to_input": False, "normalize_activations": "none", "prepend_bos": True,
         "activation_fn_str": "topk" if cfg.arch == "topk" else "relu",
         "activation_fn_kwargs": {"k": cfg.k} if cfg.arch == "topk" else {},
-        "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out},
+        "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out, "k": cfg.k},
     }
     data = st_save(arrays)
     saelens["saescope"]["sha256"] = hashlib.sha256(data).hexdigest()
@@ -227,8 +227,8 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
             site = None  # a hook we have no site for: load it, but unbound
     values = {"arch": arch, "site": site, "target_site": ours.get("target_site"),
               "model": cfg.get("model_name") or meta.get("model_name")}
-    if arch == "topk":
-        values["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k") or cfg.get("k")
+    if arch in ("topk", "batchtopk"):
+        values["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k") or cfg.get("k") or ours.get("k")
     sae = _from_arrays(_read_safetensors(path / SAELENS_WEIGHTS, ours.get("sha256")), values, path)
     if cfg.get("apply_b_dec_to_input"):
         sae.pre_encoder_bias.fill_(True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SAEConfig, SparseAutoencoder, squared_error
+from .base import SAEConfig, SparseAutoencoder
+from .objectives import Encoded, frequency_penalty, reconstruction, sparsity_penalty
 
 
 def _kernel(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -20,36 +21,38 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 class JumpReLUFn(torch.autograd.Function):
-    """z · H(z − θ). ∂/∂z = H(z − θ); ∂/∂θ := −(θ/ε)·K((z − θ)/ε)."""
+    """z · H(z − θ). ∂/∂z = H(z − θ); ∂/∂θ := −(θ/ε)·K((z − θ)/ε). With the input STE,
+    ∂/∂z := H(z − θ) + (θ/ε)·K((z − θ)/ε) (the kernel's gradient reaches z as well)."""
 
     @staticmethod
-    def forward(ctx, z, theta, eps: float):
+    def forward(ctx, z, theta, eps: float, input_ste: bool = False):
         ctx.save_for_backward(z, theta)
-        ctx.eps = eps
+        ctx.eps, ctx.input_ste = eps, input_ste
         return z * (z > theta).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        dz = grad * (z > theta).to(z.dtype)
-        dtheta = _sum_to(grad * -(theta / ctx.eps) * _kernel(z, theta, ctx.eps), theta.shape)
-        return dz, dtheta, None
+        kernel_part = grad * (theta / ctx.eps) * _kernel(z, theta, ctx.eps)
+        dz = grad * (z > theta).to(z.dtype) + (kernel_part if ctx.input_ste else 0.0)
+        return dz, _sum_to(-kernel_part, theta.shape), None, None
 
 
 class StepFn(torch.autograd.Function):
-    """H(z − θ). ∂/∂z = 0; ∂/∂θ := −(1/ε)·K((z − θ)/ε)."""
+    """H(z − θ). ∂/∂z = 0 (with the input STE, (1/ε)·K); ∂/∂θ := −(1/ε)·K((z − θ)/ε)."""
 
     @staticmethod
-    def forward(ctx, z, theta, eps: float):
+    def forward(ctx, z, theta, eps: float, input_ste: bool = False):
         ctx.save_for_backward(z, theta)
-        ctx.eps = eps
+        ctx.eps, ctx.input_ste = eps, input_ste
         return (z > theta).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         z, theta = ctx.saved_tensors
-        dtheta = _sum_to(grad * -(1.0 / ctx.eps) * _kernel(z, theta, ctx.eps), theta.shape)
-        return torch.zeros_like(z), dtheta, None
+        kernel_part = grad * (1.0 / ctx.eps) * _kernel(z, theta, ctx.eps)
+        dz = kernel_part if ctx.input_ste else torch.zeros_like(z)
+        return dz, _sum_to(-kernel_part, theta.shape), None, None
 
 
 class JumpReLUSAE(SparseAutoencoder):
@@ -86,18 +89,29 @@ class JumpReLUSAE(SparseAutoencoder):
         self.set_threshold(self.threshold.detach() * c)
 
     def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
-        theta = self.threshold
+        theta, obj = self.threshold, self.objective
         if path == "reference":
             pre = self.pre_acts(x)
-            f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth)
-            _, mse = self._reconstruction(f, target)
-            l0 = StepFn.apply(pre, theta, self.cfg.bandwidth).sum(-1).mean()
-            fired = (f != 0).any(0)
+            f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth, obj.input_ste)
+            h = StepFn.apply(pre, theta, self.cfg.bandwidth, obj.input_ste)
+            enc, aux_code = Encoded(f, None, h.sum(-1), h.sum(0)), None
         else:
-            x_hat, count, fired, _ = self._threshold_step(x, theta, path, workspace, pre)
-            mse = squared_error(x_hat, target)
-            l0 = count / x.shape[0]
-        return {"loss": mse + sparsity_coeff * l0, "mse": mse, "l0": l0.detach(), "fired": fired}
+            pre = self._fast_pre(x, workspace) if pre is None else pre
+            aux_code = self._aux_code(pre, dead) if obj.dead_aux else None  # before a dense step overwrites pre
+            enc = self._threshold_encoded(x, theta, path, workspace, pre)
+        loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, obj)
+        loss = loss + sparsity_penalty(obj, sparsity_coeff, enc) + frequency_penalty(obj, enc)
+        out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
+        if obj.dead_aux:
+            residual = target - x_hat.detach()
+            if path == "reference":
+                aux, aux_fired = self._aux_reference(pre, residual, dead), None
+            else:
+                aux, aux_fired = self._aux_loss(x, aux_code, residual)
+                out["touched"] = enc.fired | aux_fired
+            loss = loss + obj.dead_aux * aux
+            out["aux"] = aux.detach()
+        return {"loss": loss, **out}
 
     @torch.no_grad()
     def apply_constraints(self, rows: torch.Tensor | None = None) -> None:

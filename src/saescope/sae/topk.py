@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import SAEConfig, SparseAutoencoder, squared_error
+from .base import AUXK_COEFF, SAEConfig, SparseAutoencoder
 from .fast import Code, buffer
-
-AUXK_COEFF = 1 / 32  # weight of the AuxK loss (Gao et al. 2024)
+from .objectives import Encoded, reconstruction
 
 
 class TopKSAE(SparseAutoencoder):
@@ -26,48 +25,30 @@ class TopKSAE(SparseAutoencoder):
         return Code.from_topk(vals, idx, self.cfg.d_sae)
 
     def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
+        obj = self.objective
         if path == "reference":
             pre = self.pre_acts(x)
             f = self._select(pre)
-            x_hat, mse = self._reconstruction(f, target)
-            aux = self._auxk(pre, target - x_hat.detach(), dead)
-            l0 = (f > 0).sum(-1).float().mean()
-            return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": l0, "fired": (f != 0).any(0)}
-        pre = self._fast_pre(x, workspace) if pre is None else pre
-        code = self._choose(pre)
-        if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
-            x_hat, count, fired, _ = self._sparse_step(x, code, None)
-        else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
-            chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
-            chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
-            x_hat, count, fired, _ = self._dense_step(x, chosen, None, workspace)
-        mse = squared_error(x_hat, target)
-        aux, aux_fired = self._auxk_sparse(x, pre, target - x_hat.detach(), dead)
-        return {"loss": mse + AUXK_COEFF * aux, "mse": mse, "aux": aux.detach(), "l0": count.detach() / x.shape[0],
-                "fired": fired, "touched": fired | aux_fired}
-
-    def _auxk_sparse(self, x, pre, residual, dead) -> tuple[torch.Tensor, torch.Tensor]:
-        """`_auxk` from graph-free pre-activations: the top dead latents as a code, decoded sparsely.
-        Also the latents it decoded with a non-zero value."""
-        dead_idx = dead.nonzero().squeeze(1) if dead is not None else None
-        if dead_idx is None or len(dead_idx) == 0:
-            return pre.new_zeros(()), torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=pre.device)
-        k_aux = min(max(1, self.cfg.d_in // 2), len(dead_idx))
-        vals, idx = pre[:, dead_idx].topk(k_aux, dim=-1)
-        code = Code.from_topk(vals, dead_idx[idx], self.cfg.d_sae)
-        aux_vals, _ = self._sparse_values(x, code, None)
-        return squared_error(code.decode(aux_vals, self.W_dec), residual), code.fired(aux_vals)
-
-    def _auxk(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-        """Reconstruct the residual error from the top dead latents, so dead latents get gradient.
-        Live latents are zeroed rather than removed, so the step never asks an accelerator how
-        many are dead; with none dead the term is multiplied away there, and skipped on the CPU."""
-        if dead is None or (pre.device.type == "cpu" and not dead.any()):  # a CPU "sync" is free: skip two matmuls
-            return pre.new_zeros(())
-        k_aux = min(max(1, self.cfg.d_in // 2), self.cfg.d_sae)
-        vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
-        rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
-        return squared_error(rec, residual) * dead.any()
+            on = (f > 0).float()
+            enc = Encoded(f, None, on.sum(-1), on.sum(0))
+        else:
+            pre = self._fast_pre(x, workspace) if pre is None else pre
+            code = self._choose(pre)
+            if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
+                enc = self._sparse_encoded(x, code, None)
+            else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
+                chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
+                chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
+                enc = self._dense_encoded(x, chosen, None, workspace)
+        loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, obj)
+        residual = target - x_hat.detach()
+        out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
+        if path == "reference":
+            aux = self._aux_reference(pre, residual, dead)
+        else:
+            aux, aux_fired = self._aux_loss(x, self._aux_code(pre, dead), residual)
+            out["touched"] = enc.fired | aux_fired
+        return {"loss": loss + AUXK_COEFF * aux, "aux": aux.detach(), **out}
 
 
 class BatchTopKSAE(TopKSAE):
@@ -137,13 +118,11 @@ class ReLUSAE(SparseAutoencoder):
         norms = self.W_dec.norm(dim=1)
         if path == "reference":
             f = self._activate(self.pre_acts(x))
-            _, mse = self._reconstruction(f, target)
-            l1 = (f * norms).sum(-1).mean()
-            l0 = (f > 0).sum(-1).float().mean()
-            fired = (f != 0).any(0)
+            on = (f > 0).float()
+            enc = Encoded(f, None, on.sum(-1), on.sum(0))
         else:
-            x_hat, count, fired, sum_f = self._threshold_step(x, None, path, workspace, pre)
-            mse = squared_error(x_hat, target)
-            l1 = sum_f(norms) / x.shape[0]
-            l0 = count.detach() / x.shape[0]
-        return {"loss": mse + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": l0, "fired": fired}
+            pre = self._fast_pre(x, workspace) if pre is None else pre
+            enc = self._threshold_encoded(x, None, path, workspace, pre)
+        loss, mse, _ = reconstruction(enc, self.W_dec, self.b_dec, target, self.objective)
+        l1 = enc.weighted(norms) / x.shape[0]
+        return {"loss": loss + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": enc.l0.detach(), "fired": enc.fired}

@@ -23,6 +23,15 @@ class Planned:
     value: float         # λ, k or the target L0, by the spec's kind
 
     @property
+    def controlled(self) -> bool:
+        """Target-L0 mode: λ follows L0 to the target (the quadratic penalty has the target in the loss)."""
+        return bool(self.spec.target_l0) and self.spec.sparsity != "quadratic"
+
+    @property
+    def target_l0(self) -> float | None:
+        return float(self.value) if self.spec.target_l0 else None
+
+    @property
     def k(self) -> int | None:
         return int(self.value) if self.spec.arch in ("topk", "batchtopk") else None
 
@@ -39,9 +48,10 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
         tag = f"l0_{value:g}"
     else:
         tag = f"lam{value:g}"
-    options = ("-logtheta" if spec.arch == "jumprelu" and spec.theta_param == "log" else "") + (
-        "-bzeros" if spec.b_dec_init == "zeros" else "")
-    return f"{site}-{kind}-{width_label(width)}-{tag}{options}"
+    options = [("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"), ("bzeros", spec.b_dec_init == "zeros"),
+               (spec.sparsity, spec.sparsity != "l0"), ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)),
+               ("aux", spec.dead_aux > 0), ("iste", spec.input_ste), ("qinit", spec.threshold_init == "quantile")]
+    return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 
 def expand(cfg: TrainConfig) -> list[Planned]:

@@ -109,19 +109,34 @@ class Trainer:
             if spec.b_dec_init == "mean":
                 with torch.no_grad():
                     sae.b_dec.copy_(self.split.mean_rows(first_batch[target].to(self.device) / c))
+            sae.objective = spec.objective(p.target_l0)
             sae = sae.to(self.device)
+            if spec.threshold_init == "quantile":
+                self._quantile_thresholds(sae, first_batch[site].to(self.device) / c, p.target_l0)
             if spec.arch == "batchtopk" and not self.split.solo:
                 sae.across = self.split  # the k·batch largest of the whole batch, not of this rank's share
             controller = None
-            if spec.target_l0:  # λ starts at the first listed value and then follows L0
+            if p.controlled:  # λ starts at the first listed value and then follows L0
                 controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain,
                                       device=self.device)
-            coeff = float(value) if spec.arch in ("jumprelu", "relu") and not spec.target_l0 else 0.0
+            # λ: the value itself on a ladder; the first listed one around a target
+            coeff = 0.0 if spec.arch not in ("jumprelu", "relu") else spec.lambdas[0] if spec.target_l0 else float(value)
             self.members.append(Member(name, sae, site, target, c, coeff,
                                        torch.zeros(width, dtype=torch.long, device=self.device), controller,
                                        bad_step=torch.tensor(-1, device=self.device),
                                        bad_loss=torch.tensor(0.0, device=self.device)))
         self.backend.setup(self)
+
+    @torch.no_grad()
+    def _quantile_thresholds(self, sae, x: torch.Tensor, target_l0: float) -> None:
+        """θ_i = the (1 − L0*/m) quantile of latent i's pre-activations on the first (whole) batch,
+        so that every latent fires on a share L0*/m of it and L0 starts at L0*: no early steps
+        spent with half the latents firing, and no latent starts dead or dense. Never below ε."""
+        x = torch.cat(self.split.gather_rows(x))  # every rank computes the same θ from the whole batch
+        pre = sae.pre_acts(x)
+        rank = min(x.shape[0], max(1, round(x.shape[0] * (1 - target_l0 / sae.cfg.d_sae))))
+        theta = pre.kthvalue(rank, dim=0).values
+        sae.set_threshold(theta.clamp_min(sae.cfg.bandwidth))
 
     @cached_property
     def norm_scalars(self) -> dict[str, float]:

@@ -1,0 +1,154 @@
+"""What a training step minimises beyond reconstruction, as functions of one `Encoded` batch, so
+that the reference and both fast paths (fast.py) share every formula.
+
+- Sparsity (SPEC §2, §7): the linear L0 penalty λ·L0 (Gemma Scope); the quadratic penalty around
+  a target, λ·c·(L0 − L0*)² with c = 1/(2·L0*) (Gemma Scope 2: its gradient, (L0 − L0*)/L0*,
+  equals the linear penalty's at L0 = 2·L0*), of the batch's mean L0 or per token; and tanh,
+  λ·Σ_i tanh(s·f_i), whose gradient reaches the activations themselves (the 2025 variant).
+  L0 here is the straight-through count, so each reaches θ through SPEC §2's pseudo-derivative.
+- Frequency: w·Σ_i max(0, p_i − τ) with p_i the share of the batch's tokens on which latent i
+  fires (the same straight-through indicator): only latents firing more often than τ pay, and
+  they pay by raising θ, so no latent becomes dense.
+- Matryoshka: nested prefixes of the latents each reconstruct the target alone (the partial
+  sums of the decoder share one pass), the losses weighted and summed; low-index latents then
+  carry the frequent, general directions (less feature absorption).
+- Dead latents (`Objective.dead_aux`): AuxK's loss on the pre-activations of latents that have
+  not fired for a while (sae/base.py), so JumpReLU's dead latents get a gradient too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import torch
+
+from .fast import Code
+
+SPARSITY = ("l0", "quadratic", "tanh")
+QUADRATIC_FORMS = ("batch", "token")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One SAE's training objective beyond its architecture (validated by config.SAESpec)."""
+
+    sparsity: str = "l0"                 # jumprelu: "l0" | "quadratic" | "tanh"
+    target_l0: float | None = None       # the quadratic penalty's L0*
+    quadratic_form: str = "batch"        # "batch": (mean L0 − L0*)²; "token": the mean of (L0_b − L0*)²
+    tanh_scale: float = 4.0              # s in tanh(s·f), f on unit-mean-square inputs
+    frequency_penalty: float = 0.0       # w; 0: off
+    frequency_threshold: float = 0.1     # τ: a latent firing on more than this share of tokens pays
+    matryoshka: tuple[int, ...] = ()     # prefix widths, increasing, each below the width (which is implied last)
+    matryoshka_weights: tuple[float, ...] = ()  # one per prefix and the whole; default equal, summing to 1
+    dead_aux: float = 0.0                # jumprelu: weight of the AuxK-style loss on dead latents
+    input_ste: bool = False              # jumprelu: the kernel's gradient reaches the pre-activations too
+
+    def __post_init__(self):
+        from ..errors import SaescopeError
+
+        if self.sparsity not in SPARSITY:
+            raise SaescopeError(f"unknown sparsity '{self.sparsity}'; available: {', '.join(SPARSITY)}")
+        if self.quadratic_form not in QUADRATIC_FORMS:
+            raise SaescopeError(f"unknown quadratic_form '{self.quadratic_form}'; available: {', '.join(QUADRATIC_FORMS)}")
+        if self.sparsity == "quadratic" and not (self.target_l0 and self.target_l0 > 0):
+            raise SaescopeError("the quadratic sparsity penalty needs a positive target_l0")
+        if list(self.matryoshka) != sorted(set(self.matryoshka)) or any(p <= 0 for p in self.matryoshka):
+            raise SaescopeError(f"matryoshka prefixes must be increasing positive widths, got {list(self.matryoshka)}")
+        if self.matryoshka_weights and len(self.matryoshka_weights) != len(self.matryoshka) + 1:
+            raise SaescopeError(f"matryoshka_weights needs {len(self.matryoshka) + 1} weights (each prefix and the "
+                                f"whole), got {len(self.matryoshka_weights)}")
+
+    def check_width(self, width: int) -> None:
+        from ..errors import SaescopeError
+
+        if self.matryoshka and self.matryoshka[-1] >= width:
+            raise SaescopeError(f"matryoshka prefix {self.matryoshka[-1]} is not below the SAE's width {width}")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        n = len(self.matryoshka) + 1
+        return self.matryoshka_weights or (1.0 / n,) * n
+
+
+@dataclass
+class Encoded:
+    """One batch's code, whichever path made it: the activations (in the graph) and the
+    straight-through firing counts, per token and per latent."""
+
+    values: torch.Tensor          # f [B, m] (dense), or the values of `code`'s entries [n] (sparse)
+    code: Code | None             # the entries' positions; None when `values` is dense
+    tokens: torch.Tensor          # [B] latents firing at each token
+    latents: torch.Tensor         # [m] tokens each latent fires on
+
+    @cached_property
+    def fired(self) -> torch.Tensor:
+        return self.latents.detach() > 0
+
+    @property
+    def l0(self) -> torch.Tensor:
+        return self.tokens.sum() / self.tokens.shape[0]
+
+    def decode(self, W_dec: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Σ over latents lo ≤ i < hi of f_i·W_dec[i] (no bias), [B, d_out]."""
+        whole = lo == 0 and (hi is None or hi >= W_dec.shape[0])
+        if self.code is None:
+            return self.values @ W_dec if whole else self.values[:, lo:hi] @ W_dec[lo:hi]
+        if whole:
+            return self.code.decode(self.values, W_dec)
+        cols = self.code.cols
+        inside = (cols >= lo) & (cols < (hi if hi is not None else W_dec.shape[0]))
+        return self.code.decode(self.values * inside, W_dec)
+
+    def total(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Σ over the batch and latents of fn(f), for an fn with fn(0) = 0."""
+        return fn(self.values).sum()
+
+    def weighted(self, w: torch.Tensor) -> torch.Tensor:
+        """Σ over the batch of Σ_i f_i·w_i."""
+        if self.code is None:
+            return (self.values @ w).sum()
+        return (self.values * w[self.code.cols]).sum()
+
+
+def squared_error(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_d (x̂ − x)², averaged over the batch: the loss's reconstruction term (SPEC §2)."""
+    return (x_hat - target).pow(2).sum(-1).mean()
+
+
+def reconstruction(enc: Encoded, W_dec: torch.Tensor, b_dec: torch.Tensor, target: torch.Tensor,
+                   objective: Objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the reconstruction loss, the whole dictionary's squared error, x̂): with Matryoshka
+    prefixes, the weighted sum of each prefix's squared error, the partial decodes chained so
+    that every latent is decoded once."""
+    if not objective.matryoshka:
+        x_hat = enc.decode(W_dec) + b_dec
+        mse = squared_error(x_hat, target)
+        return mse, mse, x_hat
+    bounds = (*objective.matryoshka, W_dec.shape[0])
+    x_hat, loss, lo = b_dec, 0.0, 0
+    for hi, weight in zip(bounds, objective.weights):
+        x_hat = x_hat + enc.decode(W_dec, lo, hi)
+        mse = squared_error(x_hat, target)
+        loss, lo = loss + weight * mse, hi
+    return loss, mse, x_hat
+
+
+def sparsity_penalty(objective: Objective, coeff, enc: Encoded) -> torch.Tensor:
+    """λ times the chosen sparsity measure of the batch."""
+    if objective.sparsity == "l0":
+        return coeff * enc.l0
+    if objective.sparsity == "quadratic":
+        target = objective.target_l0
+        gap = enc.l0 - target if objective.quadratic_form == "batch" else enc.tokens - target
+        return coeff * gap.pow(2).mean() / (2 * target)
+    scale = objective.tanh_scale
+    return coeff * enc.total(lambda f: torch.tanh(scale * f)) / enc.tokens.shape[0]
+
+
+def frequency_penalty(objective: Objective, enc: Encoded) -> torch.Tensor | float:
+    """w·Σ_i max(0, p_i − τ) over latents firing on more than τ of the batch."""
+    if not objective.frequency_penalty:
+        return 0.0
+    share = enc.latents / enc.tokens.shape[0]
+    return objective.frequency_penalty * (share - objective.frequency_threshold).clamp_min(0).sum()

@@ -1,0 +1,220 @@
+"""The objectives (sae/objectives.py) against hand-written gradients, Matryoshka on hand-built
+prefixes, the quantile fast start on a planted dictionary, a killed run with every option, and
+the config's one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import interrupt_training
+from saescope import JumpReLUSAE, SAEConfig, SaescopeError, load_sae, save_sae
+from saescope.config import SAESpec, TrainConfig, validated
+from saescope.data import TensorSource
+from saescope.sae.fast import Code
+from saescope.sae.jumprelu import JumpReLUFn, StepFn
+from saescope.sae.objectives import (Encoded, Objective, frequency_penalty, reconstruction, sparsity_penalty,
+                                     squared_error)
+from saescope.train import Trainer, train, trainer_for
+
+EPS = 0.01
+B, M = 6, 5
+
+
+def _window_case():
+    """Pre-activations placed around θ: inside the ε window (|z − θ| < ε/2) on both sides, and
+    just outside it, so the rectangle kernel is 1 on some entries and 0 on the others."""
+    theta = torch.tensor([0.2, 0.3, 0.1, 0.5, 0.4])
+    offsets = torch.tensor([[0.3, -0.3, 0.7, -0.7, 2.0],
+                            [0.1, 0.4, -0.2, 3.0, -0.6],
+                            [-0.45, 0.2, 5.0, 0.3, 0.55],
+                            [4.0, 3.0, 2.0, -0.1, 0.2],
+                            [0.6, -4.0, 0.45, 1.0, -0.3],
+                            [-2.0, 0.2, 0.3, 0.35, 6.0]]) * EPS
+    return theta + offsets, theta
+
+
+def _counts(objective_terms, input_ste=False):
+    z, theta = _window_case()
+    z = z.clone().requires_grad_(True)
+    theta = theta.clone().requires_grad_(True)
+    f = JumpReLUFn.apply(z, theta, EPS, input_ste)
+    h = StepFn.apply(z, theta, EPS, input_ste)
+    enc = Encoded(f, None, h.sum(-1), h.sum(0))
+    objective_terms(enc).backward()
+    return z, theta, h.detach(), f.detach()
+
+
+def _kernel(z, theta):
+    u = (z - theta) / EPS
+    return ((u > -0.5) & (u < 0.5)).float()
+
+
+@pytest.mark.parametrize("input_ste", [False, True])
+@pytest.mark.parametrize("form", ["batch", "token"])
+def test_quadratic_penalty_gradient_through_the_ste(form, input_ste):
+    lam, target = 0.7, 2.0
+    obj = Objective(sparsity="quadratic", target_l0=target, quadratic_form=form, input_ste=input_ste)
+    z, theta, h, _ = _counts(lambda enc: sparsity_penalty(obj, lam, enc), input_ste)
+    k = _kernel(z.detach(), theta.detach())
+    tokens = h.sum(1)
+    if form == "batch":  # d/dL0 of λ(L0 − L0*)²/(2 L0*) = λ(L0 − L0*)/L0*, and L0 = Σ h / B
+        dh = (lam * (tokens.mean() - target) / target / B).expand(B, M)
+    else:  # the mean over tokens of λ(l_b − L0*)²/(2 L0*)
+        dh = (lam * (tokens - target) / target / B)[:, None].expand(B, M)
+    torch.testing.assert_close(theta.grad, (dh * -k / EPS).sum(0))
+    assert k.sum() > 0 and (k == 0).sum() > 0  # entries both inside and outside the window
+    want_z = dh * k / EPS if input_ste else torch.zeros(B, M)
+    torch.testing.assert_close(z.grad, want_z)
+
+
+def test_frequency_penalty_reaches_only_dense_latents():
+    w, tau = 3.0, 0.7
+    obj = Objective(frequency_penalty=w, frequency_threshold=tau)
+    z, theta, h, _ = _counts(lambda enc: frequency_penalty(obj, enc))
+    share = h.mean(0)
+    k = _kernel(z.detach(), theta.detach())
+    dh = (w * (share > tau).float() / B).expand(B, M)
+    torch.testing.assert_close(theta.grad, (dh * -k / EPS).sum(0))
+    dense = share > tau
+    assert dense.any() and (~dense).any()
+    assert torch.all(theta.grad[~dense] == 0)  # a latent under τ pays nothing
+    assert torch.all(z.grad == 0)  # no input STE: nothing reaches the pre-activations
+    want = w * (share - tau).clamp_min(0).sum()
+    torch.testing.assert_close(frequency_penalty(obj, Encoded(h, None, h.sum(1), h.sum(0))), want)
+
+
+def test_tanh_penalty_gradient():
+    lam, s = 0.5, 4.0
+    obj = Objective(sparsity="tanh", tanh_scale=s)
+    z, theta, h, f = _counts(lambda enc: sparsity_penalty(obj, lam, enc))
+    k = _kernel(z.detach(), theta.detach())
+    df = lam * s * (1 - torch.tanh(s * f) ** 2) / B  # d/df of λ Σ tanh(s f) / B
+    torch.testing.assert_close(z.grad, df * h)
+    torch.testing.assert_close(theta.grad, (df * -(theta.detach() / EPS) * k).sum(0))
+
+
+def test_linear_l0_is_the_papers():
+    obj = Objective()
+    z, theta, h, _ = _counts(lambda enc: sparsity_penalty(obj, 0.25, enc))
+    torch.testing.assert_close(theta.grad, (0.25 / B * -_kernel(z.detach(), theta.detach()) / EPS).sum(0))
+
+
+def _hand_matryoshka(f, W, b, x, prefixes, weights):
+    losses = []
+    for p in (*prefixes, W.shape[0]):
+        x_hat = b + sum(f[:, i:i + 1] * W[i] for i in range(p))
+        losses.append(((x - x_hat) ** 2).sum(-1).mean())
+    return sum(w * l for w, l in zip(weights, losses)), losses[-1]
+
+
+@pytest.mark.parametrize("weights", [(), (0.5, 0.3, 0.2)])
+def test_matryoshka_losses_on_hand_built_prefixes(weights):
+    g = torch.Generator().manual_seed(0)
+    f = torch.rand(4, 6, generator=g) * (torch.rand(4, 6, generator=g) < 0.5)
+    W, b, x = torch.randn(6, 3, generator=g), torch.randn(3, generator=g), torch.randn(4, 3, generator=g)
+    obj = Objective(matryoshka=(2, 4), matryoshka_weights=weights)
+    want, want_mse = _hand_matryoshka(f, W, b, x, (2, 4), weights or (1 / 3,) * 3)
+    on = (f > 0).float()
+    dense = Encoded(f, None, on.sum(1), on.sum(0))
+    loss, mse, x_hat = reconstruction(dense, W, b, x, obj)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(mse, want_mse)
+    torch.testing.assert_close(mse, squared_error(f @ W + b, x))  # the last prefix is the whole dictionary
+    code = Code.from_mask(f, f > 0)  # the same code, sparse
+    sparse = Encoded(code.pre, code, on.sum(1), on.sum(0))
+    torch.testing.assert_close(reconstruction(sparse, W, b, x, obj)[0], want)
+    torch.testing.assert_close(reconstruction(dense, W, b, x, Objective())[0], want_mse)
+
+
+def test_bad_objectives_are_one_line_errors():
+    for values, text in [({"sparsity": "cubic"}, "sparsity"), ({"threshold_init": "median"}, "threshold_init"),
+                         ({"arch": "topk", "frequency_penalty": 1.0}, "for jumprelu"),
+                         ({"sparsity": "quadratic"}, "set target_l0"),
+                         ({"threshold_init": "quantile"}, "set target_l0"),
+                         ({"widths": [64], "matryoshka": [16, 8]}, "increasing"),
+                         ({"widths": [64], "matryoshka": [16, 64]}, "not below"),
+                         ({"widths": [64], "matryoshka": [16], "matryoshka_weights": [1.0]}, "2 weights")]:
+        with pytest.raises(SaescopeError) as err:
+            validated(SAESpec, **values)
+        assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(SaescopeError, match="unknown sparsity"):
+        Objective(sparsity="l1")
+
+
+def planted(n=20_000, d=32, m=64, l0=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    codes = (torch.rand(n, m, generator=g) < l0 / m) * (torch.rand(n, m, generator=g) * 2 + 1)
+    return codes @ D
+
+
+@pytest.mark.parametrize("target", [8.0, 30.0])
+def test_the_quantile_start_puts_l0_near_the_target(target, tmp_path):
+    """At step 0, on a batch the thresholds were not estimated from, L0 is within 25% of the target
+    (the constant θ = 0.001 starts at about half the width)."""
+    x = planted()
+    spec = dict(sites=["resid.0"], widths=[256], target_l0=[target], lambdas=[1e-2])
+    starts = {}
+    for init in ("constant", "quantile"):
+        cfg = TrainConfig(saes=[SAESpec(**spec, threshold_init=init)], tokens=4 * 1024, batch_size=1024)
+        trainer = trainer_for(cfg, tmp_path / init, source=TensorSource({"resid.0": x}))
+        batches = iter(trainer._batches())
+        trainer.build(next(batches))
+        [m] = trainer.members
+        other = next(batches)["resid.0"]
+        with torch.no_grad():
+            starts[init] = float((m.sae.encode(other) > 0).sum(1).float().mean())
+    assert abs(starts["quantile"] - target) <= 0.25 * target, starts
+    assert starts["constant"] > 3 * target
+
+
+EVERY_OPTION = [
+    SAESpec(sites=["resid.0"], widths=[32], target_l0=[4.0], lambdas=[1e-2], sparsity="quadratic", threshold_init="quantile"),
+    SAESpec(sites=["resid.0"], widths=[32], target_l0=[4.0], lambdas=[1e-2], sparsity="quadratic", quadratic_form="token"),
+    SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], sparsity="tanh"),
+    SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], frequency_penalty=1.0, frequency_threshold=0.2),
+    SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], matryoshka=[8, 16]),
+    SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], dead_aux=1 / 32),
+    SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], input_ste=True),
+    SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], matryoshka=[8, 16], matryoshka_weights=[0.2, 0.3, 0.5]),
+    SAESpec(sites=["resid.0"], arch="batchtopk", widths=[32], ks=[3], matryoshka=[8]),
+]
+
+
+@pytest.fixture(scope="module")
+def source():
+    g = torch.Generator().manual_seed(1)
+    return TensorSource({"resid.0": torch.randn(3000, 8, generator=g) * 5 + 2})
+
+
+def test_a_killed_run_with_every_option_resumes_to_the_same_weights(source, tmp_path, monkeypatch):
+    cfg = TrainConfig(saes=EVERY_OPTION, tokens=40 * 256, batch_size=256, lr=1e-3, checkpoint_every=10, log_every=5,
+                      dead_tokens=512)
+    train(cfg, tmp_path / "whole", source=source, progress=False)
+    interrupt_training(monkeypatch, Trainer, 25)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", source=source, progress=False)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "cut", source=source, progress=False)
+    names = sorted(p.name for p in (tmp_path / "whole" / "saes").iterdir())
+    assert len(names) == len(EVERY_OPTION)
+    for name in names:
+        whole, cut = load_sae(tmp_path / "whole" / "saes" / name), load_sae(tmp_path / "cut" / "saes" / name)
+        for k, v in whole.state_dict().items():
+            torch.testing.assert_close(cut.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+        # every SAE trained with an option still saves and loads in its formats (TopK has no Gemma Scope file)
+        for fmt in ("native", "saelens") + (("gemmascope",) if whole.cfg.arch != "topk" else ()):
+            again = load_sae(save_sae(whole, tmp_path / fmt / name, format=fmt))
+            with torch.no_grad():
+                x = source.acts["resid.0"][:64]
+                torch.testing.assert_close(again(x), whole(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_objective_is_the_specs():
+    spec = SAESpec(widths=[64], target_l0=[10.0, 20.0], sparsity="quadratic", matryoshka=[8, 32], frequency_penalty=2.0)
+    obj = spec.objective(20.0)
+    assert (obj.sparsity, obj.target_l0, obj.matryoshka, obj.frequency_penalty) == ("quadratic", 20.0, (8, 32), 2.0)
+    sae = JumpReLUSAE(SAEConfig(d_in=4, d_sae=64))
+    assert sae.objective == Objective()  # the paper's, unless training sets another
