@@ -218,3 +218,43 @@ def test_the_objective_is_the_specs():
     assert (obj.sparsity, obj.target_l0, obj.matryoshka, obj.frequency_penalty) == ("quadratic", 20.0, (8, 32), 2.0)
     sae = JumpReLUSAE(SAEConfig(d_in=4, d_sae=64))
     assert sae.objective == Objective()  # the paper's, unless training sets another
+
+
+def test_batchtopk_converts_to_jumprelu_with_its_codes(tmp_path):
+    """Per-latent thresholds from the training activations: each latent fires on exactly as many
+    tokens as BatchTopK kept it on, nearly every token's code is BatchTopK's, and the converted SAE
+    ships in the Gemma Scope format as a JumpReLU."""
+    from saescope import BatchTopKSAE
+    from saescope.sae.convert import batchtopk_to_jumprelu
+
+    sae = BatchTopKSAE(SAEConfig(arch="batchtopk", d_in=16, d_sae=96, k=6, site="resid.0"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(96, generator=g) * 0.3)
+        sae.norm_scalar.fill_(2.0)
+        sae.pre_encoder_bias.fill_(True)
+    x = torch.randn(2048, 16, generator=g) * 2
+    batch = 256
+    kept = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch):  # BatchTopK written plainly: the k·B largest of the batch
+            pre = sae.pre_acts(x[i:i + batch] / 2.0).relu()
+            cut = pre.reshape(-1).topk(6 * batch).values[-1]
+            kept.append((pre >= cut) & (pre > 0))
+    kept = torch.cat(kept)
+    jr = batchtopk_to_jumprelu(sae, x, batch_size=batch)
+    assert jr.cfg.arch == "jumprelu" and jr.cfg.extra["converted_from"]["k"] == 6
+    with torch.no_grad():
+        codes = jr.encode(x)
+    fires = codes > 0
+    torch.testing.assert_close(fires.sum(0), kept.sum(0))  # every latent's frequency, exactly
+    agree = (fires & kept).sum() / (fires | kept).sum()
+    assert agree > 0.9, float(agree)
+    with torch.no_grad():  # where both fire the value is the same pre-activation (raw units)
+        both = fires & kept
+        want = sae.pre_acts(x / 2.0) * 2.0
+        torch.testing.assert_close(codes[both], want[both], rtol=1e-5, atol=1e-5)
+    again = load_sae(save_sae(jr, tmp_path / "gs", format="gemmascope"))
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode(x), codes, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,55 @@
+"""BatchTopK → JumpReLU (Gemma Scope 2 released its BatchTopK-trained dictionaries as JumpReLU):
+one threshold per latent, from training activations, so that the dictionary ships in the
+JumpReLU formats and encodes each token on its own (BatchTopK's cut depends on the batch).
+
+Latent i gets the θ_i at which it fires on exactly as many of the given tokens as BatchTopK
+kept it on (over the same batches): the midpoint between its n_i-th and (n_i + 1)-th largest
+pre-activation. Each latent's firing frequency is therefore reproduced exactly; an individual
+token's code can differ only where BatchTopK's cut for that batch fell between the two. The
+peers' conversions use one threshold shared by every latent (SAELens, dictionary_learning)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SAEConfig
+from .jumprelu import JumpReLUSAE
+from .topk import BatchTopKSAE
+
+
+@torch.no_grad()
+def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 4096) -> JumpReLUSAE:
+    """A JumpReLU SAE with `sae`'s weights and per-latent thresholds from raw activations x
+    [N, d_in] (training activations, taken in batches of `batch_size` as in training)."""
+    if sae.cfg.arch != "batchtopk":
+        raise ValueError(f"batchtopk_to_jumprelu converts BatchTopK SAEs, not {sae.cfg.arch}")
+    chunks = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+    def pre_acts(chunk):
+        return sae.pre_acts(chunk.to(sae.W_enc.device).float() / sae.norm_scalar)
+
+    kept = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_enc.device)
+    for chunk in chunks:  # how often BatchTopK keeps each latent
+        pre = pre_acts(chunk).relu()
+        n = min(sae.cfg.k * pre.shape[0], pre.numel())
+        idx = pre.reshape(-1).topk(n).indices
+        kept += torch.bincount(idx % sae.cfg.d_sae, weights=(pre.reshape(-1)[idx] > 0).long(),
+                               minlength=sae.cfg.d_sae).long()
+    depth = int(kept.max()) + 1
+    top = None  # each latent's `depth` largest pre-activations so far, [depth, m]
+    for chunk in chunks:
+        pre = pre_acts(chunk)
+        both = pre if top is None else torch.cat([top, pre])
+        top = both.topk(min(depth, both.shape[0]), dim=0).values
+    if top.shape[0] < depth:  # a latent kept on every token: pad below its smallest value
+        top = torch.cat([top, top[-1:] - 1.0])
+    above = top.gather(0, (kept - 1).clamp_min(0)[None]).squeeze(0)   # the n_i-th largest
+    below = top.gather(0, kept[None]).squeeze(0)                      # the (n_i + 1)-th largest
+    theta = torch.where(kept > 0, (above + below) / 2, top[0])        # never kept: at its largest, so it never fires
+    out = JumpReLUSAE(SAEConfig(**{**sae.cfg.to_dict(), "arch": "jumprelu", "k": None}))
+    out = out.to(sae.W_enc.device)
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scalar", "pre_encoder_bias"):
+        getattr(out, name).copy_(getattr(sae, name))
+    out.set_threshold(theta.clamp_min(torch.finfo(theta.dtype).tiny))
+    out.cfg.extra = {**sae.cfg.extra, "converted_from": {"arch": "batchtopk", "k": sae.cfg.k, "tokens": len(x)}}
+    return out
