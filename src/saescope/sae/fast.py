@@ -163,7 +163,8 @@ def _kernel_terms(theta: torch.Tensor, near: Code, g_vals: torch.Tensor, g_count
     th = theta[near.cols]
     u = (near.pre - th) / eps
     kernel = ((u > -0.5) & (u < 0.5)).to(g_vals.dtype)
-    return (g_vals * th + g_count) * kernel / eps
+    # in this order (θ's, then negated) so that θ's gradient rounds as SPEC §2's formula does
+    return -(g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel)
 
 
 def _theta_grad(theta: torch.Tensor, near: Code, terms: torch.Tensor) -> torch.Tensor:
