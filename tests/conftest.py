@@ -126,6 +126,15 @@ def model_dir(tmp_path, tokenizer):
     return save_tiny_model(tmp_path / "model", tokenizer)
 
 
+def planted(n=60_000, d=32, m=64, l0=4.0, seed=0):
+    """x = codes @ D: m known unit directions, each token using about `l0` of them with size U(1, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(m, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    codes = (torch.rand(n, m, generator=g) < l0 / m) * (torch.rand(n, m, generator=g) * 2 + 1)
+    return codes @ D, D, codes
+
+
 def interrupt_training(monkeypatch, trainer_cls, step: int) -> None:
     """Make `trainer_cls` stop with KeyboardInterrupt (a Ctrl-C) as it starts `step`."""
     real = trainer_cls.train_step

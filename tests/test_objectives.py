@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import interrupt_training
+from conftest import interrupt_training, planted
 from saescope import JumpReLUSAE, SAEConfig, SaescopeError, load_sae, save_sae
 from saescope.config import SAESpec, TrainConfig, validated
 from saescope.data import TensorSource
@@ -40,7 +40,7 @@ def _counts(objective_terms, input_ste=False):
     theta = theta.clone().requires_grad_(True)
     f = JumpReLUFn.apply(z, theta, EPS, input_ste)
     h = StepFn.apply(z, theta, EPS, input_ste)
-    enc = Encoded(f, None, h.sum(-1), h.sum(0))
+    enc = Encoded(f, None, h.sum(), h.sum(-1), h.sum(0))
     objective_terms(enc).backward()
     return z, theta, h.detach(), f.detach()
 
@@ -81,7 +81,7 @@ def test_frequency_penalty_reaches_only_dense_latents():
     assert torch.all(theta.grad[~dense] == 0)  # a latent under τ pays nothing
     assert torch.all(z.grad == 0)  # no input STE: nothing reaches the pre-activations
     want = w * (share - tau).clamp_min(0).sum()
-    torch.testing.assert_close(frequency_penalty(obj, Encoded(h, None, h.sum(1), h.sum(0))), want)
+    torch.testing.assert_close(frequency_penalty(obj, Encoded(h, None, h.sum(), h.sum(1), h.sum(0))), want)
 
 
 def test_tanh_penalty_gradient():
@@ -116,13 +116,13 @@ def test_matryoshka_losses_on_hand_built_prefixes(weights):
     obj = Objective(matryoshka=(2, 4), matryoshka_weights=weights)
     want, want_mse = _hand_matryoshka(f, W, b, x, (2, 4), weights or (1 / 3,) * 3)
     on = (f > 0).float()
-    dense = Encoded(f, None, on.sum(1), on.sum(0))
+    dense = Encoded(f, None, on.sum(), on.sum(1), on.sum(0))
     loss, mse, x_hat = reconstruction(dense, W, b, x, obj)
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(mse, want_mse)
     torch.testing.assert_close(mse, squared_error(f @ W + b, x))  # the last prefix is the whole dictionary
     code = Code.from_mask(f, f > 0)  # the same code, sparse
-    sparse = Encoded(code.pre, code, on.sum(1), on.sum(0))
+    sparse = Encoded(code.pre, code, on.sum(), on.sum(1), on.sum(0))
     torch.testing.assert_close(reconstruction(sparse, W, b, x, obj)[0], want)
     torch.testing.assert_close(reconstruction(dense, W, b, x, Objective())[0], want_mse)
 
@@ -142,19 +142,11 @@ def test_bad_objectives_are_one_line_errors():
         Objective(sparsity="l1")
 
 
-def planted(n=20_000, d=32, m=64, l0=4.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(m, d, generator=g)
-    D /= D.norm(dim=1, keepdim=True)
-    codes = (torch.rand(n, m, generator=g) < l0 / m) * (torch.rand(n, m, generator=g) * 2 + 1)
-    return codes @ D
-
-
 @pytest.mark.parametrize("target", [8.0, 30.0])
 def test_the_quantile_start_puts_l0_near_the_target(target, tmp_path):
     """At step 0, on a batch the thresholds were not estimated from, L0 is within 25% of the target
     (the constant θ = 0.001 starts at about half the width)."""
-    x = planted()
+    x, _, _ = planted(n=20_000)
     spec = dict(sites=["resid.0"], widths=[256], target_l0=[target], lambdas=[1e-2])
     starts = {}
     for init in ("constant", "quantile"):

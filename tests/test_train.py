@@ -8,20 +8,11 @@ import math
 import pytest
 import torch
 
-from conftest import interrupt_training
+from conftest import interrupt_training, planted
 from saescope import SaescopeError, load_sae
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
 from saescope.train import Trainer, coeff_at, lr_at, train, trainer_for
-
-
-def planted(n=60_000, d=32, m=64, l0=4.0, seed=0):
-    """x = codes @ D: m known unit directions, each token using about `l0` of them with size U(1, 3)."""
-    g = torch.Generator().manual_seed(seed)
-    D = torch.randn(m, d, generator=g)
-    D /= D.norm(dim=1, keepdim=True)
-    codes = (torch.rand(n, m, generator=g) < l0 / m) * (torch.rand(n, m, generator=g) * 2 + 1)
-    return codes @ D, D, codes
 
 
 @pytest.fixture(scope="module")

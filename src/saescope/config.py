@@ -105,13 +105,12 @@ class SAESpec(_Config):
 
     def objective(self, target_l0: float | None = None):
         """The training objective of this family's SAE at `target_l0` (sae/objectives.py)."""
+        from dataclasses import fields
+
         from .sae.objectives import Objective
 
-        return Objective(sparsity=self.sparsity, target_l0=target_l0, quadratic_form=self.quadratic_form,
-                         tanh_scale=self.tanh_scale, frequency_penalty=self.frequency_penalty,
-                         frequency_threshold=self.frequency_threshold, matryoshka=tuple(self.matryoshka),
-                         matryoshka_weights=tuple(self.matryoshka_weights), dead_aux=self.dead_aux,
-                         input_ste=self.input_ste)
+        same = {f.name: getattr(self, f.name) for f in fields(Objective) if f.name != "target_l0"}  # the spec's own keys
+        return Objective(**{k: tuple(v) if isinstance(v, list) else v for k, v in same.items()}, target_l0=target_l0)
 
     @field_validator("widths", "ks")
     @classmethod

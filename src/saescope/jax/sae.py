@@ -97,7 +97,7 @@ def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Arr
     w_dec = params["W_dec"]
     bounds = (*obj.matryoshka, w_dec.shape[0])
     x_hat, recon, lo = params["b_dec"], 0.0, 0
-    for hi, weight in zip(bounds, obj.weights if obj.matryoshka else (1.0,)):
+    for hi, weight in zip(bounds, obj.weights):
         x_hat = x_hat + f[:, lo:hi] @ w_dec[lo:hi]
         mse = _squared_error(x_hat, target)
         recon, lo = recon + weight * mse, hi

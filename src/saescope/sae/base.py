@@ -130,17 +130,20 @@ class SparseAutoencoder(nn.Module):
 
     def _sparse_encoded(self, x: torch.Tensor, code: Code, theta: torch.Tensor | None) -> Encoded:
         """A code's values and firing counts (SparseEncode)."""
-        vals, tokens, latents = SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code,
-                                                   self.cfg.bandwidth, self.objective.input_ste)
-        return Encoded(vals, code, tokens, latents)
+        obj = self.objective
+        vals, count, tokens, latents = SparseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, code,
+                                                          self.cfg.bandwidth, obj.input_ste, obj.per_token, obj.per_latent)
+        return Encoded(vals, code, count, tokens, latents)
 
     def _dense_encoded(self, x: torch.Tensor, pre: torch.Tensor, theta: torch.Tensor | None,
                        workspace: Workspace | None = None, candidates: torch.Tensor | None = None) -> Encoded:
         """The same from graph-free pre-activations (overwritten)."""
         # a fresh alias: the output joins the graph, the workspace's own tensor stays out of it
-        f, tokens, latents = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(),
-                                               self.cfg.bandwidth, workspace, candidates, self.objective.input_ste)
-        return Encoded(f, None, tokens, latents)
+        obj = self.objective
+        f, count, tokens, latents = DenseEncode.apply(x, self._b_pre, self.W_enc, self.b_enc, theta, pre.detach(),
+                                                      self.cfg.bandwidth, workspace, candidates, obj.input_ste,
+                                                      obj.per_token, obj.per_latent)
+        return Encoded(f, None, count, tokens, latents)
 
     def _threshold_encoded(self, x: torch.Tensor, theta: torch.Tensor | None, path: str, workspace: Workspace | None,
                            pre: torch.Tensor) -> Encoded:

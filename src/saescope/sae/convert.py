@@ -32,9 +32,8 @@ def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 
     for chunk in chunks:  # how often BatchTopK keeps each latent
         pre = pre_acts(chunk).relu()
         n = min(sae.cfg.k * pre.shape[0], pre.numel())
-        idx = pre.reshape(-1).topk(n).indices
-        kept += torch.bincount(idx % sae.cfg.d_sae, weights=(pre.reshape(-1)[idx] > 0).long(),
-                               minlength=sae.cfg.d_sae).long()
+        vals, idx = pre.reshape(-1).topk(n)
+        kept += torch.bincount(idx[vals > 0] % sae.cfg.d_sae, minlength=sae.cfg.d_sae)
     depth = int(kept.max()) + 1
     top = None  # each latent's `depth` largest pre-activations so far, [depth, m]
     for chunk in chunks:

@@ -77,6 +77,11 @@ class Code:
         rows, cols = flat_idx // pre.shape[1], flat_idx % pre.shape[1]
         return cls(rows, cols, pre.reshape(-1)[flat_idx], _offsets(rows, pre.shape[0]), pre.shape[1])
 
+    def select(self, index: torch.Tensor) -> "Code":
+        """The entries at `index` (increasing, so still in token order)."""
+        rows = self.rows[index]
+        return Code(rows, self.cols[index], self.pre[index], _offsets(rows, len(self.offsets)), self.width)
+
     @cached_property
     def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order of the entries grouped by latent, offsets of each latent's group): the layout of
@@ -154,28 +159,37 @@ def above(pre: torch.Tensor, threshold: torch.Tensor, workspace: Workspace | Non
     return torch.gt(pre, threshold, out=buffer(workspace, "mask", pre.shape, torch.bool, pre.device))
 
 
-def _kernel_terms(theta: torch.Tensor, near: Code, g_vals: torch.Tensor, g_count: torch.Tensor,
-                  eps: float) -> torch.Tensor:
-    """Per entry of a code, the rectangle kernel's share of the gradient, (θ·∂f + ∂H)·K/ε, given
-    ∂f (∂vals) and ∂H (the firing indicator's gradient, from the counts) there. θ's
-    pseudo-derivative (SPEC §2) is its negative summed by latent; with the input STE on, the
-    pre-activation gets it as is (∂H/∂z := K/ε, so ∂f/∂z := H + θ·K/ε)."""
+def _theta_terms(theta: torch.Tensor, near: Code, g_vals: torch.Tensor, g_count: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """θ's pseudo-derivative (SPEC §2) at each entry of a code, −(θ/ε)·K·∂f − (1/ε)·K·∂H, given
+    ∂f (∂vals) and ∂H (the firing indicator's gradient, from the counts) there. With the input
+    STE the pre-activation gets its negative (∂H/∂z := K/ε, so ∂f/∂z := H + θ·K/ε)."""
     th = theta[near.cols]
     u = (near.pre - th) / eps
     kernel = ((u > -0.5) & (u < 0.5)).to(g_vals.dtype)
-    # in this order (θ's, then negated) so that θ's gradient rounds as SPEC §2's formula does
-    return -(g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel)
+    return g_vals * -(th / eps) * kernel + g_count * -(1.0 / eps) * kernel
 
 
-def _theta_grad(theta: torch.Tensor, near: Code, terms: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(theta).index_add_(0, near.cols, -terms)
+def _indicator_grad(near: Code, g_count: torch.Tensor | None, g_tokens: torch.Tensor | None,
+                    g_latents: torch.Tensor | None):
+    """∂H at each entry of a code, from the gradients of the counts the loss read: the total (a
+    scalar, broadcast), per token and per latent."""
+    g = g_count if g_count is not None else 0.0
+    if g_tokens is not None:
+        g = g + g_tokens[near.rows]
+    if g_latents is not None:
+        g = g + g_latents[near.cols]
+    return g
 
 
-def _counts(rows: torch.Tensor, cols: torch.Tensor, on: torch.Tensor, batch: int, width: int):
-    """Firings per token [batch] and per latent [width] of the entries that are `on`."""
+def _counts(rows: torch.Tensor, cols: torch.Tensor, on: torch.Tensor, batch: int, width: int, per_token: bool,
+            per_latent: bool):
+    """Firings of the entries that are `on`: in all, per token [batch] and per latent [width] (each
+    of the last two None unless asked for)."""
     on = on.to(torch.float32)
-    return (torch.zeros(batch, device=on.device).index_add_(0, rows, on),
-            torch.zeros(width, device=on.device).index_add_(0, cols, on))
+    tokens = torch.zeros(batch, device=on.device).index_add_(0, rows, on) if per_token else None
+    latents = torch.zeros(width, device=on.device).index_add_(0, cols, on) if per_latent else None
+    return on.sum(), tokens, latents
 
 
 class SparseEncode(torch.autograd.Function):
@@ -183,34 +197,37 @@ class SparseEncode(torch.autograd.Function):
     gradients of the dense encoder restricted to those entries.
 
     Inputs: x [B, d], b_pre [d] or None (the pre-encoder bias: pre = (x − b_pre) W_enc + b_enc),
-    W_enc, b_enc, θ [m] or None (JumpReLU; None: ReLU), the code, ε, and whether the kernel's
-    gradient reaches the input (the input STE). Outputs: vals [n] = pre · H(pre − θ) and the
-    counts Σ_i H(pre − θ) [B] and Σ_b H(pre − θ) [m]: every sparsity and frequency penalty is a
-    function of them. Gradients follow SPEC §2: ∂vals/∂pre = H, ∂vals/∂θ := −(θ/ε)·K,
+    W_enc, b_enc, θ [m] or None (JumpReLU; None: ReLU), the code, ε, whether the kernel's
+    gradient reaches the input (the input STE), and which counts beyond the total are wanted.
+    Outputs: vals [n] = pre · H(pre − θ) and the counts Σ H(pre − θ), Σ_i H(pre − θ) [B] and
+    Σ_b H(pre − θ) [m] (the last two None unless asked for): every sparsity and frequency
+    penalty is a function of them. Gradients follow SPEC §2: ∂vals/∂pre = H, ∂vals/∂θ := −(θ/ε)·K,
     ∂H/∂θ := −(1/ε)·K, nothing from the counts to pre unless the input STE is on. Entries the
     code does not hold must have zero H and zero K (the caller picks a superset of both)."""
 
     @staticmethod
-    def forward(ctx, x, b_pre, W_enc, b_enc, theta, code: Code, eps: float, input_ste: bool = False):
+    def forward(ctx, x, b_pre, W_enc, b_enc, theta, code: Code, eps: float, input_ste: bool = False,
+                per_token: bool = False, per_latent: bool = False):
         active = code.pre > (theta[code.cols] if theta is not None else 0.0)
         vals = code.pre * active
         x_in = x if b_pre is None else x - b_pre
         ctx.save_for_backward(x_in, W_enc, theta, active)
         ctx.code, ctx.eps, ctx.input_ste = code, eps, input_ste
-        return vals, *_counts(code.rows, code.cols, active, x.shape[0], code.width)
+        return vals, *_counts(code.rows, code.cols, active, x.shape[0], code.width, per_token, per_latent)
 
     @staticmethod
-    def backward(ctx, g_vals, g_tokens, g_latents):
+    def backward(ctx, g_vals, g_count, g_tokens, g_latents):
         x_in, W_enc, theta, active = ctx.saved_tensors
         code = ctx.code
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
         g_pre = g_vals * active
         g_x = g_b_pre = g_W = g_b = g_theta = None
         if theta is not None and (need_theta or ctx.input_ste):
-            terms = _kernel_terms(theta, code, g_vals, g_tokens[code.rows] + g_latents[code.cols], ctx.eps)
-            g_theta = _theta_grad(theta, code, terms) if need_theta else None
+            terms = _theta_terms(theta, code, g_vals, _indicator_grad(code, g_count, g_tokens, g_latents), ctx.eps)
+            if need_theta:
+                g_theta = torch.zeros_like(theta).index_add_(0, code.cols, terms)
             if ctx.input_ste:
-                g_pre = g_pre + terms
+                g_pre = g_pre - terms
         if need_W:
             g_W = code.per_latent_sum(g_pre, x_in).t()
         if need_b or need_b_pre:
@@ -219,18 +236,19 @@ class SparseEncode(torch.autograd.Function):
                 g_b_pre = -(W_enc @ g_b)
         if need_x:
             g_x = code.decode(g_pre, W_enc.t().contiguous())
-        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None, None
 
 
 class DenseEncode(torch.autograd.Function):
     """`SparseEncode` on every entry: the same inputs and gradients, with `pre` (the graph-free
     pre-activations, overwritten by the output) in place of a code. Outputs f [B, m] and the
-    counts per token and per latent. `candidates` (pre > θ − ε, when the caller has it) and the
+    counts. `candidates` (pre > θ − ε, when the caller has it) and the
     workspace save [B, m] passes."""
 
     @staticmethod
     def forward(ctx, x, b_pre, W_enc, b_enc, theta, pre, eps: float, workspace: Workspace | None = None,
-                candidates: torch.Tensor | None = None, input_ste: bool = False):
+                candidates: torch.Tensor | None = None, input_ste: bool = False, per_token: bool = False,
+                per_latent: bool = False):
         def mask(name):
             return buffer(workspace, name, pre.shape, torch.bool, pre.device)
 
@@ -240,29 +258,30 @@ class DenseEncode(torch.autograd.Function):
             lo = candidates if candidates is not None else torch.gt(pre, th - eps, out=mask("mask"))
             near = Code.from_mask(pre, lo.logical_and_(torch.lt(pre, th + eps, out=mask("mask2"))))
         off = torch.le(pre, th, out=mask("off"))
-        batch, width = off.shape
-        tokens = width - off.sum(1, dtype=torch.float32)
-        latents = batch - off.sum(0, dtype=torch.float32)
+        batch, width = off.shape  # reductions of a bool matrix along a dimension are slow: only when asked
+        count = (off.numel() - off.count_nonzero()).to(pre.dtype)
+        tokens = width - off.sum(1, dtype=torch.float32) if per_token else None
+        latents = batch - off.sum(0, dtype=torch.float32) if per_latent else None
         f = pre.masked_fill_(off, 0.0)
         ctx.mark_dirty(pre)
         x_in = x if b_pre is None else x - b_pre
         ctx.save_for_backward(x_in, W_enc, theta, off)
         ctx.near, ctx.eps, ctx.dtype, ctx.input_ste = near, eps, compute_dtype(x.device), input_ste
-        return f, tokens, latents
+        return f, count, tokens, latents
 
     @staticmethod
-    def backward(ctx, g_f, g_tokens, g_latents):
+    def backward(ctx, g_f, g_count, g_tokens, g_latents):
         x_in, W_enc, theta, off = ctx.saved_tensors
         need_x, need_b_pre, need_W, need_b, need_theta = ctx.needs_input_grad[:5]
         near = ctx.near
         terms = None
         if near is not None:  # read ∂f there before the mask zeroes it
-            terms = _kernel_terms(theta, near, g_f[near.rows, near.cols],
-                                  g_tokens[near.rows] + g_latents[near.cols], ctx.eps)
+            terms = _theta_terms(theta, near, g_f[near.rows, near.cols], _indicator_grad(near, g_count, g_tokens, g_latents),
+                                 ctx.eps)
         # in place: this gradient is ours alone (it comes from the decoder's product)
         g_pre = (g_f if g_f.is_contiguous() else g_f.contiguous()).masked_fill_(off, 0.0)
         if terms is not None and ctx.input_ste:
-            g_pre.index_put_((near.rows, near.cols), terms, accumulate=True)
+            g_pre.index_put_((near.rows, near.cols), -terms, accumulate=True)
         g_x = g_b_pre = g_W = g_b = g_theta = None
         if need_W:  # latent-major, the parameter's layout (see SparseAutoencoder)
             g_W = product(g_pre.t(), x_in, ctx.dtype).t()
@@ -273,8 +292,8 @@ class DenseEncode(torch.autograd.Function):
         if need_x:
             g_x = product(g_pre, W_enc.t(), ctx.dtype)
         if terms is not None and need_theta:
-            g_theta = _theta_grad(theta, near, terms)
-        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None, None
+            g_theta = torch.zeros_like(theta).index_add_(0, near.cols, terms)
+        return g_x, g_b_pre, g_W, g_b if need_b else None, g_theta, None, None, None, None, None, None, None
 
 
 def few_touched(out: dict) -> torch.Tensor | None:

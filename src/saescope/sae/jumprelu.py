@@ -94,7 +94,8 @@ class JumpReLUSAE(SparseAutoencoder):
             pre = self.pre_acts(x)
             f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth, obj.input_ste)
             h = StepFn.apply(pre, theta, self.cfg.bandwidth, obj.input_ste)
-            enc, aux_code = Encoded(f, None, h.sum(-1), h.sum(0)), None
+            enc = Encoded(f, None, h.sum(), h.sum(-1) if obj.per_token else None, h.sum(0) if obj.per_latent else None)
+            aux_code = None
         else:
             pre = self._fast_pre(x, workspace) if pre is None else pre
             aux_code = self._aux_code(pre, dead) if obj.dead_aux else None  # before a dense step overwrites pre
@@ -105,7 +106,7 @@ class JumpReLUSAE(SparseAutoencoder):
         if obj.dead_aux:
             residual = target - x_hat.detach()
             if path == "reference":
-                aux, aux_fired = self._aux_reference(pre, residual, dead), None
+                aux = self._aux_reference(pre, residual, dead)
             else:
                 aux, aux_fired = self._aux_loss(x, aux_code, residual)
                 out["touched"] = enc.fired | aux_fired

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import SaescopeError
 from .fast import Code
 
 SPARSITY = ("l0", "quadratic", "tanh")
@@ -45,8 +46,6 @@ class Objective:
     input_ste: bool = False              # jumprelu: the kernel's gradient reaches the pre-activations too
 
     def __post_init__(self):
-        from ..errors import SaescopeError
-
         if self.sparsity not in SPARSITY:
             raise SaescopeError(f"unknown sparsity '{self.sparsity}'; available: {', '.join(SPARSITY)}")
         if self.quadratic_form not in QUADRATIC_FORMS:
@@ -60,10 +59,18 @@ class Objective:
                                 f"whole), got {len(self.matryoshka_weights)}")
 
     def check_width(self, width: int) -> None:
-        from ..errors import SaescopeError
-
         if self.matryoshka and self.matryoshka[-1] >= width:
             raise SaescopeError(f"matryoshka prefix {self.matryoshka[-1]} is not below the SAE's width {width}")
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the loss reads each token's L0 (else the batch's total is all it needs)."""
+        return self.sparsity == "quadratic" and self.quadratic_form == "token"
+
+    @property
+    def per_latent(self) -> bool:
+        """Whether the loss reads each latent's firing count."""
+        return self.frequency_penalty > 0
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -74,31 +81,48 @@ class Objective:
 @dataclass
 class Encoded:
     """One batch's code, whichever path made it: the activations (in the graph) and the
-    straight-through firing counts, per token and per latent."""
+    straight-through firing counts: in all, and per token and per latent where the objective
+    reads them (Objective.per_token, per_latent; computing them costs passes over [B, m])."""
 
-    values: torch.Tensor          # f [B, m] (dense), or the values of `code`'s entries [n] (sparse)
-    code: Code | None             # the entries' positions; None when `values` is dense
-    tokens: torch.Tensor          # [B] latents firing at each token
-    latents: torch.Tensor         # [m] tokens each latent fires on
+    values: torch.Tensor                  # f [B, m] (dense), or the values of `code`'s entries [n] (sparse)
+    code: Code | None                     # the entries' positions; None when `values` is dense
+    count: torch.Tensor                   # firings in the batch
+    tokens: torch.Tensor | None = None    # [B] latents firing at each token
+    latents: torch.Tensor | None = None   # [m] tokens each latent fires on
+
+    @classmethod
+    def of_dense(cls, f: torch.Tensor) -> "Encoded":
+        """Dense activations f ≥ 0 whose count needs no straight-through gradient (ReLU, TopK)."""
+        return cls(f, None, (f > 0).sum().float())
+
+    @property
+    def batch(self) -> int:
+        return self.values.shape[0] if self.code is None else self.code.offsets.shape[0]
 
     @cached_property
     def fired(self) -> torch.Tensor:
-        return self.latents.detach() > 0
+        """[m] bool: the latents that fired at some token (f ≥ 0, so a maximum tells)."""
+        if self.latents is not None:
+            return self.latents.detach() > 0
+        if self.code is not None:
+            return self.code.fired(self.values)
+        return self.values.detach().amax(0) > 0
 
     @property
     def l0(self) -> torch.Tensor:
-        return self.tokens.sum() / self.tokens.shape[0]
+        return self.count / self.batch
 
     def decode(self, W_dec: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Σ over latents lo ≤ i < hi of f_i·W_dec[i] (no bias), [B, d_out]."""
-        whole = lo == 0 and (hi is None or hi >= W_dec.shape[0])
+        """Σ over latents lo ≤ i < hi of f_i·W_dec[i] (no bias), [B, d_out]; a sparse code decodes
+        only its entries in that range."""
+        hi = W_dec.shape[0] if hi is None else min(hi, W_dec.shape[0])
         if self.code is None:
-            return self.values @ W_dec if whole else self.values[:, lo:hi] @ W_dec[lo:hi]
-        if whole:
-            return self.code.decode(self.values, W_dec)
-        cols = self.code.cols
-        inside = (cols >= lo) & (cols < (hi if hi is not None else W_dec.shape[0]))
-        return self.code.decode(self.values * inside, W_dec)
+            return self.values @ W_dec if (lo, hi) == (0, W_dec.shape[0]) else self.values[:, lo:hi] @ W_dec[lo:hi]
+        code, values = self.code, self.values
+        if (lo, hi) != (0, W_dec.shape[0]):  # the entries in range, still in token order
+            inside = ((code.cols >= lo) & (code.cols < hi)).nonzero().squeeze(1)
+            code, values = code.select(inside), values[inside]
+        return code.decode(values, W_dec)
 
     def total(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Σ over the batch and latents of fn(f), for an fn with fn(0) = 0."""
@@ -140,15 +164,15 @@ def sparsity_penalty(objective: Objective, coeff, enc: Encoded) -> torch.Tensor:
         return coeff * enc.l0
     if objective.sparsity == "quadratic":
         target = objective.target_l0
-        gap = enc.l0 - target if objective.quadratic_form == "batch" else enc.tokens - target
+        gap = enc.tokens - target if objective.per_token else enc.l0 - target
         return coeff * gap.pow(2).mean() / (2 * target)
     scale = objective.tanh_scale
-    return coeff * enc.total(lambda f: torch.tanh(scale * f)) / enc.tokens.shape[0]
+    return coeff * enc.total(lambda f: torch.tanh(scale * f)) / enc.batch
 
 
 def frequency_penalty(objective: Objective, enc: Encoded) -> torch.Tensor | float:
     """w·Σ_i max(0, p_i − τ) over latents firing on more than τ of the batch."""
     if not objective.frequency_penalty:
         return 0.0
-    share = enc.latents / enc.tokens.shape[0]
+    share = enc.latents / enc.batch
     return objective.frequency_penalty * (share - objective.frequency_threshold).clamp_min(0).sum()

@@ -25,12 +25,10 @@ class TopKSAE(SparseAutoencoder):
         return Code.from_topk(vals, idx, self.cfg.d_sae)
 
     def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
-        obj = self.objective
         if path == "reference":
             pre = self.pre_acts(x)
             f = self._select(pre)
-            on = (f > 0).float()
-            enc = Encoded(f, None, on.sum(-1), on.sum(0))
+            enc = Encoded.of_dense(f)
         else:
             pre = self._fast_pre(x, workspace) if pre is None else pre
             code = self._choose(pre)
@@ -40,7 +38,7 @@ class TopKSAE(SparseAutoencoder):
                 chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
                 chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
                 enc = self._dense_encoded(x, chosen, None, workspace)
-        loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, obj)
+        loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, self.objective)
         residual = target - x_hat.detach()
         out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
         if path == "reference":
@@ -118,8 +116,7 @@ class ReLUSAE(SparseAutoencoder):
         norms = self.W_dec.norm(dim=1)
         if path == "reference":
             f = self._activate(self.pre_acts(x))
-            on = (f > 0).float()
-            enc = Encoded(f, None, on.sum(-1), on.sum(0))
+            enc = Encoded.of_dense(f)
         else:
             pre = self._fast_pre(x, workspace) if pre is None else pre
             enc = self._threshold_encoded(x, None, path, workspace, pre)

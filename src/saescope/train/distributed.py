@@ -274,15 +274,15 @@ def data_parts(asked: int | None, saved: dict | None, world: int, *, batch_size:
     says). `sharded`: SAE-sharded mode; `gather`: its ranks make parts of a harvest and gather
     them (else each reads whole batches from a store itself, so one part is enough). `out` is
     the run's folder, named in messages."""
-    saved_step, saved = (saved["step"], saved["parts"]) if saved else (None, None)
-    if asked and saved and asked != saved:
-        raise SaescopeError(f"{out} holds a run with {saved} data parts; a run keeps its data parts "
-                            f"(leave data_parts unset, or set it to {saved})")
-    parts = asked or saved or (1 if sharded and not gather else world)
+    kept = saved["parts"] if saved else None
+    if asked and kept and asked != kept:
+        raise SaescopeError(f"{out} holds a run with {kept} data parts; a run keeps its data parts "
+                            f"(leave data_parts unset, or set it to {kept})")
+    parts = asked or kept or (1 if sharded and not gather else world)
     if batch_size % parts:
         raise SaescopeError(f"batch_size {batch_size} does not split into {parts} equal data parts")
     if (not sharded or gather) and parts % world:
-        why = f"the checkpoint of step {saved_step} in {out} was made of" if saved else "each batch is made of"
+        why = f"the checkpoint of step {saved['step']} in {out} was made of" if saved else "each batch is made of"
         raise SaescopeError(f"{why} {parts} data parts, which {world} ranks cannot share evenly; "
                             f"use a number of ranks that divides {parts}"
                             + ("" if sharded else ", or SAE-sharded mode (parallel.mode = 'sae')"))

@@ -32,6 +32,14 @@ class Planned:
         return float(self.value) if self.spec.target_l0 else None
 
     @property
+    def coeff(self) -> float:
+        """λ after warm-up: the value itself on a ladder, the first listed λ around a target (under
+        the controller only its start); none for TopK and BatchTopK."""
+        if self.spec.arch not in ("jumprelu", "relu"):
+            return 0.0
+        return self.spec.lambdas[0] if self.spec.target_l0 else float(self.value)
+
+    @property
     def k(self) -> int | None:
         return int(self.value) if self.spec.arch in ("topk", "batchtopk") else None
 

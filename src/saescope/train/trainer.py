@@ -93,36 +93,34 @@ class Trainer:
         for p in self.plan:
             if p.name not in self.own:
                 continue
-            name, spec, site, target, width, value = p.name, p.spec, p.site, p.target, p.width, p.value
-            d_in = first_batch[site].shape[1]
+            spec = p.spec
+            d_in = first_batch[p.site].shape[1]
             sae_cfg = SAEConfig(
-                arch=spec.arch, d_in=d_in, d_sae=width, d_out=first_batch[target].shape[1] if spec.transcoder else None,
-                site=site, target_site=target if spec.transcoder else None, model=self.model_name, k=p.k,
+                arch=spec.arch, d_in=d_in, d_sae=p.width, d_out=first_batch[p.target].shape[1] if spec.transcoder else None,
+                site=p.site, target_site=p.target if spec.transcoder else None, model=self.model_name, k=p.k,
                 theta_param=spec.theta_param, bandwidth=spec.bandwidth)
             sae = build_sae(sae_cfg)
             # seeded by name: an SAE starts the same whether trained alone or within any suite
-            sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(name.encode())))
+            sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(p.name.encode())))
             # SPEC §2: SAEs see x / C with E‖x/C‖² = 1; transcoders divide input and target by √d_model
-            c = math.sqrt(d_in) if spec.transcoder else scalars[site]
+            c = math.sqrt(d_in) if spec.transcoder else scalars[p.site]
             sae.norm_scalar.fill_(c)
             sae.pre_encoder_bias.fill_(not spec.transcoder)
             if spec.b_dec_init == "mean":
                 with torch.no_grad():
-                    sae.b_dec.copy_(self.split.mean_rows(first_batch[target].to(self.device) / c))
+                    sae.b_dec.copy_(self.split.mean_rows(first_batch[p.target].to(self.device) / c))
             sae.objective = spec.objective(p.target_l0)
             sae = sae.to(self.device)
             if spec.threshold_init == "quantile":
-                self._quantile_thresholds(sae, first_batch[site].to(self.device) / c, p.target_l0)
+                self._quantile_thresholds(sae, first_batch[p.site].to(self.device) / c, p.target_l0)
             if spec.arch == "batchtopk" and not self.split.solo:
                 sae.across = self.split  # the k·batch largest of the whole batch, not of this rank's share
             controller = None
             if p.controlled:  # λ starts at the first listed value and then follows L0
-                controller = TargetL0(target=float(value), log_lambda=math.log(spec.lambdas[0]), gain=self.cfg.target_l0_gain,
-                                      device=self.device)
-            # λ: the value itself on a ladder; the first listed one around a target
-            coeff = 0.0 if spec.arch not in ("jumprelu", "relu") else spec.lambdas[0] if spec.target_l0 else float(value)
-            self.members.append(Member(name, sae, site, target, c, coeff,
-                                       torch.zeros(width, dtype=torch.long, device=self.device), controller,
+                controller = TargetL0(target=p.target_l0, log_lambda=math.log(spec.lambdas[0]),
+                                      gain=self.cfg.target_l0_gain, device=self.device)
+            self.members.append(Member(p.name, sae, p.site, p.target, c, p.coeff,
+                                       torch.zeros(p.width, dtype=torch.long, device=self.device), controller,
                                        bad_step=torch.tensor(-1, device=self.device),
                                        bad_loss=torch.tensor(0.0, device=self.device)))
         self.backend.setup(self)
