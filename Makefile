@@ -8,7 +8,7 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test test-quick browser bench bench-suite setup clean
+.PHONY: demo test test-quick browser bench bench-suite bench-interop setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 # holds the same pins plus eai-sparsify and sae-lens (kept apart so they never move our pins).
 bench-suite: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python bench/suite.py --peers $(PEERS)/bin/python --out runs/bench-suite.json
+
+# SAELens reads the SAELens folders we write (every objective option, BatchTopK before and after conversion).
+bench-interop: $(STAMP) $(PEERS)/.installed
+	$(PEERS)/bin/python bench/interop.py
 
 $(PEERS)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(PEERS)
