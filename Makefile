@@ -8,7 +8,7 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test test-quick browser bench bench-suite bench-interop setup clean
+.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-quality setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -35,6 +35,14 @@ bench-suite: $(STAMP) $(PEERS)/.installed
 # SAELens reads the SAELens folders we write (every objective option, BatchTopK before and after conversion).
 bench-interop: $(STAMP) $(PEERS)/.installed
 	$(PEERS)/bin/python bench/interop.py
+
+# Dictionary quality per token (bench/quality.py): our variants, sparsify's TopK and SAELens's
+# JumpReLU on one store, evaluated on held-out docstrings and out-of-distribution prose (Debian's
+# fortunes). Hours at both widths and all budgets on a 2-core CPU; QUALITY_ARGS narrows it.
+QUALITY_ARGS ?= --widths 4096,16384 --budgets 0.25M,1M,4M
+bench-quality: $(STAMP) $(PEERS)/.installed
+	@test -d /usr/share/games/fortunes || apt-get install -y -q fortunes >/dev/null
+	$(BIN)/python bench/quality.py --peers $(PEERS)/bin/python $(QUALITY_ARGS)
 
 $(PEERS)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(PEERS)

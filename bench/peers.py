@@ -35,8 +35,10 @@ import torch
 from common import emit, step_arguments, step_line, time_steps
 
 
-def sparsify_stepper(a, batches):
-    """Return (step, l0_of_timed_steps, optimizer name): sparsify.Trainer.fit's step, loss_fn="fvu"."""
+def sparsify_stepper(a, batch):
+    """Return (step, l0_of_timed_steps, optimizer name, final): sparsify.Trainer.fit's step on
+    `batch(i)`, loss_fn="fvu"; `final()` gives the SparseCoder as fit() saves it (the schedule-free
+    average) and its tokens since each latent fired."""
     from schedulefree import ScheduleFreeWrapper
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
@@ -57,7 +59,7 @@ def sparsify_stepper(a, batches):
     stats = {"active": 0.0, "tokens": 0}
 
     def step(i: int, timed: bool) -> None:
-        x = batches[i % len(batches)]
+        x = batch(i)
         if i == 0:  # fit(): centre the pre-activations at initialisation
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
@@ -78,10 +80,15 @@ def sparsify_stepper(a, batches):
             stats["active"] += float((out.latent_acts > 0).sum())
             stats["tokens"] += len(x)
 
-    return step, lambda: stats["active"] / stats["tokens"], a.sparsify_optimizer
+    def final():
+        if hasattr(opt, "eval"):
+            opt.eval()
+        return sae, tokens_since_fired
+
+    return step, lambda: stats["active"] / stats["tokens"], a.sparsify_optimizer, final
 
 
-def sae_lens_stepper(a, batches):
+def sae_lens_stepper(a, batch):
     """Return (step, l0_of_timed_steps, optimizer name): SAETrainer.step on a JumpReLUTrainingSAE."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
@@ -91,9 +98,9 @@ def sae_lens_stepper(a, batches):
     sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=a.d_in, d_sae=a.d_sae, l0_coefficient=1e-4))
     cfg = SAETrainerConfig(total_training_samples=a.batch * 10**6, train_batch_size_samples=a.batch, lr=7e-5,
                            lr_end=7e-6)  # constant lr; their runner config fills lr_end = lr / 10
-    trainer = SAETrainer(cfg, sae, data_provider=iter(batches))
+    trainer = SAETrainer(cfg, sae, data_provider=iter(()))
     with torch.no_grad():
-        pre = sae.process_sae_in(batches[0]) @ sae.W_enc + sae.b_enc
+        pre = sae.process_sae_in(batch(0)) @ sae.W_enc + sae.b_enc
         sae.threshold.copy_(pre.quantile(1 - a.k / a.d_sae, dim=0).clamp_min(1e-3))
         del pre
     state = {"reset": False}
@@ -102,7 +109,7 @@ def sae_lens_stepper(a, batches):
         if timed and not state["reset"]:  # count firing over the timed steps only
             trainer._reset_running_sparsity_stats()
             state["reset"] = True
-        trainer.step(batches[i % len(batches)])
+        trainer.step(batch(i))
         trainer.n_training_steps += 1
 
     return step, lambda: float(trainer.act_freq_scores.sum()) / trainer.n_frac_active_samples, "adam"
@@ -121,7 +128,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(a.batch, a.d_in, generator=gen) for _ in range(4)]
     make = sparsify_stepper if a.library == "sparsify" else sae_lens_stepper
-    step, l0, optimizer = make(a, batches)
+    step, l0, optimizer = make(a, lambda i: batches[i % len(batches)])[:3]
     times = time_steps(step, a.warmup, a.target_s)
     emit(step_line(a, times, library=a.library, arch="topk" if a.library == "sparsify" else "jumprelu", l0=l0(),
                    optimizer=optimizer, version=version("eai-sparsify" if a.library == "sparsify" else "sae-lens")),

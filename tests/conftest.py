@@ -147,6 +147,28 @@ def interrupt_training(monkeypatch, trainer_cls, step: int) -> None:
     monkeypatch.setattr(trainer_cls, "train_step", dying)
 
 
+def assert_resumes_exactly(cfg, root, source, monkeypatch, kill_at: int):
+    """Train `cfg` whole into root/whole, and killed as it starts step `kill_at`, then rerun, into
+    root/cut; every SAE of the two runs must have the same weights. Returns root/whole/saes."""
+    from saescope import load_sae
+    from saescope.train import Trainer, train
+
+    train(cfg, root / "whole", source=source, progress=False)
+    interrupt_training(monkeypatch, Trainer, kill_at)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, root / "cut", source=source, progress=False)
+    monkeypatch.undo()
+    assert not (root / "cut" / "saes").exists()
+    train(cfg, root / "cut", source=source, progress=False)
+    folders = sorted((root / "whole" / "saes").iterdir())
+    assert [f.name for f in folders] == sorted(f.name for f in (root / "cut" / "saes").iterdir())
+    for folder in folders:
+        whole, cut = load_sae(folder).state_dict(), load_sae(root / "cut" / "saes" / folder.name).state_dict()
+        for k, v in whole.items():
+            torch.testing.assert_close(cut[k], v, rtol=1e-6, atol=1e-7, msg=f"{folder.name} {k}")
+    return root / "whole" / "saes"
+
+
 @pytest.fixture
 def run_config(model_dir, tmp_path, doc_folder):
     """`tmp_path/run.toml`: the whole pipeline on a tiny Gemma 3 saved to a folder, in seconds."""

@@ -60,10 +60,12 @@ def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_pat
     assert names == ["mlp_in.1-jumprelu-tc-16-lam0.0006", "resid.1-jumprelu-16-lam0.01", "resid.1-jumprelu-32-lam0.01"]
     assert main(["-q", "train", "--store", str(store), "--sites", "resid.1", "--arch", "topk", "--ks", "2,4",
                  "--widths", "16", "--tokens", "1024", "--batch-size", "128", "--out", str(tmp_path / "run2"),
-                 "--precision", "bfloat16", "--kernels", "sparse"]) == 0
+                 "--precision", "bfloat16", "--kernels", "sparse", "--optimizer", "signum", "--momentum", "0.9",
+                 "--lr-scale", "width", "--loss", "fvu"]) == 0
     assert sorted(p.name for p in (tmp_path / "run2" / "saes").iterdir()) == ["resid.1-topk-16-k2", "resid.1-topk-16-k4"]
     saved = json.loads((tmp_path / "run2" / "train_config.json").read_text())
     assert (saved["precision"], saved["kernels"]) == ("bfloat16", "sparse")
+    assert (saved["optimizer"], saved["momentum"], saved["lr_scale"], saved["loss"]) == ("signum", 0.9, "width", "fvu")
 
 
 @pytest.mark.parametrize("toml, message", [
@@ -72,6 +74,7 @@ def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_pat
     ("[[saes]]\narch = 'gated'\n", "saes.0.arch: Input should be 'jumprelu', 'topk', 'batchtopk' or 'relu'"),
     ("tokens = = 3\n", "cannot be parsed"),
     ("precision = 'tf32'\n", "precision 'tf32' is a CUDA tensor-core format, not for device 'cpu'"),
+    ("optimizer = 'lion'\n", "optimizer: Input should be 'adam' or 'signum'"),
 ])
 def test_train_config_errors_name_the_field(tmp_path, capsys, toml, message):
     (tmp_path / "bad.toml").write_text(toml)

@@ -155,6 +155,61 @@ def test_sharded_mode_trains_every_sae_as_one_process_would(store, single, tmp_p
     assert len(lines) == 8 * 10 and len(set(lines)) == len(lines)
 
 
+OBJECTIVES = """
+tokens = 30 * 256
+batch_size = 256
+lr = 1e-3
+checkpoint_every = 0
+log_every = 5
+buffer_rows = 1024
+lr_warmup_steps = 4
+lambda_warmup_steps = 8
+{recipe}
+
+[[saes]]                # linear in the batch: the ranks' gradients sum to one process's
+sites = ["resid.0"]
+widths = [16]
+lambdas = [1e-2]
+target_l0 = [3.0]
+sparsity = "quadratic"
+quadratic_form = "token"
+threshold_init = "quantile"
+input_ste = true
+
+[[saes]]
+sites = ["resid.0"]
+widths = [16]
+lambdas = [1e-2]
+sparsity = "tanh"
+matryoshka = [4, 8]
+
+[[saes]]                # of the batch as a whole: each rank's share, averaged (README: Objectives)
+sites = ["resid.1"]
+widths = [16]
+lambdas = [1e-2]
+target_l0 = [3.0]
+sparsity = "quadratic"
+frequency_penalty = 1.0
+"""
+
+
+@pytest.mark.parametrize("recipe", ["", 'loss = "fvu"\nlr_scale = "width"'])
+def test_the_objectives_train_data_parallel(recipe, store, tmp_path):
+    config = tmp_path / "objectives.toml"
+    config.write_text(f'store = "{store}"\n' + OBJECTIVES.format(recipe=recipe))
+    done = _torchrun("--config", str(config), "--out", str(tmp_path / "dp"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    _single(config, tmp_path / "one")
+    dp, one = _weights(tmp_path / "dp"), _weights(tmp_path / "one")
+    for name, state in one.items():
+        if "resid.1" in name:  # the batch-level penalties differ by the share they see, not by a blow-up
+            assert all(torch.isfinite(v).all() for v in dp[name].values())
+            assert (dp[name]["W_dec"] - state["W_dec"]).abs().max() < 0.05
+            continue
+        for key, value in state.items():
+            torch.testing.assert_close(dp[name][key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+
+
 def _rank_pid(parent: int, rank: int) -> int:
     for line in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
         env = Path(f"/proc/{line}/environ").read_bytes().split(b"\0")

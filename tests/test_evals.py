@@ -11,6 +11,7 @@ import torch
 from saescope import CorpusConfig, ReLUSAE, SAEConfig
 from saescope.data import token_rows
 from saescope.evals import dead_dense, evaluate, fvu, kl_divergence, l0, massive_dims
+from saescope.evals.metrics import _ce, _Clean, per_sequence_se
 
 
 def test_metrics_by_hand():
@@ -26,6 +27,26 @@ def test_metrics_by_hand():
     assert float(kl_divergence(p.log()[None], p.log()[None])) == pytest.approx(0.0, abs=1e-7)
     mean = torch.tensor([2300.0, 1.0, -3.0, 1900.0, 0.5])
     assert massive_dims(mean, torch.tensor([40.0, 30.0, 35.0, 45.0, 20.0])) == [0, 3]
+
+
+def test_the_per_sequence_standard_error_by_hand():
+    # equal counts: the plain standard error of the per-sequence means (1, 2, 3, 6): sd 2.16, /√4
+    assert per_sequence_se([10, 20, 30, 60], [10, 10, 10, 10]) == pytest.approx(np.std([1, 2, 3, 6], ddof=1) / 2)
+    # unequal counts: the ratio estimator; R = 12 / 6 = 2, residuals (2 − 2·1, 10 − 2·5) = 0
+    assert per_sequence_se([2, 10], [1, 5]) == pytest.approx(0.0)
+    assert math.isnan(per_sequence_se([1.0], [3.0]))
+
+
+def test_the_batched_comparison_equals_cross_entropy_and_kl_from_logits():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    clean, spliced = torch.randn(3, 9, 50, generator=g) * 3, torch.randn(3, 9, 50, generator=g) * 3
+    ref = _Clean(clean, ids)
+    ce, kl = ref.compare(spliced)
+    torch.testing.assert_close(ref.ce, _ce(clean, ids))
+    torch.testing.assert_close(ce, _ce(spliced, ids))
+    torch.testing.assert_close(kl, kl_divergence(clean[:, :-1], spliced[:, :-1]))
+    assert float(ref.compare(clean)[1].abs().max()) == 0.0
 
 
 def _identity(d: int, site: str) -> ReLUSAE:
@@ -55,6 +76,7 @@ def test_identity_and_zero_splices(tiny_lm, rows):
     assert ident["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert abs(out["attn"]["delta_loss"]) < 1e-4
     assert out["zero"]["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-6)
+    assert ident["delta_loss_se"] < 1e-4 and 0 < out["zero"]["delta_loss_se"] < math.inf
     assert out["zero"]["fvu"] > 0.99 and out["zero"]["ce_loss_spliced"] == pytest.approx(out["zero"]["ce_loss_zero_ablation"])
     assert ident["l0"] == pytest.approx(32, abs=0.1) and ident["dead_fraction"] == 0.0
     for key in ("l0", "fvu", "delta_loss", "ce_loss_clean", "ce_loss_spliced", "ce_loss_recovered", "kl",

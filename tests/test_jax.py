@@ -13,7 +13,7 @@ import torch
 jax = pytest.importorskip("jax")  # the [jax] extra: installed by make, so this never skips in CI
 import jax.numpy as jnp  # noqa: E402
 
-from conftest import interrupt_training
+from conftest import assert_resumes_exactly
 from saescope import JumpReLUSAE, SAEConfig, SaescopeError  # noqa: E402
 from saescope import jax as sj  # noqa: E402
 
@@ -111,8 +111,13 @@ OBJECTIVES = [{}, {"sparsity": "quadratic", "target_l0": [6.0]}, {"sparsity": "q
               {"matryoshka": [8, 32]}, {"dead_aux": 1 / 32}, {"input_ste": True}]
 
 
-@pytest.mark.parametrize("theta_param,objective", [("theta", {}), ("log", {})] + [("theta", o) for o in OBJECTIVES[1:]])
-def test_steps_equal_the_pytorch_trainer(theta_param, objective, tmp_path):
+RECIPES = [{"optimizer": "signum", "lr_scale": "width", "loss": "fvu"}, {"optimizer": "signum", "momentum": 0.9},
+           {"loss": "fvu", "lr_scale": "width", "lr": 3e-4}]  # lr × 16 at width 64
+
+
+@pytest.mark.parametrize("theta_param,objective,recipe", [("theta", {}, {}), ("log", {}, {})]
+                         + [("theta", o, {}) for o in OBJECTIVES[1:]] + [("theta", {}, r) for r in RECIPES])
+def test_steps_equal_the_pytorch_trainer(theta_param, objective, recipe, tmp_path):
     """From the same initial parameters and the same batches, N steps of each backend, with each
     option of the objective (8 steps: by step 12 float rounding moves one of Matryoshka's
     pre-activations across the edge of θ's ε-window, which Adam turns into a visible change of θ)."""
@@ -125,8 +130,8 @@ def test_steps_equal_the_pytorch_trainer(theta_param, objective, tmp_path):
     acts = torch.randn(4096, 16, generator=g) * 3 + 1
     cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[64], lambdas=[3e-2], theta_param=theta_param,
                                     bandwidth=0.05, **objective)],
-                      tokens=(8 if objective else 12) * 256, batch_size=256, lr=3e-3, kernels="reference",
-                      checkpoint_every=0, dead_tokens=256)
+                      **{"tokens": (8 if objective else 12) * 256, "batch_size": 256, "lr": 3e-3, "kernels": "reference",
+                         "checkpoint_every": 0, "dead_tokens": 256, **recipe})
     trainer = trainer_for(cfg, tmp_path, source=TensorSource({"resid.0": acts}))
     batches = list(trainer._batches())[:trainer.steps]
     trainer.build(batches[0])
@@ -135,13 +140,15 @@ def test_steps_equal_the_pytorch_trainer(theta_param, objective, tmp_path):
         with torch.no_grad():
             m.sae.b_enc[:8] = -5.0
     params, static = sj.from_torch(m.sae)
-    optimizer = jt.adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+    optimizer = jt.optimizer_of(cfg)
     state = jt.init(params, optimizer)
     for i, batch in enumerate(batches):
         x = jnp.asarray((batch["resid.0"] / m.scale).numpy())
         dead = jnp.asarray((m.since_fired >= trainer.dead_tokens).numpy())  # before PyTorch's step counts this batch
-        state, out = jt.train_step(state, x, x, lr_at(i, cfg.lr, trainer.lr_warmup),
-                                   coeff_at(i, m.coeff, trainer.coeff_warmup), dead, optimizer=optimizer, **static)
+        scale = 1 / float(((x - x.mean(0)) ** 2).sum(-1).mean()) if cfg.loss == "fvu" else 1.0
+        state, out = jt.train_step(state, x, x, lr_at(i, cfg.lr, trainer.lr_warmup) * m.lr_factor,
+                                   coeff_at(i, m.coeff, trainer.coeff_warmup), dead, scale, m.unit, optimizer=optimizer,
+                                   **static)
         trainer.train_step(batch)
         trainer.step += 1
     want, _ = sj.from_torch(m.sae)
@@ -197,19 +204,9 @@ def test_the_jax_backend_trains_the_suite_as_pytorch_does(acts, tmp_path):
     assert len(jax_log) == 3 * 7 and all(json.loads(line)["lambda"] > 0 for line in jax_log[-7:])
 
 
-def test_a_killed_jax_run_resumes_to_the_same_saes(acts, tmp_path, monkeypatch):
-    from saescope.train import Trainer, train
-
-    train(_suite("jax"), tmp_path / "whole", source=acts, progress=False)
-    interrupt_training(monkeypatch, Trainer, 15)
-    with pytest.raises(KeyboardInterrupt):
-        train(_suite("jax"), tmp_path / "cut", source=acts, progress=False)
-    monkeypatch.undo()
-    train(_suite("jax"), tmp_path / "cut", source=acts, progress=False)
-    got, want = _weights(tmp_path / "cut"), _weights(tmp_path / "whole")
-    for name, state in want.items():
-        for k, v in state.items():
-            torch.testing.assert_close(got[name][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+@pytest.mark.parametrize("recipe", [{}, {"optimizer": "signum", "lr_scale": "width", "loss": "fvu"}])
+def test_a_killed_jax_run_resumes_to_the_same_saes(recipe, acts, tmp_path, monkeypatch):
+    assert_resumes_exactly(_suite("jax", **recipe), tmp_path, acts, monkeypatch, 15)
 
 
 def test_each_backends_sae_files_load_in_the_other(acts, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import interrupt_training, planted
+from conftest import assert_resumes_exactly, planted
 from saescope import JumpReLUSAE, SAEConfig, SaescopeError, load_sae, save_sae
 from saescope.config import SAESpec, TrainConfig, validated
 from saescope.data import TensorSource
@@ -15,7 +15,7 @@ from saescope.sae.fast import Code
 from saescope.sae.jumprelu import JumpReLUFn, StepFn
 from saescope.sae.objectives import (Encoded, Objective, frequency_penalty, reconstruction, sparsity_penalty,
                                      squared_error)
-from saescope.train import Trainer, train, trainer_for
+from saescope.train import trainer_for
 
 EPS = 0.01
 B, M = 6, 5
@@ -184,18 +184,10 @@ def source():
 def test_a_killed_run_with_every_option_resumes_to_the_same_weights(source, tmp_path, monkeypatch):
     cfg = TrainConfig(saes=EVERY_OPTION, tokens=40 * 256, batch_size=256, lr=1e-3, checkpoint_every=10, log_every=5,
                       dead_tokens=512)
-    train(cfg, tmp_path / "whole", source=source, progress=False)
-    interrupt_training(monkeypatch, Trainer, 25)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", source=source, progress=False)
-    monkeypatch.undo()
-    train(cfg, tmp_path / "cut", source=source, progress=False)
-    names = sorted(p.name for p in (tmp_path / "whole" / "saes").iterdir())
-    assert len(names) == len(EVERY_OPTION)
-    for name in names:
-        whole, cut = load_sae(tmp_path / "whole" / "saes" / name), load_sae(tmp_path / "cut" / "saes" / name)
-        for k, v in whole.state_dict().items():
-            torch.testing.assert_close(cut.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+    folders = sorted(assert_resumes_exactly(cfg, tmp_path, source, monkeypatch, 25).iterdir())
+    assert len(folders) == len(EVERY_OPTION)
+    for folder in folders:
+        name, whole = folder.name, load_sae(folder)
         # every SAE trained with an option still saves and loads in its formats (TopK has no Gemma Scope file)
         for fmt in ("native", "saelens") + (("gemmascope",) if whole.cfg.arch != "topk" else ()):
             again = load_sae(save_sae(whole, tmp_path / fmt / name, format=fmt))

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from conftest import interrupt_training, planted
+from conftest import assert_resumes_exactly, planted
 from saescope import SaescopeError, load_sae
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
-from saescope.train import Trainer, coeff_at, lr_at, train, trainer_for
+from saescope.train import coeff_at, lr_at, train, trainer_for
 
 
 @pytest.fixture(scope="module")
@@ -76,26 +76,9 @@ def suite_source():
     return TensorSource({"resid.0": x, "resid.1": x.roll(1, 1) * 2, "mlp_in.0": x[:, :6], "mlp.0": x.tanh() * 3})
 
 
-def _weights(folder):
-    return {p.name: load_sae(p).state_dict() for p in sorted((folder / "saes").iterdir())}
-
-
 def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypatch):
-    cfg = _suite_cfg()
-    train(cfg, tmp_path / "whole", source=suite_source, progress=False)
-    whole = _weights(tmp_path / "whole")
-    assert len(whole) == 13  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder + target L0
-
-    interrupt_training(monkeypatch, Trainer, 25)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "cut", source=suite_source, progress=False)
-    monkeypatch.undo()
-    assert not (tmp_path / "cut" / "saes").exists()
-    train(cfg, tmp_path / "cut", source=suite_source, progress=False)
-    resumed = _weights(tmp_path / "cut")
-    for name, state in whole.items():
-        for k, v in state.items():
-            torch.testing.assert_close(resumed[name][k], v, rtol=1e-6, atol=1e-7, msg=f"{name} {k}")
+    saes = assert_resumes_exactly(_suite_cfg(), tmp_path, suite_source, monkeypatch, 25)
+    assert len(list(saes.iterdir())) == 13  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder + target L0
 
 
 def test_each_sae_of_a_suite_equals_training_it_alone(suite_source, tmp_path):

@@ -90,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
                              ("--checkpoint-every", int, "steps between checkpoints"),
                              ("--log-every", int, "steps between metrics lines"), ("--device", str, "cpu, cuda, ...")):
         h2.add_argument(flag, type=kind, default=None, help=text)
+    h2.add_argument("--optimizer", default=None, choices=["adam", "signum"],
+                    help="adam (the paper), or signum: the gradient's sign under schedule-free averaging (sparsify's)")
+    h2.add_argument("--momentum", type=float, default=None, help="signum: the schedule-free interpolation (default 0.95)")
+    h2.add_argument("--lr-scale", default=None, choices=["none", "width"], help="width: lr × (2^14 / width)^0.5 per SAE")
+    h2.add_argument("--loss", default=None, choices=["mse", "fvu"], help="fvu: the objective over the batch's variance")
     h2.add_argument("--precision", default=None, choices=["float32", "bfloat16", "tf32"],
                     help="the products' dtype (bfloat16 keeps float32 master weights; tf32: CUDA only)")
     h2.add_argument("--kernels", default=None, choices=["auto", "dense", "sparse", "reference"],
@@ -304,7 +309,8 @@ def _train_config(args):
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
         "checkpoint_every": args.checkpoint_every, "log_every": args.log_every, "device": args.device,
-        "precision": args.precision, "kernels": args.kernels, "backend": args.backend,
+        "precision": args.precision, "kernels": args.kernels, "backend": args.backend, "optimizer": args.optimizer,
+        "momentum": args.momentum, "lr_scale": args.lr_scale, "loss": args.loss,
     }.items() if v is not None}
     parallel = {k: v for k, v in {"mode": args.parallel, "data_parts": args.data_parts,
                                   "timeout_s": args.dist_timeout}.items() if v is not None}

@@ -145,6 +145,13 @@ class TrainConfig(_Config):
     lr: float = Field(7e-5, gt=0)
     lr_warmup_steps: int | None = Field(None, ge=0, description="cosine warm-up from 0.1·lr; default min(1000, 5% of steps)")
     lambda_warmup_steps: int | None = Field(None, ge=0, description="linear λ warm-up from 0; default min(10000, 20% of steps)")
+    optimizer: Literal["adam", "signum"] = Field(
+        "adam", description="adam (the paper: β1 = 0), or signum: the gradient's sign under a schedule-free average "
+                            "(sparsify's default; the saved SAE is the average)")
+    momentum: float = Field(0.95, gt=0, lt=1, description="signum: the schedule-free interpolation β")
+    lr_scale: Literal["none", "width"] = Field("none", description="width: each SAE's lr × (2^14 / width)^0.5 (sparsify's rule)")
+    loss: Literal["mse", "fvu"] = Field("mse", description="fvu: the objective divided by the batch's total variance, "
+                                                           "so its scale does not depend on the activations'")
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)

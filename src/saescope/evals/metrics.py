@@ -43,6 +43,19 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def per_sequence_se(sums: list[float], counts: list[float]) -> float:
+    """Standard error of the token-weighted mean Σ sums / Σ counts, sequences as the sampling
+    units (tokens within a sequence are not independent): the ratio estimator's
+    √(Σ (s_j − R·n_j)² / (N (N − 1))) / mean(n)."""
+    s, n = torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+    keep = n > 0
+    s, n = s[keep], n[keep]
+    if len(n) < 2:
+        return math.nan
+    r = s.sum() / n.sum()
+    return float(((s - r * n).pow(2).sum() / (len(n) * (len(n) - 1))).sqrt() / n.mean())
+
+
 def massive_dims(mean: torch.Tensor, rms: torch.Tensor, factor: float = 10.0) -> list[int]:
     """Dimensions whose mean dwarfs a typical dimension's RMS (Gemma 3's residual offsets, SPEC §4)."""
     return sorted(int(i) for i in torch.nonzero(mean.abs() > factor * rms.median()).flatten())
@@ -66,6 +79,8 @@ class _Sums:
     pos_n: torch.Tensor = None
     ce_spliced: float = 0.0
     kl: float = 0.0
+    seq_delta: list = None    # per sequence: Σ (spliced − clean) CE, and Σ KL, over its predictions
+    seq_kl: list = None
 
     def __post_init__(self):
         self.sum_x = torch.zeros(self.d_out, dtype=torch.float64)
@@ -74,6 +89,28 @@ class _Sums:
         self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
         self.pos_sse = torch.zeros(self.seq_len, dtype=torch.float64)
         self.pos_n = torch.zeros(self.seq_len, dtype=torch.float64)
+        self.seq_delta, self.seq_kl = [], []
+
+
+class _Clean:
+    """The clean pass's next-token log-probabilities and probabilities, made once per batch: every
+    spliced pass is compared with them in two vocabulary-sized passes (its log-softmax, then
+    Σ p·(log p − log q) as one batched dot product), where cross-entropy and KL each from logits
+    take several (a Gemma 3 row of 1024 tokens is a 1 GiB [1024, 262144] tensor)."""
+
+    def __init__(self, logits: torch.Tensor, ids: torch.Tensor):
+        self.targets = ids[:, 1:, None]
+        self.logp = F.log_softmax(logits[:, :-1].float(), -1)
+        self.p = self.logp.exp()
+        self.ce = -self.logp.gather(-1, self.targets).squeeze(-1)
+
+    def compare(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy [batch, seq − 1] of the spliced logits, and KL(clean ‖ spliced)."""
+        logq = F.log_softmax(logits[:, :-1].float(), -1)
+        ce = -logq.gather(-1, self.targets).squeeze(-1)
+        diff = logq.neg_().add_(self.logp)  # in place: log p − log q
+        kl = (self.p.unsqueeze(-2) @ diff.unsqueeze(-1)).flatten(-3)
+        return ce, kl
 
 
 def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -93,7 +130,7 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
     targets = {name: Site.parse(sae.cfg.target_site) if sae.cfg.target_site else inputs[name] for name, sae in saes.items()}
     seq_len = rows.shape[1]
     sums = {name: _Sums(sae.cfg.d_sae, seq_len, sae.cfg.width_out) for name, sae in saes.items()}
-    totals = {"n_pred": 0, "ce_clean": 0.0}
+    totals = {"n_pred": 0, "ce_clean": 0.0, "seq_pred": []}
     zero_ce = {str(t): 0.0 for t in set(targets.values())}
     bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"eval {len(saes)} SAEs", disable=not progress)
     start = time.perf_counter()
@@ -107,8 +144,10 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
             with contextlib.ExitStack() as stack:  # record the clean value at every site read
                 for site in {str(s) for s in [*inputs.values(), *targets.values()]}:
                     stack.enter_context(splice(lm, site, lambda v, key=site: seen.__setitem__(key, v) or v))
-                clean = lm(ids)
-            totals["ce_clean"] += float((_ce(clean, ids).double() * pred).sum())
+                clean = _Clean(lm(ids), ids)
+            clean_ce = (clean.ce.double() * pred).sum(1)
+            totals["ce_clean"] += float(clean_ce.sum())
+            totals["seq_pred"] += pred.sum(1).tolist()
             for target in zero_ce:
                 with splice(lm, target, lambda v: v * (~keep)[..., None].to(v.dtype)):
                     zero_ce[target] += float((_ce(lm(ids), ids).double() * pred).sum())
@@ -133,8 +172,14 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
                 replace = torch.where(m, y_hat.to(y.dtype), y)
                 with splice(lm, target, lambda v, r=replace: r):
                     spliced = lm(ids)
-                s.ce_spliced += float((_ce(spliced, ids).double() * pred).sum())
-                s.kl += float((kl_divergence(clean[:, :-1], spliced[:, :-1]) * pred).sum())
+                ce, kl = clean.compare(spliced)
+                del spliced
+                spliced_ce = (ce.double() * pred).sum(1)
+                kl = (kl.double() * pred).sum(1)
+                s.ce_spliced += float(spliced_ce.sum())
+                s.kl += float(kl.sum())
+                s.seq_delta += (spliced_ce - clean_ce).tolist()
+                s.seq_kl += kl.tolist()
             bar.update(ids.numel())
     bar.close()
     seconds = time.perf_counter() - start
@@ -165,9 +210,9 @@ def _summary(name, sae, s: _Sums, totals, zero_ce_sum, site, rows, seconds) -> d
         "fvu_without_massive_dims": float(s.sse_dims[keep_dims].sum() / var_dims[keep_dims].sum()),
         "massive_dims": big,
         "ce_loss_clean": ce_clean, "ce_loss_spliced": ce_spliced, "ce_loss_zero_ablation": ce_zero,
-        "delta_loss": ce_spliced - ce_clean,
+        "delta_loss": ce_spliced - ce_clean, "delta_loss_se": per_sequence_se(s.seq_delta, totals["seq_pred"]),
         "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean) if ce_zero != ce_clean else math.nan,
-        "kl": s.kl / n_pred,
+        "kl": s.kl / n_pred, "kl_se": per_sequence_se(s.seq_kl, totals["seq_pred"]),
         "dead_fraction": dead, "dense_fraction": dense,
         "firing_frequency": frequency.tolist(),
         "recon_loss_by_position": by_position,

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from ..errors import SaescopeError
 from ..train.step import Backend, Member
 from .sae import from_torch, to_torch
-from .train import State, adam, init, train_step
+from .train import State, init, optimizer_of, train_step
 
 
 class JaxStep(Backend):
@@ -34,7 +34,7 @@ class JaxStep(Backend):
         if cfg.precision != "float32":
             raise SaescopeError(f"the JAX backend computes in float32; precision '{cfg.precision}' is for backend 'torch'")
         self.cfg = cfg
-        self.optimizer = adam(cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps)
+        self.optimizer = optimizer_of(cfg)
         self.states: dict[str, tuple[State, dict]] = {}
         devices = jax.devices()
         self.mesh = Mesh(np.array(devices), ("d",)) if len(devices) > 1 else None
@@ -54,7 +54,7 @@ class JaxStep(Backend):
             self.reset(m)
 
     def reset(self, m: Member) -> None:
-        """Start the member's JAX state (fresh Adam) from its PyTorch SAE's current weights."""
+        """Start the member's JAX state (a fresh optimizer) from its PyTorch SAE's current weights."""
         params, static = from_torch(m.sae)
         self.states[m.name] = (init(self._placed(params), self.optimizer), static)
 
@@ -89,30 +89,30 @@ class JaxStep(Backend):
             coeff = float(m.coefficient(t.step, t.coeff_warmup))
             state, static = self.states[m.name]
             dead = jnp.asarray((m.since_fired >= t.dead_tokens).numpy()) if m.sae.objective.dead_aux else None
-            state, out = train_step(state, x, y, lr, coeff, dead, optimizer=self.optimizer, **static)
+            scale = 1 / var if self.cfg.loss == "fvu" else 1.0
+            state, out = train_step(state, x, y, lr * m.lr_factor, coeff, dead, scale, m.unit, optimizer=self.optimizer,
+                                    **static)
             self.states[m.name] = (state, static)
             # the step's numbers on the host in one transfer: the controller and the dead-latent counters need them
             loss, mse, l0, fired, var = jax.device_get((out["loss"], out["mse"], out["l0"], out["fired"], var))
             m.record(t.step, loss=float(loss), mse=float(mse), l0=float(l0), fired=torch.from_numpy(np.array(fired)),
-                     var=float(var), coeff=coeff, lr=lr, rows=x.shape[0])
+                     var=float(var), coeff=coeff, lr=lr * m.lr_factor, rows=x.shape[0])
 
     def sync(self, m: Member) -> None:
-        to_torch(self.states[m.name][0].params, m.sae)
+        """The weights to save: signum's schedule-free average, its decoder rows made unit again."""
+        state = self.states[m.name][0]
+        to_torch(self.optimizer.average(state.opt, state.params), m.sae)
+        m.sae.unit_decoder_rows()
 
     def state(self, m: Member) -> dict:
-        """optax's Adam state (count, mu, nu) as tensors, after the SAE is refreshed for saving."""
-        self.sync(m)
-        adam_state = self.states[m.name][0].adam
-        return {"count": torch.tensor(int(adam_state.count)),
-                **{f"{part}.{k}": torch.from_numpy(np.array(v)) for part in ("mu", "nu")
-                   for k, v in getattr(adam_state, part).items()}}
+        """The optimizer's state as tensors, after the SAE is refreshed (its training point) for saving."""
+        state = self.states[m.name][0]
+        to_torch(state.params, m.sae)
+        return {k: torch.from_numpy(v) for k, v in self.optimizer.tensors(state.opt).items()}
 
     def load_state(self, m: Member, saved: dict) -> None:
         """The JAX state from the checkpoint (called after the SAE's own weights are loaded)."""
         params, static = from_torch(m.sae)
         params = self._placed(params)
-        fresh = init(params, self.optimizer).adam
-        adam_state = fresh._replace(count=jnp.asarray(int(saved["count"]), dtype=fresh.count.dtype),
-                                    mu=self._placed({k: saved[f"mu.{k}"].numpy() for k in params}),
-                                    nu=self._placed({k: saved[f"nu.{k}"].numpy() for k in params}))
-        self.states[m.name] = (State(params, adam_state), static)
+        opt = self.optimizer.from_tensors({k: v.numpy() for k, v in saved.items()}, params, self._placed)
+        self.states[m.name] = (State(params, opt), static)

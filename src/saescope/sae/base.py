@@ -67,6 +67,8 @@ class SAEConfig:
 class SparseAutoencoder(nn.Module):
     """Parameters W_enc (d_in × m), b_enc (m), W_dec (m × d_out), b_dec (d_out) as in SPEC §3."""
 
+    PER_LATENT_SCALE = False  # a latent's code scales with its own encoder column alone (no cross-latent choice)
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -227,6 +229,20 @@ class SparseAutoencoder(nn.Module):
         only `rows` when the step moved no other decoder row)."""
         self.normalize_decoder(rows)
 
+    @torch.no_grad()
+    def unit_decoder_rows(self) -> None:
+        """Unit decoder rows for weights that left the unit sphere (an average of unit rows is
+        shorter), each row's norm moved into its latent's encoder column, bias and threshold where
+        a latent's code scales with them alone (`PER_LATENT_SCALE`), so that no reconstruction
+        changes; TopK compares latents with each other, so its rows keep their norms."""
+        if not self.PER_LATENT_SCALE:
+            return
+        n = self.W_dec.norm(dim=1).clamp_min(1e-12)
+        self.W_dec.div_(n[:, None])
+        self.W_enc.mul_(n)
+        self.b_enc.mul_(n)
+        self._fold_threshold(n)
+
     # --- folding -------------------------------------------------------------------------------
     @property
     def folded(self) -> bool:
@@ -246,8 +262,8 @@ class SparseAutoencoder(nn.Module):
         out.cfg = replace(self.cfg)
         return out
 
-    def _fold_threshold(self, c: float) -> None:
-        """Scale whatever thresholds the architecture has by C."""
+    def _fold_threshold(self, c: float | torch.Tensor) -> None:
+        """Scale whatever thresholds the architecture has by C (or per latent)."""
 
     @property
     def threshold(self) -> torch.Tensor:

@@ -63,6 +63,8 @@ class JumpReLUSAE(SparseAutoencoder):
     reach 0.05–0.5 on unit-norm inputs cannot get there in a short run and L0 stays stuck high.
     θ itself moves by lr per step in absolute terms (the README's measurement)."""
 
+    PER_LATENT_SCALE = True
+
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
         init = torch.full((cfg.d_sae,), 0.001)

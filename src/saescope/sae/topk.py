@@ -109,6 +109,8 @@ class BatchTopKSAE(TopKSAE):
 class ReLUSAE(SparseAutoencoder):
     """f = ReLU(pre); sparsity by an L1 penalty weighted by decoder row norms (unit here)."""
 
+    PER_LATENT_SCALE = True
+
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
 

@@ -29,6 +29,8 @@ class Member:
     coeff: float                # λ after warm-up (unused under a target-L0 controller)
     since_fired: torch.Tensor   # tokens since each latent last fired
     controller: TargetL0 | None = None
+    lr_factor: float = 1.0      # this SAE's lr over the configured one (lr_scale)
+    unit: float = 1.0           # signum: the step of parameters in activation units, per unit of lr
     sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
     steps: int = 0                            # steps in `sums`
     bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)
@@ -76,4 +78,5 @@ class Backend(ABC):
         """Restore what `state` gave, after `m.sae` has been loaded from the same checkpoint."""
 
     def sync(self, m: Member) -> None:
-        """Make `m.sae` hold the member's current weights (a backend that keeps its own copy)."""
+        """Make `m.sae` hold the weights to save once training is over (a backend that keeps its
+        own copy; an optimizer whose result is an average)."""

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from schedulefree import ScheduleFreeWrapper
 
 from ..sae import SparseAutoencoder
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
@@ -79,16 +80,24 @@ class TorchStep(Backend):
             self.groups = EncoderGroup.form(trainer.members, trainer.device)
         for m in trainer.members:  # after grouping, which gives some SAEs a new W_enc parameter
             self.enc_rows[m.name] = m.sae.W_enc.detach().t()
-            self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name])
+            self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name], m.unit)
 
-    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor) -> torch.optim.Adam:
-        """Adam over the SAE's parameters, W_enc seen through its contiguous transpose `enc_rows`
-        (it is stored latent-major, see SparseAutoencoder): torch's fused Adam copies a
-        non-contiguous tensor in and out on every step. The alias shares the parameter's memory;
-        `_update` hands it W_enc's gradient, transposed (a view). Fused: one pass over each
-        parameter; the reference path keeps torch's plain loop."""
+    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor, unit: float = 1.0):
+        """The SAE's parameters, W_enc seen through its contiguous transpose `enc_rows` (it is
+        stored latent-major, see SparseAutoencoder): torch's fused Adam copies a non-contiguous
+        tensor in and out on every step. The alias shares the parameter's memory; `_update` hands
+        it W_enc's gradient, transposed (a view). Adam is fused (one pass over each parameter)
+        but on the reference path. Signum is SGD on the gradient's sign (`_update` takes it)
+        inside schedule-free averaging (`schedulefree`'s wrapper), sparsify's default."""
         cfg = self.cfg
         params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
+        if cfg.optimizer == "signum":
+            units = {id(p) for p in (sae.b_enc, sae.b_dec, getattr(sae, "theta", None)) if p is not None}
+            groups = [{"params": [p for p in params if id(p) not in units], "unit": 1.0},
+                      {"params": [p for p in params if id(p) in units], "unit": unit}]
+            optimizer = ScheduleFreeWrapper(torch.optim.SGD(groups, lr=cfg.lr), momentum=cfg.momentum)
+            optimizer.train()
+            return optimizer
         return torch.optim.Adam(params, lr=cfg.lr, eps=cfg.adam_eps, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 fused=cfg.kernels != "reference")
 
@@ -124,24 +133,31 @@ class TorchStep(Backend):
         return torch.autocast(self.trainer.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16")
 
     def _backward(self, m: Member, x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor | None) -> dict:
-        """The loss and its gradient on this rank's batch; the graph is freed before the next SAE."""
+        """The loss and its gradient on this rank's batch; the graph is freed before the next SAE.
+        Loss "fvu": the objective over the batch's total variance of the target."""
         t = self.trainer
         coeff = m.coefficient(t.step, t.coeff_warmup)
         with self._autocast():
             out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= t.dead_tokens,
                                        path=self.cfg.kernels, workspace=self.workspace, pre=pre)
         m.sae.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        scale = 1 / (y - y.mean(0)).pow(2).sum(-1).mean() if self.cfg.loss == "fvu" else 1.0
+        (out["loss"] * scale).backward()
         out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, batch=x.shape[0])
         return out
 
     def _update(self, m: Member, out: dict, var: torch.Tensor, lr: float) -> None:
         optimizer = self.optimizers[m.name]
+        lr = lr * m.lr_factor
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("unit", 1.0)
         rows = self._decoder_rows(out)
         m.sae.remove_parallel_grad(rows)
         self.enc_rows[m.name].grad = m.sae.W_enc.grad.t()
+        if self.cfg.optimizer == "signum":
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad.sign_()
         optimizer.step()
         m.sae.apply_constraints(rows)
         m.record(self.trainer.step, loss=out["loss"], mse=out["mse"], l0=out["l0"], fired=out["fired"], var=var,
@@ -153,7 +169,7 @@ class TorchStep(Backend):
         Adam leaves a zero-gradient row exactly where it was; gathering rows costs a few dense
         passes' worth each, so this pays when at most a quarter fire (wide SAEs: at 2^20 latents
         and L0 50, a batch of 4096 reaches about 18% of them)."""
-        if self.cfg.kernels == "reference" or self.cfg.adam_beta1 != 0:
+        if self.cfg.kernels == "reference" or self.cfg.optimizer != "adam" or self.cfg.adam_beta1 != 0:
             return None
         return few_touched(out)
 
@@ -161,7 +177,17 @@ class TorchStep(Backend):
         return self.optimizers[m.name].state_dict()
 
     def load_state(self, m: Member, saved: dict) -> None:
-        self.optimizers[m.name].load_state_dict(saved)
+        optimizer = self.optimizers[m.name]
+        optimizer.load_state_dict(saved)
+        if self.cfg.optimizer == "signum":
+            optimizer.train_mode = True  # the checkpoint holds the training point y, not the average
+
+    def sync(self, m: Member) -> None:
+        """Signum: the run is over and the SAE becomes the schedule-free average (what its
+        authors evaluate), each decoder row made unit again where that changes no code."""
+        if self.cfg.optimizer == "signum":
+            self.optimizers[m.name].eval()
+            m.sae.unit_decoder_rows()
 
 
 @contextmanager

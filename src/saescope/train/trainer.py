@@ -121,9 +121,19 @@ class Trainer:
                                       gain=self.cfg.target_l0_gain, device=self.device)
             self.members.append(Member(p.name, sae, p.site, p.target, c, p.coeff,
                                        torch.zeros(p.width, dtype=torch.long, device=self.device), controller,
+                                       lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
+                                       unit=self._unit(first_batch[p.site].to(self.device) / c),
                                        bad_step=torch.tensor(-1, device=self.device),
                                        bad_loss=torch.tensor(0.0, device=self.device)))
         self.backend.setup(self)
+
+    def _unit(self, x: torch.Tensor) -> float:
+        """The RMS of a coordinate of the centred input (the first whole batch): how far a bias or
+        threshold moves per unit of signum's lr. Weights are rows of unit norm and move lr itself;
+        a bias that moved lr on inputs whose coordinates vary by ~0.01 (SAE units: E‖x‖² = 1,
+        most of it the mean) would drown every pre-activation within a few steps."""
+        centred = x - self.split.mean_rows(x)
+        return float(self.split.mean_rows(centred.pow(2).mean(1, keepdim=True)).sqrt())
 
     @torch.no_grad()
     def _quantile_thresholds(self, sae, x: torch.Tensor, target_l0: float) -> None:
