@@ -156,9 +156,8 @@ def test_sharded_mode_trains_every_sae_as_one_process_would(store, single, tmp_p
 
 
 OBJECTIVES = """
-tokens = 30 * 256
+tokens = 7680
 batch_size = 256
-lr = 1e-3
 checkpoint_every = 0
 log_every = 5
 buffer_rows = 1024
@@ -173,7 +172,6 @@ lambdas = [1e-2]
 target_l0 = [3.0]
 sparsity = "quadratic"
 quadratic_form = "token"
-threshold_init = "quantile"
 input_ste = true
 
 [[saes]]
@@ -193,7 +191,7 @@ frequency_penalty = 1.0
 """
 
 
-@pytest.mark.parametrize("recipe", ["", 'loss = "fvu"\nlr_scale = "width"'])
+@pytest.mark.parametrize("recipe", ["lr = 1e-3", 'lr = 3e-5\nloss = "fvu"\nlr_scale = "width"'])  # × 32 at width 16
 def test_the_objectives_train_data_parallel(recipe, store, tmp_path):
     config = tmp_path / "objectives.toml"
     config.write_text(f'store = "{store}"\n' + OBJECTIVES.format(recipe=recipe))

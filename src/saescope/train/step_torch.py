@@ -134,17 +134,23 @@ class TorchStep(Backend):
 
     def _backward(self, m: Member, x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor | None) -> dict:
         """The loss and its gradient on this rank's batch; the graph is freed before the next SAE.
-        Loss "fvu": the objective over the batch's total variance of the target."""
+        Loss "fvu": the objective over the whole batch's total variance of the target."""
         t = self.trainer
         coeff = m.coefficient(t.step, t.coeff_warmup)
         with self._autocast():
             out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= t.dead_tokens,
                                        path=self.cfg.kernels, workspace=self.workspace, pre=pre)
         m.sae.zero_grad(set_to_none=True)
-        scale = 1 / (y - y.mean(0)).pow(2).sum(-1).mean() if self.cfg.loss == "fvu" else 1.0
+        scale = 1 / self._variance(y) if self.cfg.loss == "fvu" else 1.0
         (out["loss"] * scale).backward()
         out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, batch=x.shape[0])
         return out
+
+    def _variance(self, y: torch.Tensor) -> torch.Tensor:
+        """The whole batch's total variance of y (data-parallel: over every rank's rows), so that
+        each rank's FVU gradient is its share of one process's."""
+        split = self.trainer.split
+        return split.mean_rows((y - split.mean_rows(y)).pow(2).sum(-1, keepdim=True)).squeeze(0)
 
     def _update(self, m: Member, out: dict, var: torch.Tensor, lr: float) -> None:
         optimizer = self.optimizers[m.name]
