@@ -91,7 +91,7 @@ def test_the_fvu_loss_is_the_objective_over_the_batch_variance(source, tmp_path)
         trainer, batches = _trainer(cfg, tmp_path / loss, source)
         [m] = trainer.members
         xb = batches[0]["resid.0"] / m.scale
-        trainer.backend._backward(m, xb, xb, None)
+        trainer.backend._backward(m, xb, xb, None, trainer.backend._variance(xb) if loss == "fvu" else None)
         grads[loss] = {k: p.grad.clone() for k, p in m.sae.named_parameters()}
     var = (xb - xb.mean(0)).pow(2).sum(-1).mean()
     for k, g in grads["mse"].items():

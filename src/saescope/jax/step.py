@@ -102,7 +102,8 @@ class JaxStep(Backend):
         """The weights to save: signum's schedule-free average, its decoder rows made unit again."""
         state = self.states[m.name][0]
         to_torch(self.optimizer.average(state.opt, state.params), m.sae)
-        m.sae.unit_decoder_rows()
+        if self.cfg.optimizer == "signum":  # Adam's rows are unit after every step already
+            m.sae.unit_decoder_rows()
 
     def state(self, m: Member) -> dict:
         """The optimizer's state as tensors, after the SAE is refreshed (its training point) for saving."""

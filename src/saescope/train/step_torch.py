@@ -119,7 +119,10 @@ class TorchStep(Backend):
         for group in self.groups:
             with self._autocast():
                 pre.update(group.pre_activations(view(group.site, group.scale), self.workspace))
-        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name)) for m in t.members]
+        # loss "fvu" divides by each target's variance over the whole batch, taken once per target
+        fvu = {(m.target, m.scale): self._variance(view(m.target, m.scale)) for m in t.members} if self.cfg.loss == "fvu" else {}
+        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name), fvu.get((m.target, m.scale)))
+                for m in t.members]
         if t.split.solo:
             var = {key: (x - x.mean(0)).pow(2).sum(-1).mean() for key, x in scaled.items()}
         else:
@@ -132,17 +135,17 @@ class TorchStep(Backend):
         products follow the dtype their forward saw (fast.compute_dtype)."""
         return torch.autocast(self.trainer.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bfloat16")
 
-    def _backward(self, m: Member, x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor | None) -> dict:
+    def _backward(self, m: Member, x: torch.Tensor, y: torch.Tensor, pre: torch.Tensor | None,
+                  variance: torch.Tensor | None = None) -> dict:
         """The loss and its gradient on this rank's batch; the graph is freed before the next SAE.
-        Loss "fvu": the objective over the whole batch's total variance of the target."""
+        With `variance` (loss "fvu"), the gradient is the objective's over it."""
         t = self.trainer
         coeff = m.coefficient(t.step, t.coeff_warmup)
         with self._autocast():
             out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= t.dead_tokens,
                                        path=self.cfg.kernels, workspace=self.workspace, pre=pre)
         m.sae.zero_grad(set_to_none=True)
-        scale = 1 / self._variance(y) if self.cfg.loss == "fvu" else 1.0
-        (out["loss"] * scale).backward()
+        (out["loss"] if variance is None else out["loss"] / variance).backward()
         out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, batch=x.shape[0])
         return out
 
