@@ -165,7 +165,9 @@ def _suite(backend: str, **kw):
     values = dict(saes=[SAESpec(sites=["resid.0"], widths=[32, 48], lambdas=[1e-2, 3e-2], bandwidth=0.05),
                         SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], theta_param="log", bandwidth=0.05),
                         SAESpec(sites=["mlp_in.0"], transcoder=True, widths=[32], lambdas=[1e-2], bandwidth=0.05),
-                        SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], target_l0=[4.0], bandwidth=0.05)],
+                        SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], target_l0=[4.0], bandwidth=0.05,
+                                # signum holds a target with the quadratic penalty (config: _target_held)
+                                sparsity="quadratic" if kw.get("optimizer") == "signum" else "l0")],
                   tokens=20 * 256, batch_size=256, lr=2e-3, checkpoint_every=10, log_every=5, backend=backend,
                   kernels="reference" if backend == "torch" else "auto")
     values.update(kw)

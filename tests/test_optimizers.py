@@ -35,7 +35,7 @@ def _trainer(cfg, tmp_path, source):
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_signum_is_sign_descent_under_a_schedule_free_average(arch, source, tmp_path):
     """Schedule-free (Defazio et al. 2024) over sign descent, by hand: the gradient is taken at
-    y = β·x + (1 − β)·z; z steps by −lr·sign(g) (biases and θ by −lr·unit·sign(g)); x is the
+    y = β·x + (1 − β)·z; z steps by −lr·sign(g) (biases by −lr·unit·sign(g), θ ten times that); x is the
     lr²-weighted running mean of z; the decoder's gradient loses its part along each row first
     and y's rows are made unit after."""
     beta, lr = 0.9, 2e-2
@@ -61,7 +61,7 @@ def test_signum_is_sign_descent_under_a_schedule_free_average(arch, source, tmp_
         ref.remove_parallel_grad()
         with torch.no_grad():
             for k, p in params.items():
-                z[k] -= step_lr * (m.unit if k in ("b_enc", "b_dec", "theta") else 1.0) * p.grad.sign()
+                z[k] -= step_lr * {"b_enc": m.unit, "b_dec": m.unit, "theta": 10 * m.unit}.get(k, 1.0) * p.grad.sign()
             lr_max = max(lr_max, step_lr)
             weight_sum += lr_max ** 2
             c = lr_max ** 2 / weight_sum
@@ -130,7 +130,8 @@ def test_unit_decoder_rows_keep_every_reconstruction(arch):
 
 
 def test_a_signum_run_resumes_and_saves_the_average(source, tmp_path, monkeypatch):
-    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], target_l0=[4.0]),
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], target_l0=[4.0], sparsity="quadratic",
+                                    threshold_init="quantile"),
                             SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3])],
                       tokens=30 * 256, batch_size=256, lr=3e-3, optimizer="signum", lr_scale="width", loss="fvu",
                       checkpoint_every=10, log_every=5)

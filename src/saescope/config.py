@@ -178,6 +178,17 @@ class TrainConfig(_Config):
                              "on the CPU use bfloat16")
         return self
 
+    @model_validator(mode="after")
+    def _target_held(self):
+        """Target-L0 mode under the linear or tanh penalty steers λ, and under signum λ only tips
+        the sign of θ's gradient: once L0 is below the target no λ raises it, so the quadratic
+        penalty, which pulls both ways, is what holds it there (README: Optimizer and learning rate)."""
+        steered = [s.sparsity for s in self.saes if s.arch == "jumprelu" and s.target_l0 and s.sparsity != "quadratic"]
+        if self.optimizer == "signum" and steered:
+            raise ValueError(f"target_l0 with sparsity '{steered[0]}' steers λ, which signum's sign steps cannot follow "
+                             "below the target; use sparsity = 'quadratic' (or optimizer = 'adam')")
+        return self
+
 
 def read_config_file(path: str | Path) -> dict:
     """A .toml or .json file as a dict, or a one-line error naming the file."""

@@ -16,6 +16,13 @@ from ..sae import SparseAutoencoder
 from .schedule import TargetL0, coeff_at
 
 
+# Signum: JumpReLU's θ steps lr × unit × THRESHOLD_STEP. The encoder's sign steps move a latent's
+# pre-activations by about lr × unit × d_in a step, so a θ that moved lr × unit (as the biases do)
+# stayed where it started while the pre-activations swept past it, and the sparsity penalty, which
+# reaches θ alone, could not hold L0. The factor was measured (README: Optimizer and learning rate).
+THRESHOLD_STEP = 10.0
+
+
 @dataclass
 class Member:
     """One SAE of the suite with its schedule and counters. Per-step state stays in tensors; the

@@ -12,7 +12,7 @@ from schedulefree import ScheduleFreeWrapper
 from ..sae import SparseAutoencoder
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
 from .distributed import average_step
-from .step import Backend, Member
+from .step import THRESHOLD_STEP, Backend, Member
 
 
 @dataclass
@@ -92,9 +92,11 @@ class TorchStep(Backend):
         cfg = self.cfg
         params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
         if cfg.optimizer == "signum":
-            units = {id(p) for p in (sae.b_enc, sae.b_dec, getattr(sae, "theta", None)) if p is not None}
-            groups = [{"params": [p for p in params if id(p) not in units], "unit": 1.0},
-                      {"params": [p for p in params if id(p) in units], "unit": unit}]
+            units = {id(sae.b_enc): unit, id(sae.b_dec): unit}
+            if getattr(sae, "theta", None) is not None:
+                units[id(sae.theta)] = unit * THRESHOLD_STEP
+            groups = [{"params": [p for p in params if units.get(id(p), 1.0) == u], "unit": u}
+                      for u in sorted({1.0, *units.values()})]
             optimizer = ScheduleFreeWrapper(torch.optim.SGD(groups, lr=cfg.lr), momentum=cfg.momentum)
             optimizer.train()
             return optimizer
