@@ -143,7 +143,7 @@ def evaluate_all(paths: dict[str, Path], a) -> dict[str, dict]:
         for label, corpus in sets.items():
             rows = token_tensor(lm, corpus, a.eval_tokens)
             say(f"evaluate {len(saes)} SAEs on {rows.numel():,} tokens of {corpus.source} ({corpus.split})")
-            for key, r in evaluate(saes, lm, rows, batch_size=4).items():
+            for key, r in evaluate(saes, lm, rows, batch_size=2).items():  # 4 rows of 1024: ~21 GB of logits
                 results[key][label] = {k: v for k, v in r.items() if k not in ("firing_frequency", "recon_loss_by_position")}
         say("first-letter absorption")
         words = word_tokens(lm.tokenizer)
