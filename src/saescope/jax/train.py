@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from ..sae.objectives import Objective
-from ..train.step import THRESHOLD_STEP
+from ..train.step import SIGNUM_UNITS
 from .sae import Params, loss
 
 
@@ -69,10 +69,8 @@ class Signum:
     SGD on sign(g) does it in the PyTorch backend: the parameters are y = x + (1 − β)(z − x),
     the gradient taken there moves z by −lr·sign(g), and the average x follows z with weight
     lr_max² / Σ lr_max²; x is recovered from y and z, so a constraint applied to y carries over.
-    Parameters in activation units step lr × `unit` (train/trainer.py: `_unit`) times their own
-    factor here (θ: train/step.py's THRESHOLD_STEP)."""
-
-    UNITS = {"b_enc": 1.0, "b_dec": 1.0, "theta": THRESHOLD_STEP}
+    Parameters in activation units step lr × `unit` (train/trainer.py: `_unit`) times their
+    factor in train/step.py's SIGNUM_UNITS."""
 
     momentum: float = 0.95
 
@@ -86,7 +84,7 @@ class Signum:
         weight_sum = state.weight_sum + lr_max ** 2
         c = lr_max ** 2 / weight_sum
         x = self.average(state, params)
-        z = {k: v - lr * (unit * self.UNITS[k] if k in self.UNITS else 1.0) * jnp.sign(grads[k]) for k, v in state.z.items()}
+        z = {k: v - lr * (unit * SIGNUM_UNITS[k] if k in SIGNUM_UNITS else 1.0) * jnp.sign(grads[k]) for k, v in state.z.items()}
         x = jax.tree.map(lambda x, z: x + c * (z - x), x, z)
         y = jax.tree.map(lambda x, z: x + (1 - b) * (z - x), x, z)
         return y, SignumState(z, weight_sum, lr_max)

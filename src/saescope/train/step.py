@@ -16,11 +16,13 @@ from ..sae import SparseAutoencoder
 from .schedule import TargetL0, coeff_at
 
 
-# Signum: JumpReLU's θ steps lr × unit × THRESHOLD_STEP. The encoder's sign steps move a latent's
-# pre-activations by about lr × unit × d_in a step, so a θ that moved lr × unit (as the biases do)
-# stayed where it started while the pre-activations swept past it, and the sparsity penalty, which
-# reaches θ alone, could not hold L0. The factor was measured (README: Optimizer and learning rate).
-THRESHOLD_STEP = 10.0
+# Signum: the parameters in activation units, by name, and their step per unit of lr in units of
+# a centred input coordinate's RMS (`Member.unit`); the rest (unit-norm rows, log θ) step lr itself.
+# θ steps ten: the encoder's sign steps move a latent's pre-activations by about lr × unit × d_in a
+# step, so a θ that moved one unit (as the biases do) stayed where it started while they swept past
+# it, and the sparsity penalty, which reaches θ alone, could not hold L0. The factor was measured
+# (README: Optimizer and learning rate).
+SIGNUM_UNITS = {"b_enc": 1.0, "b_dec": 1.0, "theta": 10.0}
 
 
 @dataclass

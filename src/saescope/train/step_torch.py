@@ -12,7 +12,7 @@ from schedulefree import ScheduleFreeWrapper
 from ..sae import SparseAutoencoder
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
 from .distributed import average_step
-from .step import THRESHOLD_STEP, Backend, Member
+from .step import SIGNUM_UNITS, Backend, Member
 
 
 @dataclass
@@ -92,11 +92,8 @@ class TorchStep(Backend):
         cfg = self.cfg
         params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
         if cfg.optimizer == "signum":
-            units = {id(sae.b_enc): unit, id(sae.b_dec): unit}
-            if getattr(sae, "theta", None) is not None:
-                units[id(sae.theta)] = unit * THRESHOLD_STEP
-            groups = [{"params": [p for p in params if units.get(id(p), 1.0) == u], "unit": u}
-                      for u in sorted({1.0, *units.values()})]
+            factor = [unit * SIGNUM_UNITS[name] if name in SIGNUM_UNITS else 1.0 for name, _ in sae.named_parameters()]
+            groups = [{"params": [p for p, f in zip(params, factor) if f == u], "unit": u} for u in sorted(set(factor))]
             optimizer = ScheduleFreeWrapper(torch.optim.SGD(groups, lr=cfg.lr), momentum=cfg.momentum)
             optimizer.train()
             return optimizer
@@ -121,13 +118,14 @@ class TorchStep(Backend):
         for group in self.groups:
             with self._autocast():
                 pre.update(group.pre_activations(view(group.site, group.scale), self.workspace))
-        # loss "fvu" divides by each target's variance over the whole batch, taken once per target
-        fvu = {(m.target, m.scale): self._variance(view(m.target, m.scale)) for m in t.members} if self.cfg.loss == "fvu" else {}
-        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name), fvu.get((m.target, m.scale)))
-                for m in t.members]
-        if t.split.solo:
-            var = {key: (x - x.mean(0)).pow(2).sum(-1).mean() for key, x in scaled.items()}
-        else:
+        # each target's variance over the whole batch, once per target: loss "fvu" divides by it,
+        # and one process's metrics read it (data-parallel, average_step's one collective gives it)
+        fvu = self.cfg.loss == "fvu"
+        targets = dict.fromkeys((m.target, m.scale) for m in t.members)  # in suite order: the same collectives on every rank
+        var = {key: self._variance(view(*key)) for key in targets} if fvu or t.split.solo else {}
+        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name),
+                               var[m.target, m.scale] if fvu else None) for m in t.members]
+        if not t.split.solo:
             var = average_step(t.split, [m.sae for m in t.members], outs, scaled)
         for m, out in zip(t.members, outs):
             self._update(m, out, var[m.target, m.scale], lr)
