@@ -139,3 +139,22 @@ def test_a_signum_run_resumes_and_saves_the_average(source, tmp_path, monkeypatc
         whole = load_sae(folder)
         if whole.cfg.arch == "jumprelu":
             torch.testing.assert_close(whole.W_dec.norm(dim=1), torch.ones(32))
+
+
+def test_batchtopk_saves_the_cut_of_the_weights_it_saves(source, tmp_path):
+    """BatchTopK's shared inference threshold is fitted to the last batch under the saved weights
+    (signum's average, which no training step evaluated): with it, encoding that batch keeps exactly
+    the k·B largest activations, as BatchTopK written plainly on the saved weights does."""
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], arch="batchtopk", widths=[32], ks=[3])], tokens=30 * 256,
+                      batch_size=256, lr=3e-3, optimizer="signum", lr_scale="width", loss="fvu", checkpoint_every=0)
+    [folder] = train(cfg, tmp_path / "run", source=source, progress=False)
+    sae = load_sae(folder)
+    last = list(trainer_for(cfg, tmp_path / "replay", source=source)._batches())[29]["resid.0"]
+    with torch.no_grad():
+        pre = sae.pre_acts(last / sae.norm_scalar).relu()
+        cut = pre.reshape(-1).topk(3 * 256).values[-1]
+        fires = sae.encode(last) > 0
+    assert torch.equal(fires, (pre >= cut) & (pre > 0))
+    held = torch.randn(2048, 12, generator=torch.Generator().manual_seed(99)) * 3 + 1  # the source's distribution
+    with torch.no_grad():
+        assert float((sae.encode(held) > 0).sum(1).float().mean()) == pytest.approx(3, rel=0.15)

@@ -137,7 +137,9 @@ def test_topk_and_batchtopk_selection():
     bt = _random_sae("batchtopk", k=2)
     out = bt.training_loss(x, x, 0.0, dead=torch.ones(10, dtype=torch.bool))
     assert out["l0"] <= 2 + 1e-6 and float(out["aux"]) > 0
-    assert float(bt.shared_threshold) > 0
+    assert float(bt.shared_threshold) < 0  # no inference threshold until one is fitted to finished weights
+    bt.fit_threshold(x / bt.norm_scalar)
+    assert int((bt.encode(x) > 0).sum()) == 2 * 7  # the batch's k·B largest
     relu = _random_sae("relu")
     torch.testing.assert_close(relu.encode(x), relu.pre_acts(x).relu())
 

@@ -51,11 +51,11 @@ class TopKSAE(SparseAutoencoder):
 
 class BatchTopKSAE(TopKSAE):
     """Training keeps the k·batch largest activations of the whole batch; inference uses one
-    threshold (an average of the smallest kept activation), i.e. a JumpReLU with a shared θ.
+    threshold, i.e. a JumpReLU with a shared θ, set from the finished weights (`fit_threshold`).
 
     When a batch is split over data-parallel ranks, `across` (set by the trainer) gives the cut
-    of the whole batch: an object with `world`, `largest_share(top, n)` (how many of this rank's
-    largest values are among the batch's n largest) and `min(t)` (over the ranks)."""
+    of the whole batch: an object with `world` and `largest_share(top, n)` (how many of this
+    rank's largest values are among the batch's n largest)."""
 
     across = None
 
@@ -71,7 +71,6 @@ class BatchTopKSAE(TopKSAE):
         if self.across is not None:  # this rank's share of the batch's n largest (a prefix: topk sorts)
             keep = self.across.largest_share(vals.detach(), n)
             vals, idx = vals[:keep], idx[:keep]
-        self._track_threshold(vals)
         return vals, idx
 
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
@@ -83,14 +82,16 @@ class BatchTopKSAE(TopKSAE):
         return Code.from_flat(pre, self._kept(pre.reshape(-1), pre.shape[0])[1])
 
     @torch.no_grad()
-    def _track_threshold(self, vals: torch.Tensor) -> None:
-        """Running estimate of the smallest kept activation, without a host sync."""
-        smallest = torch.where(vals > 0, vals, torch.inf).min() if len(vals) else vals.new_tensor(torch.inf)
-        if self.across is not None:
-            smallest = self.across.min(smallest)
-        smallest = torch.where(torch.isinf(smallest), 0.0, smallest)
-        t = self.shared_threshold
-        t.copy_(torch.where(t < 0, smallest, 0.99 * t + 0.01 * smallest))
+    def fit_threshold(self, x: torch.Tensor) -> None:
+        """The shared θ: where the batch x (in SAE units, the whole batch) is cut between its k·rows
+        largest activations and the rest, under the finished weights. Fitted once training is over,
+        not tracked along the way: a running average of the cut lags the weights, and under signum
+        the saved weights are an average that no training step evaluated."""
+        pre = self.pre_acts(x).relu().reshape(-1)
+        n = min(self.cfg.k * x.shape[0], pre.numel())
+        vals = pre.topk(min(n + 1, pre.numel())).values
+        below = vals[n] if len(vals) > n else vals.new_tensor(0.0)
+        self.shared_threshold.fill_(float((vals[n - 1] + below) / 2))
 
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         if float(self.shared_threshold) < 0:

@@ -122,12 +122,6 @@ class Ranks:
         share = (n - every[:, 0].sum() - every[:self.rank, 1].sum()).clamp(0, counts[1])
         return int(counts[0] + share)
 
-    def min(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.solo:
-            t = t.clone()
-            self._run("a minimum", dist.all_reduce, t, op=dist.ReduceOp.MIN, group=self.group)
-        return t
-
     # --- host side -----------------------------------------------------------------------------
     def first(self, values: list[int]) -> list[int]:
         """Per entry, the smallest non-negative value any rank holds (−1 where none): first steps."""

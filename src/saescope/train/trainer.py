@@ -267,10 +267,9 @@ class Trainer:
         resumed = self._load_checkpoint()
         if lead:  # lines logged after the checkpoint (a killed run) are logged again as the run replays
             _metrics_until(self.out / METRICS, self.step)
-        if resumed:  # the stream is a function of the seed: replay it up to the checkpoint's step
-            stream = islice(stream, self.step - 1, None)
-        else:
-            stream = _chain_first(first, stream)
+        stream = _chain_first(first, stream)
+        # the stream is a function of the seed: a resumed run replays it up to the checkpoint's step
+        last = next(islice(stream, self.step - 1, None)) if resumed else None
         bar = tqdm(total=self.steps * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
                    unit_scale=True, desc=f"train {len(self.plan)} SAEs" + (f" on {self.ranks.world} ranks" if not self.ranks.solo else ""),
                    disable=not progress or not lead)
@@ -283,6 +282,7 @@ class Trainer:
                     raise SaescopeError(f"the activation source ran out at step {self.step} of {self.steps}")
                 self.train_step(batch)
                 self.step += 1
+                last = batch
                 bar.update(self.cfg.batch_size)
                 if self.step % self.cfg.log_every == 0 or self.step == self.steps:
                     self._check_finite(last_good)
@@ -295,7 +295,7 @@ class Trainer:
         bar.close()
         self._check_finite(last_good)
         self._save_checkpoint()
-        return self._write_saes()
+        return self._write_saes(last)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One step of every SAE on the same batch."""
@@ -344,12 +344,17 @@ class Trainer:
             log.flush()
         bar.set_postfix_str(shown, refresh=False)
 
-    def _write_saes(self) -> list[Path]:
-        """Data-parallel: rank 0 writes every SAE; sharded: each rank its own."""
+    def _write_saes(self, last: dict[str, torch.Tensor]) -> list[Path]:
+        """Data-parallel: rank 0 writes every SAE; sharded: each rank its own. A BatchTopK SAE's
+        inference threshold is fitted to the last batch (the whole of it) under the saved weights."""
         self.ranks.barrier()  # rank 0 has written the last metrics lines
         final = _last_metrics(self.out / METRICS)
+        whole = {m.name: torch.cat(self.split.gather_rows(last[m.site].to(self.device) / m.scale))
+                 for m in self.members if m.sae.cfg.arch == "batchtopk"}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
+            if m.name in whole:
+                m.sae.fit_threshold(whole[m.name])
             m.sae.cfg.extra = {"training": json.loads(self.cfg.model_dump_json()), "final_metrics": final.get(m.name, {}),
                                "steps": self.step}
             save_sae(m.sae.cpu(), self.out / "saes" / m.name, format="native")
