@@ -126,6 +126,10 @@ def model_dir(tmp_path, tokenizer):
     return save_tiny_model(tmp_path / "model", tokenizer)
 
 
+# SPEC §2's recipe (no longer the default): tests of Adam's own paths pin it
+PAPER = {"optimizer": "adam", "lr_scale": "none", "loss": "mse"}
+
+
 def planted(n=60_000, d=32, m=64, l0=4.0, seed=0):
     """x = codes @ D: m known unit directions, each token using about `l0` of them with size U(1, 3)."""
     g = torch.Generator().manual_seed(seed)

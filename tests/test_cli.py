@@ -75,7 +75,7 @@ def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_pat
     ("tokens = = 3\n", "cannot be parsed"),
     ("precision = 'tf32'\n", "precision 'tf32' is a CUDA tensor-core format, not for device 'cpu'"),
     ("optimizer = 'lion'\n", "optimizer: Input should be 'adam' or 'signum'"),
-    ("optimizer = 'signum'\n[[saes]]\ntarget_l0 = [40]\n", "use sparsity = 'quadratic' (or optimizer = 'adam')"),
+    ("optimizer = 'signum'\n[[saes]]\ntarget_l0 = [40]\nsparsity = 'l0'\n", "use sparsity = 'quadratic' (or optimizer = 'adam')"),
 ])
 def test_train_config_errors_name_the_field(tmp_path, capsys, toml, message):
     (tmp_path / "bad.toml").write_text(toml)

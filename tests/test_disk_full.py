@@ -114,7 +114,8 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one(setup, disk, tmp_path, c
     assert main(_harvest(setup, store)) == 0
     # 2 SAEs of 1024 latents: each checkpoint ≈ 2 × 3 × 32 × 1024 × 4 B ≈ 1.6 MiB; the second does not fit
     train = ["-q", "train", "--store", str(store), "--sites", "resid.1", "--widths", "1024", "--lambdas", "1e-3,1e-2",
-             "--tokens", str(256 * 30), "--batch-size", "256", "--lr", "1e-3", "--checkpoint-every", "10"]
+             "--tokens", str(256 * 30), "--batch-size", "256", "--lr", "1e-3", "--checkpoint-every", "10",
+             "--optimizer", "adam"]
     assert main([*train, "--out", str(tmp_path / "whole")]) == 0
     capsys.readouterr()
     assert main([*train, "--out", str(path / "run")]) == 2

@@ -27,6 +27,9 @@ SITES = {"resid.0": 8, "resid.1": 8, "mlp_in.0": 6, "mlp.0": 8}
 SUITE = """
 tokens = {tokens}
 batch_size = 256
+optimizer = "adam"      # signum's sign of a near-zero gradient tips with the ranks' summation order
+lr_scale = "none"
+loss = "mse"
 lr = 1e-3
 checkpoint_every = 10
 log_every = 5
@@ -69,6 +72,8 @@ sites = ["resid.1"]
 widths = [16]
 lambdas = [1e-2]
 target_l0 = [3.0]
+sparsity = "l0"         # the λ controller, from θ₀: a quantile θ sits on a pre-activation, where rounding decides
+threshold_init = "constant"
 """
 
 
@@ -191,7 +196,8 @@ frequency_penalty = 1.0
 """
 
 
-@pytest.mark.parametrize("recipe", ["lr = 1e-3", 'lr = 3e-5\nloss = "fvu"\nlr_scale = "width"'])  # × 32 at width 16
+@pytest.mark.parametrize("recipe", ['optimizer = "adam"\nlr = 1e-3\nlr_scale = "none"\nloss = "mse"',
+                                    'optimizer = "adam"\nlr = 3e-5\nloss = "fvu"\nlr_scale = "width"'])  # × 32 at width 16
 def test_the_objectives_train_data_parallel(recipe, store, tmp_path):
     config = tmp_path / "objectives.toml"
     config.write_text(f'store = "{store}"\n' + OBJECTIVES.format(recipe=recipe))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PAPER
 from saescope import SAEConfig, build_sae
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
@@ -167,7 +168,7 @@ def _lockstep(saes, kernels, tmp_path, batch_size=128, steps=30, plant_dead=True
     trainers = {}
     for path in ("reference", kernels):
         cfg = TrainConfig(saes=saes, tokens=steps * batch_size, batch_size=batch_size, lr=1e-3, dead_tokens=256,
-                          kernels=path)
+                          kernels=path, **PAPER)
         trainers[path] = trainer_for(cfg, tmp_path / path, source=TensorSource({"resid.0": acts}))
     ref, fast_ = trainers["reference"], trainers[kernels]
     batches = list(ref._batches())[:steps]
@@ -274,12 +275,12 @@ def test_sae_groups_share_one_encoder_product(tmp_path, monkeypatch):
     saes = [SAESpec(sites=["resid.0"], widths=[D_SAE, 2 * D_SAE], lambdas=[1e-3]),
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4]),
             SAESpec(sites=["resid.1"], widths=[D_SAE], lambdas=[1e-3])]      # alone on its input
-    trainer = trainer_for(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
+    trainer = trainer_for(TrainConfig(saes=saes, tokens=1024, batch_size=128, **PAPER), tmp_path, source=source)
     batch = next(iter(trainer._batches()))
     trainer.build(batch)
     assert trainer.backend.groups == []  # the CPU steps SAEs apart
     monkeypatch.setattr(EncoderGroup, "APART_ON", set())
-    trainer = trainer_for(TrainConfig(saes=saes, tokens=1024, batch_size=128), tmp_path, source=source)
+    trainer = trainer_for(TrainConfig(saes=saes, tokens=1024, batch_size=128, **PAPER), tmp_path, source=source)
     trainer.build(batch)
     [group] = trainer.backend.groups
     assert [m.sae.cfg.d_sae for m in group.members] == [D_SAE, 2 * D_SAE, D_SAE]

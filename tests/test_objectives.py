@@ -183,7 +183,7 @@ def test_signum_holds_the_target_l0_with_the_quadratic_penalty(tmp_path):
         held = float((load_sae(path).encode(x[70_000:]) > 0).sum(1).float().mean())
     assert abs(held - target) <= 0.1 * target, held
     with pytest.raises(SaescopeError, match="use sparsity = 'quadratic'"):
-        validated(TrainConfig, saes=[dict(target_l0=[target])], optimizer="signum")
+        validated(TrainConfig, saes=[dict(target_l0=[target], sparsity="l0")], optimizer="signum")
 
 
 EVERY_OPTION = [

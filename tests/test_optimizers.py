@@ -41,7 +41,8 @@ def test_signum_is_sign_descent_under_a_schedule_free_average(arch, source, tmp_
     beta, lr = 0.9, 2e-2
     spec = SAESpec(sites=["resid.0"], arch=arch, widths=[32], lambdas=[1e-2], ks=[3], bandwidth=0.05)
     cfg = TrainConfig(saes=[spec], tokens=6 * 256, batch_size=256, lr=lr, lr_warmup_steps=3, lambda_warmup_steps=0,
-                      optimizer="signum", momentum=beta, kernels="reference", checkpoint_every=0)
+                      optimizer="signum", momentum=beta, lr_scale="none", loss="mse", kernels="reference",
+                      checkpoint_every=0)
     trainer, batches = _trainer(cfg, tmp_path, source)
     [m] = trainer.members
     first = batches[0]["resid.0"] / m.scale  # biases and θ step lr × the RMS of a centred coordinate

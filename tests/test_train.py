@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_resumes_exactly, planted
+from conftest import PAPER, assert_resumes_exactly, planted
 from saescope import SaescopeError, load_sae
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
@@ -34,7 +34,7 @@ def test_schedules():
 def test_planted_dictionary_is_recovered(planted_data, tmp_path):
     x, D, codes = planted_data
     cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[128], lambdas=[2e-2])], tokens=3000 * 1024,
-                      batch_size=1024, lr=3e-3, checkpoint_every=0, log_every=100)
+                      batch_size=1024, lr=3e-3, checkpoint_every=0, log_every=100, **PAPER)
     [path] = train(cfg, tmp_path, source=TensorSource({"resid.0": x}), progress=False)
     sae = load_sae(path)
     planted_l0 = float((codes > 0).sum(1).float().mean())
@@ -50,8 +50,9 @@ def test_planted_dictionary_is_recovered(planted_data, tmp_path):
 
 def test_target_l0_mode_lands_on_the_target(planted_data, tmp_path):
     x, _, _ = planted_data
-    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[128], lambdas=[2e-2], target_l0=[6.0])],
-                      tokens=3000 * 1024, batch_size=1024, lr=3e-3, checkpoint_every=0, log_every=100)
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[128], lambdas=[2e-2], target_l0=[6.0], sparsity="l0",
+                                    threshold_init="constant")],  # the λ controller's own test, under Adam
+                      tokens=3000 * 1024, batch_size=1024, lr=3e-3, checkpoint_every=0, log_every=100, **PAPER)
     [path] = train(cfg, tmp_path, source=TensorSource({"resid.0": x}), progress=False)
     l0 = float((load_sae(path).encode(x[:10_000]) > 0).sum(1).float().mean())
     assert abs(l0 - 6.0) <= 0.15 * 6.0

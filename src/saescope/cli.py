@@ -67,13 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--widths", default=None, help="comma-separated, e.g. 4096,16384")
     g.add_argument("--lambdas", default=None, help="comma-separated sparsity coefficients")
     g.add_argument("--ks", default=None, help="comma-separated k for topk / batchtopk")
-    g.add_argument("--target-l0", default=None, help="comma-separated L0 targets (jumprelu; adapts λ)")
+    g.add_argument("--target-l0", default=None, help="comma-separated L0 targets (jumprelu; held by the quadratic penalty)")
     g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
     g.add_argument("--theta-param", default=None, choices=["theta", "log"])
     g.add_argument("--b-dec-init", default=None, choices=["zeros", "mean"])
     o = t.add_argument_group("the objective (README: Objectives)")
     o.add_argument("--sparsity", default=None, choices=["l0", "quadratic", "tanh"],
-                   help="jumprelu: λ·L0, λ·(L0 − L0*)²/(2·L0*) around each --target-l0, or λ·Σ tanh(s·f)")
+                   help="jumprelu: λ·L0 (the default without --target-l0), λ·(L0 − L0*)²/(2·L0*) around each "
+                        "--target-l0 (the default with one), or λ·Σ tanh(s·f)")
     o.add_argument("--quadratic-form", default=None, choices=["batch", "token"])
     o.add_argument("--tanh-scale", type=float, default=None, help="s in tanh(s·f)")
     o.add_argument("--frequency-penalty", type=float, default=None, help="weight on latents firing more often than the threshold")
@@ -83,18 +84,18 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--dead-aux", type=float, default=None, help="jumprelu: weight of the AuxK-style loss on dead latents")
     o.add_argument("--input-ste", action="store_true", default=None, help="jumprelu: the kernel's gradient reaches the input")
     o.add_argument("--threshold-init", default=None, choices=["constant", "quantile"],
-                   help="quantile: θ from the first batch so that L0 starts at the target")
+                   help="quantile (the default with --target-l0): θ from the first batch so that L0 starts at the target")
     h2 = t.add_argument_group("recipe")
     for flag, kind, text in (("--tokens", int, "training tokens"), ("--batch-size", int, "activations per step"),
-                             ("--lr", float, "learning rate (paper 7e-5)"), ("--seed", int, "data and init seed"),
+                             ("--lr", float, "learning rate (default 5e-3 under signum, 7e-5 under adam)"), ("--seed", int, "data and init seed"),
                              ("--checkpoint-every", int, "steps between checkpoints"),
                              ("--log-every", int, "steps between metrics lines"), ("--device", str, "cpu, cuda, ...")):
         h2.add_argument(flag, type=kind, default=None, help=text)
     h2.add_argument("--optimizer", default=None, choices=["adam", "signum"],
-                    help="adam (the paper), or signum: the gradient's sign under schedule-free averaging (sparsify's)")
+                    help="signum (the default): the gradient's sign under schedule-free averaging (sparsify's), or adam (the paper)")
     h2.add_argument("--momentum", type=float, default=None, help="signum: the schedule-free interpolation (default 0.95)")
-    h2.add_argument("--lr-scale", default=None, choices=["none", "width"], help="width: lr × (2^14 / width)^0.5 per SAE")
-    h2.add_argument("--loss", default=None, choices=["mse", "fvu"], help="fvu: the objective over the batch's variance")
+    h2.add_argument("--lr-scale", default=None, choices=["none", "width"], help="width (the default): lr × (2^14 / width)^0.5 per SAE")
+    h2.add_argument("--loss", default=None, choices=["mse", "fvu"], help="fvu (the default): the objective over the batch's variance")
     h2.add_argument("--precision", default=None, choices=["float32", "bfloat16", "tf32"],
                     help="the products' dtype (bfloat16 keeps float32 master weights; tf32: CUDA only)")
     h2.add_argument("--kernels", default=None, choices=["auto", "dense", "sparse", "reference"],

@@ -55,15 +55,22 @@ class HarvestConfig(_Config):
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
 
 
+# the quadratic penalty's default coefficient: on Gemma 3 270M every λ from 0.01 to 1 held the target
+# L0 (README: Optimizer and learning rate); on planted dictionaries 0.1 settled above it and 1 on it
+QUADRATIC_LAMBDA = 1.0
+
+
 class SAESpec(_Config):
     """A family of SAEs on the same data: every site × width × (λ, k or target L0) combination."""
 
     sites: list[str] = Field(default_factory=lambda: ["resid.6"], description="input sites; for transcoders mlp_in.L")
     arch: Literal["jumprelu", "topk", "batchtopk", "relu"] = "jumprelu"
     widths: list[int] = Field(default_factory=lambda: [4096], description="numbers of latents")
-    lambdas: list[float] = Field(default_factory=lambda: [6e-4], description="sparsity coefficients (jumprelu: L0, relu: L1)")
+    lambdas: list[float] = Field(default_factory=lambda: [6e-4], description="sparsity coefficients (jumprelu: L0, relu: L1; "
+                                                                             "with target_l0 the quadratic penalty's, default 1)")
     ks: list[int] = Field(default_factory=lambda: [32], description="active latents per token (topk, batchtopk)")
-    target_l0: list[float] = Field(default_factory=list, description="jumprelu: adapt λ to land on each of these L0s")
+    target_l0: list[float] = Field(default_factory=list, description="jumprelu: hold L0 at each of these (sparsity "
+                                                                     "'quadratic' and threshold_init 'quantile' unless set)")
     transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
     theta_param: Literal["theta", "log"] = Field("theta", description="train θ directly or as log θ (the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
@@ -85,6 +92,18 @@ class SAESpec(_Config):
                                 "pre-activations, so that L0 starts at the target")
 
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_recipe(cls, data):
+        """A target L0 brings the recipe that holds it (README: Optimizer and learning rate): Gemma
+        Scope 2's quadratic penalty, which pulls L0 back from either side under any optimizer, with
+        thresholds that start L0 at the target; whatever the spec sets itself stays."""
+        if isinstance(data, dict) and data.get("target_l0") and data.get("arch", "jumprelu") == "jumprelu":
+            quadratic = data.get("sparsity", "quadratic") == "quadratic"
+            data = {"sparsity": "quadratic", "threshold_init": "quantile",
+                    **({"lambdas": [QUADRATIC_LAMBDA]} if quadratic else {}), **data}
+        return data
 
     @model_validator(mode="after")
     def _objective_fits(self):
@@ -134,23 +153,29 @@ class ParallelConfig(_Config):
                                                       "(a hung or lost rank)")
 
 
+# the learning rates by optimizer: Adam's is the paper's (SPEC §2); signum's, with lr_scale "width",
+# sparsify's (README: Optimizer and learning rate)
+SIGNUM_LR, ADAM_LR = 5e-3, 7e-5
+
+
 class TrainConfig(_Config):
-    """Activations → SAEs: the data source, the suite, and the recipe (SPEC §2 defaults)."""
+    """Activations → SAEs: the data source, the suite, and the recipe (defaults by measurement,
+    README: Optimizer and learning rate; optimizer = "adam", lr_scale = "none", loss = "mse" is SPEC §2's)."""
 
     store: str | None = Field(None, description="activation store folder (else stream from `harvest`)")
     harvest: HarvestConfig | None = Field(None, description="stream activations from a model, no disk")
     saes: list[SAESpec] = Field(default_factory=lambda: [SAESpec()])
     tokens: int = Field(1_000_000, gt=0, description="training tokens (steps = tokens // batch_size)")
     batch_size: int = Field(4096, gt=0)
-    lr: float = Field(7e-5, gt=0)
+    lr: float = Field(SIGNUM_LR, gt=0, description=f"default by optimizer: signum {SIGNUM_LR}, adam {ADAM_LR} (the paper)")
     lr_warmup_steps: int | None = Field(None, ge=0, description="cosine warm-up from 0.1·lr; default min(1000, 5% of steps)")
     lambda_warmup_steps: int | None = Field(None, ge=0, description="linear λ warm-up from 0; default min(10000, 20% of steps)")
     optimizer: Literal["adam", "signum"] = Field(
-        "adam", description="adam (the paper: β1 = 0), or signum: the gradient's sign under a schedule-free average "
+        "signum", description="adam (the paper: β1 = 0), or signum: the gradient's sign under a schedule-free average "
                             "(sparsify's default; the saved SAE is the average)")
     momentum: float = Field(0.95, gt=0, lt=1, description="signum: the schedule-free interpolation β")
-    lr_scale: Literal["none", "width"] = Field("none", description="width: each SAE's lr × (2^14 / width)^0.5 (sparsify's rule)")
-    loss: Literal["mse", "fvu"] = Field("mse", description="fvu: the objective divided by the batch's total variance, "
+    lr_scale: Literal["none", "width"] = Field("width", description="width: each SAE's lr × (2^14 / width)^0.5 (sparsify's rule)")
+    loss: Literal["mse", "fvu"] = Field("fvu", description="fvu: the objective divided by the batch's total variance, "
                                                            "so its scale does not depend on the activations'")
     adam_beta1: float = Field(0.0, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
@@ -170,6 +195,15 @@ class TrainConfig(_Config):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="torchrun jobs: data or SAE parallel")
     backend: Literal["torch", "jax"] = Field("torch", description="jax: JumpReLU SAEs and transcoders stepped in JAX "
                                                                   "(pip install 'saescope[jax]')")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lr_of_optimizer(cls, data):
+        """Each optimizer's own learning rate unless one is set: a sign step and Adam's step differ
+        in size by orders of magnitude, so one default cannot serve both."""
+        if isinstance(data, dict) and data.get("lr") is None:
+            data = {**data, "lr": ADAM_LR if data.get("optimizer") == "adam" else SIGNUM_LR}
+        return data
 
     @model_validator(mode="after")
     def _tf32_on_cuda(self):

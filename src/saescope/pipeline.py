@@ -19,15 +19,16 @@ STAGES = ("harvest", "train", "eval", "absorption", "report", "explore")
 
 
 def _default_train() -> TrainConfig:
-    """A small suite that fits the 20-minute budget on a 2-core CPU: a λ ladder at two widths,
-    and TopK, BatchTopK and ReLU-L1 at the wider width, all on the same activations."""
+    """A small suite that fits the 20-minute budget on a 2-core CPU: JumpReLU held at two target
+    L0s at two widths, and TopK at the same L0s, BatchTopK and ReLU-L1 at the wider width, all on
+    the same activations with the default recipe."""
     common = dict(sites=["resid.6"])
     return TrainConfig(
-        saes=[SAESpec(widths=[1024, 2048], lambdas=[1e-4, 3e-4, 1e-3], **common),
+        saes=[SAESpec(widths=[1024, 2048], target_l0=[16, 48], **common),
               SAESpec(arch="topk", widths=[2048], ks=[16, 48], **common),
               SAESpec(arch="batchtopk", widths=[2048], ks=[32], **common),
               SAESpec(arch="relu", widths=[2048], lambdas=[3e-2], **common)],
-        tokens=150 * 2048, batch_size=2048, lr=1e-3, checkpoint_every=25, log_every=10)
+        tokens=150 * 2048, batch_size=2048, checkpoint_every=25, log_every=10)
 
 
 class EvalConfig(_Config):

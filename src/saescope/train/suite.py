@@ -56,9 +56,13 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
         tag = f"l0_{value:g}"
     else:
         tag = f"lam{value:g}"
+    # what differs from its kind's defaults (a target L0 brings the quadratic penalty and the quantile start)
+    held = bool(spec.target_l0)
     options = [("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"), ("bzeros", spec.b_dec_init == "zeros"),
-               (spec.sparsity, spec.sparsity != "l0"), ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)),
-               ("aux", spec.dead_aux > 0), ("iste", spec.input_ste), ("qinit", spec.threshold_init == "quantile")]
+               (spec.sparsity, spec.sparsity != ("quadratic" if held else "l0")),
+               ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
+               ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),
+               ("iste", spec.input_ste), (spec.threshold_init[0] + "init", spec.threshold_init != ("quantile" if held else "constant"))]
     return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 
