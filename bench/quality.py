@@ -80,6 +80,9 @@ VARIANTS: dict[str, Variant] = {
     "jumprelu-signum-quadratic-aux": Variant(SIGNUM, {**QUADRATIC, "dead_aux": 1 / 32}),
     "jumprelu-signum-freq": Variant(SIGNUM, {**QUADRATIC, "frequency_penalty": 1.0}),
     "jumprelu-signum-matryoshka": Variant(SIGNUM, {**QUADRATIC, "matryoshka": "WIDTH/16,WIDTH/4"}),
+    # the default recipe with the norm cap (sae/objectives.py): massive tokens weigh as if at 5× the median norm
+    "jumprelu-signum-cap5": Variant(SIGNUM, _jumprelu(sparsity="quadratic", threshold_init="quantile", lambdas=[1.0], norm_cap=5.0)),
+    "topk-signum-cap5": Variant(SIGNUM, {"arch": "topk", "ks": "L0", "norm_cap": 5.0}),
     "sparsify-topk": Variant(peer="sparsify"),
     "saelens-jumprelu": Variant(peer="sae_lens"),
 }

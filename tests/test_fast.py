@@ -227,7 +227,9 @@ def test_fast_paths_equal_the_reference_with_each_objective(kernels, tmp_path):
             SAESpec(**common, matryoshka=[8, 24]),
             SAESpec(**common, dead_aux=1 / 32),
             SAESpec(**common, input_ste=True),
+            SAESpec(**common, norm_cap=1.5),
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4], matryoshka=[8, 24]),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4], norm_cap=1.5),
             SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4], matryoshka=[16])]
     _lockstep(saes, kernels, tmp_path)
 

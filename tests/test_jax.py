@@ -108,7 +108,7 @@ def test_parameters_round_trip_through_pytorch():
 
 OBJECTIVES = [{}, {"sparsity": "quadratic", "target_l0": [6.0]}, {"sparsity": "quadratic", "target_l0": [6.0],
                "quadratic_form": "token"}, {"sparsity": "tanh"}, {"frequency_penalty": 0.5, "frequency_threshold": 0.05},
-              {"matryoshka": [8, 32]}, {"dead_aux": 1 / 32}, {"input_ste": True}]
+              {"matryoshka": [8, 32]}, {"dead_aux": 1 / 32}, {"input_ste": True}, {"norm_cap": 1.5}]
 
 
 RECIPES = [{"optimizer": "signum", "lr_scale": "width", "loss": "fvu"}, {"optimizer": "signum", "momentum": 0.9},

@@ -129,6 +129,39 @@ def test_matryoshka_losses_on_hand_built_prefixes(weights):
     torch.testing.assert_close(reconstruction(dense, W, b, x, Objective())[0], want_mse)
 
 
+@pytest.mark.parametrize("matryoshka", [(), (2, 4)])
+def test_the_norm_cap_weighs_massive_rows_as_if_at_the_cap(matryoshka):
+    """Row by row, by hand: a row whose centred norm is above cap × the median counts with its
+    squared error times (cap·median/norm)², the others fully; the error reported stays unweighted,
+    and the gradient is that of the hand-weighted loss (the weights take none)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 3, generator=g)
+    x[2] += torch.tensor([40.0, -30.0, 10.0])  # one massive row
+    f = (torch.rand(7, 6, generator=g) * (torch.rand(7, 6, generator=g) < 0.6)).requires_grad_(True)
+    W, b = torch.randn(6, 3, generator=g).requires_grad_(True), torch.randn(3, generator=g)
+    cap = 2.0
+    centred = x - x.mean(0)
+    norms = [float(row.norm()) for row in centred]
+    median = sorted(norms)[len(norms) // 2]  # torch's median: the lower middle (7 rows: the middle)
+    weights = torch.tensor([min(1.0, (cap * median / n) ** 2) for n in norms])
+    assert weights[2] < 0.2 and int((weights == 1).sum()) >= 4  # the massive row pays, most rows in full
+    on = (f.detach() > 0).float()
+    enc = Encoded(f, None, on.sum(), on.sum(1), on.sum(0))
+    loss, mse, _ = reconstruction(enc, W, b, x, Objective(norm_cap=cap, matryoshka=matryoshka))
+    bounds, parts = (*matryoshka, 6), []
+    for hi in bounds:
+        x_hat = f[:, :hi] @ W[:hi] + b
+        parts.append(sum(weights[t] * ((x_hat[t] - x[t]) ** 2).sum() for t in range(7)) / 7)
+    want = sum(parts) / len(parts)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(mse, squared_error((f @ W + b).detach(), x))
+    got = torch.autograd.grad(loss, (f, W))
+    for a, w in zip(got, torch.autograd.grad(want, (f, W))):
+        torch.testing.assert_close(a, w)
+    assert float(Objective(norm_cap=1e6).norm_cap) and torch.allclose(  # a cap above every row: the plain loss
+        reconstruction(enc, W, b, x, Objective(norm_cap=1e6))[0], reconstruction(enc, W, b, x, Objective())[0])
+
+
 def test_bad_objectives_are_one_line_errors():
     for values, text in [({"sparsity": "cubic"}, "sparsity"), ({"threshold_init": "median"}, "threshold_init"),
                          ({"arch": "topk", "frequency_penalty": 1.0}, "for jumprelu"),
@@ -136,7 +169,8 @@ def test_bad_objectives_are_one_line_errors():
                          ({"threshold_init": "quantile"}, "set target_l0"),
                          ({"widths": [64], "matryoshka": [16, 8]}, "increasing"),
                          ({"widths": [64], "matryoshka": [16, 64]}, "not below"),
-                         ({"widths": [64], "matryoshka": [16], "matryoshka_weights": [1.0]}, "2 weights")]:
+                         ({"widths": [64], "matryoshka": [16], "matryoshka_weights": [1.0]}, "2 weights"),
+                         ({"norm_cap": -1.0}, "norm_cap")]:
         with pytest.raises(SaescopeError) as err:
             validated(SAESpec, **values)
         assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
@@ -194,7 +228,9 @@ EVERY_OPTION = [
     SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], matryoshka=[8, 16]),
     SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], dead_aux=1 / 32),
     SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], input_ste=True),
+    SAESpec(sites=["resid.0"], widths=[32], lambdas=[1e-2], norm_cap=1.5),
     SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], matryoshka=[8, 16], matryoshka_weights=[0.2, 0.3, 0.5]),
+    SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], norm_cap=1.5),
     SAESpec(sites=["resid.0"], arch="batchtopk", widths=[32], ks=[3], matryoshka=[8]),
 ]
 

@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--matryoshka-weights", default=None, help="comma-separated, one per prefix and the whole")
     o.add_argument("--dead-aux", type=float, default=None, help="jumprelu: weight of the AuxK-style loss on dead latents")
     o.add_argument("--input-ste", action="store_true", default=None, help="jumprelu: the kernel's gradient reaches the input")
+    o.add_argument("--norm-cap", type=float, default=None,
+                   help="rows above this × the median centred norm weigh in the loss as if at it (0: off)")
     o.add_argument("--threshold-init", default=None, choices=["constant", "quantile"],
                    help="quantile (the default with --target-l0): θ from the first batch so that L0 starts at the target")
     h2 = t.add_argument_group("recipe")
@@ -306,6 +308,7 @@ def _train_config(args):
         "matryoshka": args.matryoshka and numbers(args.matryoshka, int),
         "matryoshka_weights": args.matryoshka_weights and numbers(args.matryoshka_weights, float),
         "dead_aux": args.dead_aux, "input_ste": args.input_ste, "threshold_init": args.threshold_init,
+        "norm_cap": args.norm_cap,
     }.items() if v is not None}
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

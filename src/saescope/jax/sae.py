@@ -6,7 +6,7 @@ straight-through pseudo-derivatives as `jax.custom_vjp`. The same maths as sae/j
     ∂f/∂θ := −(θ/ε) K((pre − θ)/ε),  ∂H/∂θ := −(1/ε) K((pre − θ)/ε),  K the rectangle on (−½, ½)
 
 and the objectives of sae/objectives.py (quadratic and tanh sparsity, the frequency penalty,
-Matryoshka prefixes, the dead-latent loss, the input STE), chosen by the same `Objective`.
+Matryoshka prefixes, the dead-latent loss, the input STE, the norm cap), chosen by the same `Objective`.
 
 Parameters travel between the backends through `from_torch` / `to_torch`, so an SAE trained
 here is saved by the same formats code and read by everything else in saescope."""
@@ -80,8 +80,18 @@ def pre_acts(params: Params, x: jax.Array, pre_bias: bool) -> jax.Array:
     return x @ params["W_enc"] + params["b_enc"]
 
 
-def _squared_error(x_hat: jax.Array, target: jax.Array) -> jax.Array:
-    return ((x_hat - target) ** 2).sum(-1).mean()
+def _squared_error(x_hat: jax.Array, target: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    err = ((x_hat - target) ** 2).sum(-1)
+    return (err if rows is None else err * rows).mean()
+
+
+def _capped_rows(target: jax.Array, cap: float) -> jax.Array:
+    """sae/objectives.py's capped_rows: min(1, (cap·median / ‖t − mean‖)²) per row, no gradient;
+    the median is torch's, the lower middle value of an even count."""
+    norm = jnp.linalg.norm(target - target.mean(0), axis=1)
+    median = jnp.sort(norm)[(norm.shape[0] - 1) // 2]
+    rows = (cap * median / jnp.maximum(norm, jnp.finfo(norm.dtype).tiny)) ** 2
+    return jax.lax.stop_gradient(jnp.minimum(rows, 1.0))
 
 
 def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Array, dead: jax.Array | None = None, *,
@@ -96,11 +106,12 @@ def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Arr
     tokens, latents = h.sum(-1), h.sum(0)
     w_dec = params["W_dec"]
     bounds = (*obj.matryoshka, w_dec.shape[0])
+    rows = _capped_rows(target, obj.norm_cap) if obj.norm_cap else None
     x_hat, recon, lo = params["b_dec"], 0.0, 0
     for hi, weight in zip(bounds, obj.weights):
         x_hat = x_hat + f[:, lo:hi] @ w_dec[lo:hi]
         mse = _squared_error(x_hat, target)
-        recon, lo = recon + weight * mse, hi
+        recon, lo = recon + weight * (mse if rows is None else _squared_error(x_hat, target, rows)), hi
     l0 = tokens.mean()
     if obj.sparsity == "l0":
         penalty = coeff * l0

@@ -62,7 +62,8 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
                (spec.sparsity, spec.sparsity != ("quadratic" if held else "l0")),
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
                ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),
-               ("iste", spec.input_ste), (spec.threshold_init[0] + "init", spec.threshold_init != ("quantile" if held else "constant"))]
+               ("iste", spec.input_ste), (spec.threshold_init[0] + "init", spec.threshold_init != ("quantile" if held else "constant")),
+               (f"cap{spec.norm_cap:g}", spec.norm_cap > 0)]
     return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 
