@@ -120,7 +120,8 @@ def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Pat
     from saescope.data import ActivationStore
     from saescope.train import train
 
-    spec = SAESpec(sites=[SITE], widths=[width], **{k: _fill(x, a.l0, width) for k, x in v.spec.items()})
+    pinned = {} if name == "default" else {"norm_cap": 0.0}  # the variants from before the cap was a default
+    spec = SAESpec(sites=[SITE], widths=[width], **{**pinned, **{k: _fill(x, a.l0, width) for k, x in v.spec.items()}})
     cfg = TrainConfig(store=str(a.store), saes=[spec], tokens=budget, batch_size=BATCH, checkpoint_every=0,
                       log_every=10, **v.recipe)
     start = time.perf_counter()

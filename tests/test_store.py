@@ -115,8 +115,10 @@ def test_resume_after_interrupted_harvest(tiny_lm, doc_folder, tmp_path, monkeyp
     assert not cut.record["complete"] and cut.n_shards == 2
     assert (tmp_path / "cut" / "resid.1" / "00002.safetensors").exists()
     assert list((tmp_path / "cut" / "attn.1").glob(".*partial"))
+    (tmp_path / "cut" / ".store.json.k1lled").write_text('{"half": ')  # the record's write, killed before its rename
     monkeypatch.undo()
     resumed = harvest(cfg, tmp_path / "cut", lm=tiny_lm, progress=False)
+    assert not list((tmp_path / "cut").glob(".*"))
     assert resumed.record["complete"] and resumed.n_shards == whole.n_shards
     for site in SITES:
         assert [e["sha256"] for e in resumed.manifests[site]["shards"]] == [e["sha256"] for e in whole.manifests[site]["shards"]]

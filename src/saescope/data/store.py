@@ -173,6 +173,8 @@ class StoreWriter:
                     f.unlink()
             for f in (self.root / folder).glob(".*"):
                 f.unlink()
+        for f in self.root.glob(f".{STORE_FILE}.*"):  # the record's own write, killed before its rename
+            f.unlink()
 
     @property
     def complete(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import SAESpec, TrainConfig
+from ..config import NORM_CAP, SAESpec, TrainConfig
 from ..errors import SaescopeError
 from ..sae.formats import width_label
 from ..site import Site
@@ -63,7 +63,7 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
                ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),
                ("iste", spec.input_ste), (spec.threshold_init[0] + "init", spec.threshold_init != ("quantile" if held else "constant")),
-               (f"cap{spec.norm_cap:g}", spec.norm_cap > 0)]
+               (f"cap{spec.norm_cap:g}", spec.norm_cap != NORM_CAP)]
     return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 
