@@ -49,6 +49,7 @@ class Variant:
     recipe: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
     peer: str | None = None          # sparsify | sae_lens: trained by bench/quality_peers.py
+    convert: bool = False            # BatchTopK trained, shipped as JumpReLU (batchtopk_to_jumprelu)
 
 
 PAPER = {"optimizer": "adam", "lr": 7e-5, "lr_scale": "none", "loss": "mse"}    # SPEC §2, the defaults until now
@@ -83,6 +84,8 @@ VARIANTS: dict[str, Variant] = {
     # the default recipe with the norm cap (sae/objectives.py): massive tokens weigh as if at 5× the median norm
     "jumprelu-signum-cap5": Variant(SIGNUM, _jumprelu(sparsity="quadratic", threshold_init="quantile", lambdas=[1.0], norm_cap=5.0)),
     "topk-signum-cap5": Variant(SIGNUM, {"arch": "topk", "ks": "L0", "norm_cap": 5.0}),
+    # Gemma Scope 2 shipped BatchTopK-trained dictionaries as JumpReLU: per-latent thresholds from training rows
+    "batchtopk-as-jumprelu": Variant(SIGNUM, {"arch": "batchtopk", "ks": "L0", "norm_cap": 5.0}, convert=True),
     "sparsify-topk": Variant(peer="sparsify"),
     "saelens-jumprelu": Variant(peer="sae_lens"),
 }
@@ -104,7 +107,7 @@ def _tokens(text: str) -> int:
 
 def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Path) -> Path:
     """The variant's SAE folder, trained unless it is there."""
-    saes = folder / "saes"
+    saes = folder / ("converted" if v.convert else "saes")
     if saes.is_dir() and any(saes.iterdir()):
         return next(saes.iterdir())
     say(f"train {name}, width {width}, {budget:,} tokens")
@@ -127,7 +130,26 @@ def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Pat
     start = time.perf_counter()
     [path] = train(cfg, folder, source=ActivationStore(a.store))
     (folder / "seconds").write_text(f"{time.perf_counter() - start:.1f}")
-    return path
+    return _as_jumprelu(path, a, saes / name) if v.convert else path
+
+
+CONVERT_ROWS = 65_536
+
+
+def _as_jumprelu(path: Path, a, out: Path) -> Path:
+    """The BatchTopK SAE at `path` with a threshold per latent from the store's first training rows."""
+    import torch
+
+    from saescope import ActivationStore, batchtopk_to_jumprelu, load_sae, save_sae
+
+    rows, n = [], 0
+    for shard in ActivationStore(a.store).iter_shards(SITE):
+        rows.append(shard["acts"][:CONVERT_ROWS - n].float())
+        n += len(rows[-1])
+        if n >= CONVERT_ROWS:
+            break
+    save_sae(batchtopk_to_jumprelu(load_sae(path), torch.cat(rows), batch_size=BATCH), out, format="native")
+    return out
 
 
 def evaluate_all(paths: dict[str, Path], a) -> dict[str, dict]:
