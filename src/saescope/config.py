@@ -61,6 +61,8 @@ QUADRATIC_LAMBDA = 1.0
 # the norm cap's default, by bench/quality.py (README: Dictionary quality): it lowered both TopK's and
 # JumpReLU's delta loss on held-out and out-of-distribution text; 2 and 10 bracketed it
 NORM_CAP = 5.0
+# what a JumpReLU target L0 brings unless the entry sets it (λ only with the quadratic penalty)
+TARGET_RECIPE = {"sparsity": "quadratic", "threshold_init": "quantile", "lambdas": [QUADRATIC_LAMBDA]}
 
 
 class SAESpec(_Config):
@@ -106,9 +108,15 @@ class SAESpec(_Config):
         thresholds that start L0 at the target; whatever the spec sets itself stays."""
         if isinstance(data, dict) and data.get("target_l0") and data.get("arch", "jumprelu") == "jumprelu":
             quadratic = data.get("sparsity", "quadratic") == "quadratic"
-            data = {"sparsity": "quadratic", "threshold_init": "quantile",
-                    **({"lambdas": [QUADRATIC_LAMBDA]} if quadratic else {}), **data}
+            data = {**{k: v for k, v in TARGET_RECIPE.items() if k != "lambdas" or quadratic}, **data}
         return data
+
+    def is_default(self, name: str) -> bool:
+        """Whether field `name` holds what an entry of this kind gets unless it says otherwise (a
+        JumpReLU target L0's recipe, else the field's default): what an SAE's name need not say."""
+        if self.target_l0 and self.arch == "jumprelu" and name in TARGET_RECIPE:
+            return getattr(self, name) == TARGET_RECIPE[name]
+        return getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
 
     @model_validator(mode="after")
     def _objective_fits(self):

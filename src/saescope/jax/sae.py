@@ -80,9 +80,12 @@ def pre_acts(params: Params, x: jax.Array, pre_bias: bool) -> jax.Array:
     return x @ params["W_enc"] + params["b_enc"]
 
 
-def _squared_error(x_hat: jax.Array, target: jax.Array, rows: jax.Array | None = None) -> jax.Array:
-    err = ((x_hat - target) ** 2).sum(-1)
-    return (err if rows is None else err * rows).mean()
+def _row_errors(x_hat: jax.Array, target: jax.Array) -> jax.Array:
+    return ((x_hat - target) ** 2).sum(-1)
+
+
+def _squared_error(x_hat: jax.Array, target: jax.Array) -> jax.Array:
+    return _row_errors(x_hat, target).mean()
 
 
 def _capped_rows(target: jax.Array, cap: float) -> jax.Array:
@@ -110,8 +113,9 @@ def loss(params: Params, x: jax.Array, target: jax.Array, coeff: float | jax.Arr
     x_hat, recon, lo = params["b_dec"], 0.0, 0
     for hi, weight in zip(bounds, obj.weights):
         x_hat = x_hat + f[:, lo:hi] @ w_dec[lo:hi]
-        mse = _squared_error(x_hat, target)
-        recon, lo = recon + weight * (mse if rows is None else _squared_error(x_hat, target, rows)), hi
+        err = _row_errors(x_hat, target)  # each row's error once: the loss may weigh rows, mse does not
+        mse = err.mean()
+        recon, lo = recon + weight * (mse if rows is None else (err * rows).mean()), hi
     l0 = tokens.mean()
     if obj.sparsity == "l0":
         penalty = coeff * l0

@@ -144,11 +144,14 @@ class Encoded:
         return (self.values * w[self.code.cols]).sum()
 
 
-def squared_error(x_hat: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Σ_d (x̂ − x)², averaged over the batch: the loss's reconstruction term (SPEC §2); with
-    `rows`, each row's error weighted first."""
-    err = (x_hat - target).pow(2).sum(-1)
-    return (err if rows is None else err * rows).mean()
+def row_errors(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_d (x̂ − x)² of each row."""
+    return (x_hat - target).pow(2).sum(-1)
+
+
+def squared_error(x_hat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Σ_d (x̂ − x)², averaged over the batch: the loss's reconstruction term (SPEC §2)."""
+    return row_errors(x_hat, target).mean()
 
 
 @torch.no_grad()
@@ -165,16 +168,21 @@ def reconstruction(enc: Encoded, W_dec: torch.Tensor, b_dec: torch.Tensor, targe
     prefixes, the weighted sum of each prefix's squared error, the partial decodes chained so
     that every latent is decoded once. With a norm cap the losses weigh rows; the error does not."""
     rows = capped_rows(target, objective.norm_cap) if objective.norm_cap else None
+
+    def terms(x_hat):  # (the loss's term, the unweighted error), each row's error summed once
+        err = row_errors(x_hat, target)
+        mse = err.mean()
+        return (mse if rows is None else (err * rows).mean()), mse
+
     if not objective.matryoshka:
         x_hat = enc.decode(W_dec) + b_dec
-        mse = squared_error(x_hat, target)
-        return (mse if rows is None else squared_error(x_hat, target, rows)), mse, x_hat
+        return (*terms(x_hat), x_hat)
     bounds = (*objective.matryoshka, W_dec.shape[0])
     x_hat, loss, lo = b_dec, 0.0, 0
     for hi, weight in zip(bounds, objective.weights):
         x_hat = x_hat + enc.decode(W_dec, lo, hi)
-        mse = squared_error(x_hat, target)
-        loss, lo = loss + weight * (mse if rows is None else squared_error(x_hat, target, rows)), hi
+        term, mse = terms(x_hat)
+        loss, lo = loss + weight * term, hi
     return loss, mse, x_hat
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import NORM_CAP, SAESpec, TrainConfig
+from ..config import SAESpec, TrainConfig
 from ..errors import SaescopeError
 from ..sae.formats import width_label
 from ..site import Site
@@ -56,14 +56,12 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
         tag = f"l0_{value:g}"
     else:
         tag = f"lam{value:g}"
-    # what differs from its kind's defaults (a target L0 brings the quadratic penalty and the quantile start)
-    held = bool(spec.target_l0)
     options = [("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"), ("bzeros", spec.b_dec_init == "zeros"),
-               (spec.sparsity, spec.sparsity != ("quadratic" if held else "l0")),
+               (spec.sparsity, not spec.is_default("sparsity")),
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
                ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),
-               ("iste", spec.input_ste), (spec.threshold_init[0] + "init", spec.threshold_init != ("quantile" if held else "constant")),
-               (f"cap{spec.norm_cap:g}", spec.norm_cap != NORM_CAP)]
+               ("iste", spec.input_ste), (spec.threshold_init[0] + "init", not spec.is_default("threshold_init")),
+               (f"cap{spec.norm_cap:g}", not spec.is_default("norm_cap"))]
     return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 
