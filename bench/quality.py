@@ -49,7 +49,6 @@ class Variant:
     recipe: dict = field(default_factory=dict)
     spec: dict = field(default_factory=dict)
     peer: str | None = None          # sparsify | sae_lens: trained by bench/quality_peers.py
-    convert: bool = False            # BatchTopK trained, shipped as JumpReLU (batchtopk_to_jumprelu)
 
 
 PAPER = {"optimizer": "adam", "lr": 7e-5, "lr_scale": "none", "loss": "mse"}    # SPEC §2, the defaults until now
@@ -59,7 +58,7 @@ SIGNUM = {"optimizer": "signum", "lr": 5e-3, "lr_scale": "width", "loss": "fvu"}
 
 
 def _jumprelu(**kw) -> dict:
-    return {"arch": "jumprelu", "target_l0": "L0", **kw}
+    return {"arch": "jumprelu", "target_l0": "L0", "train_as": "jumprelu", **kw}
 
 
 # Gemma Scope 2's quadratic penalty around the target, stiff: under signum only the sign of θ's
@@ -68,7 +67,7 @@ def _jumprelu(**kw) -> dict:
 QUADRATIC = _jumprelu(sparsity="quadratic", threshold_init="quantile", lambdas=[0.1])
 
 VARIANTS: dict[str, Variant] = {
-    "default": Variant({}, _jumprelu()),
+    "default": Variant({}, {"arch": "jumprelu", "target_l0": "L0"}),
     "topk-paper": Variant(PAPER, {"arch": "topk", "ks": "L0"}),
     "topk-adam-width": Variant(ADAM_WIDTH, {"arch": "topk", "ks": "L0"}),
     "topk-adam-width-hi": Variant(ADAM_WIDTH_HI, {"arch": "topk", "ks": "L0"}),
@@ -85,7 +84,7 @@ VARIANTS: dict[str, Variant] = {
     "jumprelu-signum-cap5": Variant(SIGNUM, _jumprelu(sparsity="quadratic", threshold_init="quantile", lambdas=[1.0], norm_cap=5.0)),
     "topk-signum-cap5": Variant(SIGNUM, {"arch": "topk", "ks": "L0", "norm_cap": 5.0}),
     # Gemma Scope 2 shipped BatchTopK-trained dictionaries as JumpReLU: per-latent thresholds from training rows
-    "batchtopk-as-jumprelu": Variant(SIGNUM, {"arch": "batchtopk", "ks": "L0", "norm_cap": 5.0}, convert=True),
+    "batchtopk-as-jumprelu": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=5.0)),
     "sparsify-topk": Variant(peer="sparsify"),
     "saelens-jumprelu": Variant(peer="sae_lens"),
 }
@@ -107,7 +106,7 @@ def _tokens(text: str) -> int:
 
 def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Path) -> Path:
     """The variant's SAE folder, trained unless it is there."""
-    saes = folder / ("converted" if v.convert else "saes")
+    saes = folder / "saes"
     if saes.is_dir() and any(saes.iterdir()):
         return next(saes.iterdir())
     say(f"train {name}, width {width}, {budget:,} tokens")
@@ -130,36 +129,22 @@ def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Pat
     start = time.perf_counter()
     [path] = train(cfg, folder, source=ActivationStore(a.store))
     (folder / "seconds").write_text(f"{time.perf_counter() - start:.1f}")
-    return _as_jumprelu(path, a, saes / name) if v.convert else path
-
-
-CONVERT_ROWS = 65_536
-
-
-def _as_jumprelu(path: Path, a, out: Path) -> Path:
-    """The BatchTopK SAE at `path` with a threshold per latent from the store's first training rows."""
-    import torch
-
-    from saescope import ActivationStore, batchtopk_to_jumprelu, load_sae, save_sae
-
-    rows, n = [], 0
-    for shard in ActivationStore(a.store).iter_shards(SITE):
-        rows.append(shard["acts"][:CONVERT_ROWS - n].float())
-        n += len(rows[-1])
-        if n >= CONVERT_ROWS:
-            break
-    save_sae(batchtopk_to_jumprelu(load_sae(path), torch.cat(rows), batch_size=BATCH), out, format="native")
-    return out
+    return path
 
 
 def evaluate_all(paths: dict[str, Path], a) -> dict[str, dict]:
-    """Each SAE's evaluation on both held-out sets (cached beside it as eval.json)."""
+    """Each SAE's evaluation on both held-out sets (cached beside it as eval-<tokens>.json: a rerun
+    with another --eval-tokens evaluates again instead of reading numbers measured on fewer tokens)."""
+
+    def cached(p: Path) -> Path:
+        return p.parent.parent / f"eval-{a.eval_tokens}.json"
+
     from saescope import CorpusConfig, load_model, load_sae
     from saescope.data.harvest import token_tensor
     from saescope.evals import evaluate
     from saescope.evals.absorption import absorption_from_activations, word_activations, word_tokens
 
-    todo = {key: p for key, p in paths.items() if not (p.parent.parent / "eval.json").is_file()}
+    todo = {key: p for key, p in paths.items() if not cached(p).is_file()}
     if todo:
         lm = load_model("gemma-3-270m")
         sets = {"in": CorpusConfig(source=str(a.corpus), split="heldout"),
@@ -178,8 +163,8 @@ def evaluate_all(paths: dict[str, Path], a) -> dict[str, dict]:
             absorbed = absorption_from_activations(sae, x, [c for _, c in words])
             results[key]["absorption"] = absorbed["absorption_rate"]
             results[key]["train"] = sae.cfg.extra.get("final_metrics", {})
-            (todo[key].parent.parent / "eval.json").write_text(json.dumps(results[key]))
-    return {key: json.loads((p.parent.parent / "eval.json").read_text()) for key, p in paths.items()}
+            cached(todo[key]).write_text(json.dumps(results[key]))
+    return {key: json.loads(cached(p).read_text()) for key, p in paths.items()}
 
 
 def train_l0(folder: Path) -> tuple[float, float]:

@@ -170,7 +170,10 @@ def test_bad_objectives_are_one_line_errors():
                          ({"widths": [64], "matryoshka": [16, 8]}, "increasing"),
                          ({"widths": [64], "matryoshka": [16, 64]}, "not below"),
                          ({"widths": [64], "matryoshka": [16], "matryoshka_weights": [1.0]}, "2 weights"),
-                         ({"norm_cap": -1.0}, "norm_cap")]:
+                         ({"norm_cap": -1.0}, "norm_cap"),
+                         ({"target_l0": [4.0], "train_as": "batchtopk", "frequency_penalty": 1.0}, "would be ignored"),
+                         ({"target_l0": [4.5]}, "must be whole"),
+                         ({"arch": "topk", "train_as": "batchtopk"}, "for jumprelu entries with target_l0")]:
         with pytest.raises(SaescopeError) as err:
             validated(SAESpec, **values)
         assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
@@ -232,6 +235,7 @@ EVERY_OPTION = [
     SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], matryoshka=[8, 16], matryoshka_weights=[0.2, 0.3, 0.5]),
     SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], norm_cap=1.5),
     SAESpec(sites=["resid.0"], arch="batchtopk", widths=[32], ks=[3], matryoshka=[8]),
+    SAESpec(sites=["resid.0"], widths=[32], target_l0=[3.0], matryoshka=[8]),  # trained as BatchTopK, saved as JumpReLU
 ]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import islice
 
 import pytest
 import torch
@@ -159,3 +160,32 @@ def test_batchtopk_saves_the_cut_of_the_weights_it_saves(source, tmp_path):
     held = torch.randn(2048, 12, generator=torch.Generator().manual_seed(99)) * 3 + 1  # the source's distribution
     with torch.no_grad():
         assert float((sae.encode(held) > 0).sum(1).float().mean()) == pytest.approx(3, rel=0.15)
+
+
+def test_a_target_l0_trains_as_batchtopk_and_saves_jumprelu(tmp_path):
+    """A JumpReLU entry with only a target L0 trains as BatchTopK at k = the target and is saved as
+    JumpReLU (Gemma Scope 2's route): on the training batches its thresholds were fitted on, each
+    latent fires exactly as often as BatchTopK, written plainly on the same weights, kept it, and
+    held-out rows are encoded near the target (no row is read twice: equal rows would tie at the
+    threshold). A JumpReLU option keeps JumpReLU training."""
+    source = TensorSource({"resid.0": torch.randn(8000, 12, generator=torch.Generator().manual_seed(7)) * 3 + 1})
+    cfg = TrainConfig(saes=[SAESpec(sites=["resid.0"], widths=[32], target_l0=[3])], tokens=30 * 256, batch_size=256,
+                      checkpoint_every=0)
+    [folder] = train(cfg, tmp_path / "run", source=source, progress=False)
+    assert folder.name == "resid.0-jumprelu-32-l0_3-btk"
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["l0"] == 3 for r in lines)  # BatchTopK's training L0 is k on every batch
+    sae = load_sae(folder)
+    assert sae.cfg.arch == "jumprelu" and sae.cfg.extra["converted_from"]["k"] == 3
+    batches = [b["resid.0"] for b in islice(trainer_for(cfg, tmp_path / "replay", source=source)._batches(), 30)]
+    with torch.no_grad():
+        kept = torch.zeros(32, dtype=torch.long)
+        for b in batches:
+            pre = sae.pre_acts(b / sae.norm_scalar).relu()
+            cut = pre.reshape(-1).topk(3 * len(b)).values[-1]
+            kept += ((pre >= cut) & (pre > 0)).sum(0)
+        fires = sae.encode(torch.cat(batches)) > 0
+        assert torch.equal(fires.sum(0), kept)
+        held = torch.randn(2048, 12, generator=torch.Generator().manual_seed(99)) * 3 + 1  # the source's distribution
+        assert float((sae.encode(held) > 0).sum(1).float().mean()) == pytest.approx(3, rel=0.15)
+    assert SAESpec(target_l0=[3], dead_aux=0.1).train_as == "jumprelu"

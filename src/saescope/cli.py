@@ -67,14 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--widths", default=None, help="comma-separated, e.g. 4096,16384")
     g.add_argument("--lambdas", default=None, help="comma-separated sparsity coefficients")
     g.add_argument("--ks", default=None, help="comma-separated k for topk / batchtopk")
-    g.add_argument("--target-l0", default=None, help="comma-separated L0 targets (jumprelu; held by the quadratic penalty)")
+    g.add_argument("--target-l0", default=None, help="comma-separated L0 targets (jumprelu; trained as BatchTopK at "
+                                                     "k = the target unless --train-as jumprelu or a JumpReLU option is given)")
+    g.add_argument("--train-as", default=None, choices=["jumprelu", "batchtopk"],
+                   help="with --target-l0: train JumpReLU itself (quadratic penalty), or BatchTopK saved as JumpReLU")
     g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
     g.add_argument("--theta-param", default=None, choices=["theta", "log"])
     g.add_argument("--b-dec-init", default=None, choices=["zeros", "mean"])
     o = t.add_argument_group("the objective (README: Objectives)")
     o.add_argument("--sparsity", default=None, choices=["l0", "quadratic", "tanh"],
                    help="jumprelu: λ·L0 (the default without --target-l0), λ·(L0 − L0*)²/(2·L0*) around each "
-                        "--target-l0 (the default with one), or λ·Σ tanh(s·f)")
+                        "--target-l0 (the default when trained as jumprelu), or λ·Σ tanh(s·f)")
     o.add_argument("--quadratic-form", default=None, choices=["batch", "token"])
     o.add_argument("--tanh-scale", type=float, default=None, help="s in tanh(s·f)")
     o.add_argument("--frequency-penalty", type=float, default=None, help="weight on latents firing more often than the threshold")
@@ -308,7 +311,7 @@ def _train_config(args):
         "matryoshka": args.matryoshka and numbers(args.matryoshka, int),
         "matryoshka_weights": args.matryoshka_weights and numbers(args.matryoshka_weights, float),
         "dead_aux": args.dead_aux, "input_ste": args.input_ste, "threshold_init": args.threshold_init,
-        "norm_cap": args.norm_cap,
+        "norm_cap": args.norm_cap, "train_as": args.train_as,
     }.items() if v is not None}
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

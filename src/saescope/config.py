@@ -63,6 +63,11 @@ QUADRATIC_LAMBDA = 1.0
 NORM_CAP = 5.0
 # what a JumpReLU target L0 brings unless the entry sets it (λ only with the quadratic penalty)
 TARGET_RECIPE = {"sparsity": "quadratic", "threshold_init": "quantile", "lambdas": [QUADRATIC_LAMBDA]}
+# the settings that only a JumpReLU trained as itself reads: an entry that sets one is trained so
+JUMPRELU_TRAINING = ("sparsity", "lambdas", "threshold_init", "quadratic_form", "tanh_scale", "frequency_penalty",
+                     "frequency_threshold", "dead_aux", "input_ste", "theta_param", "bandwidth")
+# how a JumpReLU target L0 is trained unless the entry says (README: Dictionary quality)
+TARGET_TRAIN_AS = "batchtopk"
 
 
 class SAESpec(_Config):
@@ -97,6 +102,11 @@ class SAESpec(_Config):
     threshold_init: Literal["constant", "quantile"] = Field(
         "constant", description="jumprelu: θ = 0.001 (the paper), or per-latent quantiles of the first batch's "
                                 "pre-activations, so that L0 starts at the target")
+    train_as: Literal["jumprelu", "batchtopk"] = Field(
+        "jumprelu", description="jumprelu with target_l0: trained as itself, or as BatchTopK at k = each target and "
+                                "saved as JumpReLU with a threshold per latent from the last training rows (Gemma "
+                                "Scope 2's route for some releases; the default for a target L0 unless the entry "
+                                "sets a JumpReLU training option)")
 
     _sites = field_validator("sites", mode="before")(lambda v: _site_list(v))
 
@@ -107,14 +117,17 @@ class SAESpec(_Config):
         Scope 2's quadratic penalty, which pulls L0 back from either side under any optimizer, with
         thresholds that start L0 at the target; whatever the spec sets itself stays."""
         if isinstance(data, dict) and data.get("target_l0") and data.get("arch", "jumprelu") == "jumprelu":
-            quadratic = data.get("sparsity", "quadratic") == "quadratic"
-            data = {**{k: v for k, v in TARGET_RECIPE.items() if k != "lambdas" or quadratic}, **data}
+            if "train_as" not in data:
+                data = {**data, "train_as": "jumprelu" if any(k in data for k in JUMPRELU_TRAINING) else TARGET_TRAIN_AS}
+            if data["train_as"] == "jumprelu":
+                quadratic = data.get("sparsity", "quadratic") == "quadratic"
+                data = {**{k: v for k, v in TARGET_RECIPE.items() if k != "lambdas" or quadratic}, **data}
         return data
 
     def is_default(self, name: str) -> bool:
         """Whether field `name` holds what an entry of this kind gets unless it says otherwise (a
         JumpReLU target L0's recipe, else the field's default): what an SAE's name need not say."""
-        if self.target_l0 and self.arch == "jumprelu" and name in TARGET_RECIPE:
+        if self.target_l0 and self.arch == "jumprelu" and self.train_as == "jumprelu" and name in TARGET_RECIPE:
             return getattr(self, name) == TARGET_RECIPE[name]
         return getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
 
@@ -125,6 +138,8 @@ class SAESpec(_Config):
                                                ("threshold_init", self.threshold_init != "constant")) if on]
         if self.arch != "jumprelu" and jumprelu_only:
             raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
+        if self.train_as == "batchtopk":
+            self._trains_as_batchtopk()
         if self.sparsity == "quadratic" and not self.target_l0:
             raise ValueError("sparsity 'quadratic' penalises the distance to each target_l0: set target_l0")
         if self.threshold_init == "quantile" and not self.target_l0:
@@ -134,6 +149,17 @@ class SAESpec(_Config):
         except SaescopeError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    def _trains_as_batchtopk(self) -> None:
+        if self.arch != "jumprelu" or not self.target_l0:
+            raise ValueError("train_as 'batchtopk' is for jumprelu entries with target_l0 (k = each target)")
+        set_ = [n for n in JUMPRELU_TRAINING if n in self.model_fields_set and not self.is_default(n)]
+        if set_:
+            raise ValueError(f"train_as 'batchtopk' trains no thresholds, so {', '.join(set_)} would be ignored; "
+                             f"drop {'it' if len(set_) == 1 else 'them'} or set train_as 'jumprelu'")
+        fractional = [t for t in self.target_l0 if not float(t).is_integer()]
+        if fractional:
+            raise ValueError(f"train_as 'batchtopk' trains at k = each target_l0, which must be whole: {fractional} (or set train_as 'jumprelu')")
 
     def objective(self, target_l0: float | None = None):
         """The training objective of this family's SAE at `target_l0` (sae/objectives.py)."""
@@ -230,7 +256,8 @@ class TrainConfig(_Config):
         """Target-L0 mode under the linear or tanh penalty steers λ, and under signum λ only tips
         the sign of θ's gradient: once L0 is below the target no λ raises it, so the quadratic
         penalty, which pulls both ways, is what holds it there (README: Optimizer and learning rate)."""
-        steered = [s.sparsity for s in self.saes if s.arch == "jumprelu" and s.target_l0 and s.sparsity != "quadratic"]
+        steered = [s.sparsity for s in self.saes
+                   if s.arch == "jumprelu" and s.train_as == "jumprelu" and s.target_l0 and s.sparsity != "quadratic"]
         if self.optimizer == "signum" and steered:
             raise ValueError(f"target_l0 with sparsity '{steered[0]}' steers λ, which signum's sign steps cannot follow "
                              "below the target; use sparsity = 'quadratic' (or optimizer = 'adam')")

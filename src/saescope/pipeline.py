@@ -19,9 +19,9 @@ STAGES = ("harvest", "train", "eval", "absorption", "report", "explore")
 
 
 def _default_train() -> TrainConfig:
-    """A small suite that fits the 20-minute budget on a 2-core CPU: JumpReLU held at two target
-    L0s at two widths, and TopK at the same L0s, BatchTopK and ReLU-L1 at the wider width, all on
-    the same activations with the default recipe."""
+    """A small suite that fits the 20-minute budget on a 2-core CPU: JumpReLU at two target L0s
+    at two widths (trained as BatchTopK, the default for a target), and TopK at the same L0s,
+    BatchTopK and ReLU-L1 at the wider width, all on the same activations with the default recipe."""
     common = dict(sites=["resid.6"])
     return TrainConfig(
         saes=[SAESpec(widths=[1024, 2048], target_l0=[16, 48], **common),

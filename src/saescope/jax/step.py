@@ -31,6 +31,9 @@ class JaxStep(Backend):
         if archs:
             raise SaescopeError(f"the JAX backend trains JumpReLU SAEs and transcoders; {', '.join(archs)} "
                                 "train with backend 'torch'")
+        if any(s.train_as == "batchtopk" for s in cfg.saes):
+            raise SaescopeError("the JAX backend trains JumpReLU SAEs as themselves: set train_as 'jumprelu' "
+                                "(a target L0 trains as BatchTopK unless told), or use backend 'torch'")
         if cfg.precision != "float32":
             raise SaescopeError(f"the JAX backend computes in float32; precision '{cfg.precision}' is for backend 'torch'")
         self.cfg = cfg

@@ -23,9 +23,18 @@ class Planned:
     value: float         # λ, k or the target L0, by the spec's kind
 
     @property
+    def arch(self) -> str:
+        """What is trained: the spec's kind, or BatchTopK for a JumpReLU trained as one (saved as JumpReLU)."""
+        return "batchtopk" if self.converted else self.spec.arch
+
+    @property
+    def converted(self) -> bool:
+        return self.spec.train_as == "batchtopk"
+
+    @property
     def controlled(self) -> bool:
         """Target-L0 mode: λ follows L0 to the target (the quadratic penalty has the target in the loss)."""
-        return bool(self.spec.target_l0) and self.spec.sparsity != "quadratic"
+        return bool(self.spec.target_l0) and self.spec.sparsity != "quadratic" and not self.converted
 
     @property
     def target_l0(self) -> float | None:
@@ -35,13 +44,13 @@ class Planned:
     def coeff(self) -> float:
         """λ after warm-up: the value itself on a ladder, the first listed λ around a target (under
         the controller only its start); none for TopK and BatchTopK."""
-        if self.spec.arch not in ("jumprelu", "relu"):
+        if self.arch not in ("jumprelu", "relu"):
             return 0.0
         return self.spec.lambdas[0] if self.spec.target_l0 else float(self.value)
 
     @property
     def k(self) -> int | None:
-        return int(self.value) if self.spec.arch in ("topk", "batchtopk") else None
+        return int(self.value) if self.arch in ("topk", "batchtopk") else None
 
     @property
     def sites(self) -> frozenset[str]:
@@ -61,7 +70,7 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
                ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),
                ("iste", spec.input_ste), (spec.threshold_init[0] + "init", not spec.is_default("threshold_init")),
-               (f"cap{spec.norm_cap:g}", not spec.is_default("norm_cap"))]
+               (f"cap{spec.norm_cap:g}", not spec.is_default("norm_cap")), ("btk", spec.train_as == "batchtopk")]
     return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 

@@ -18,6 +18,7 @@ import time
 import zlib
 from contextlib import nullcontext
 from functools import cached_property
+from collections import deque
 from itertools import islice
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from ..config import TrainConfig
 from ..errors import SaescopeError, first_line
 from ..files import atomic_write, read_json, write_json
 from ..sae import SAEConfig, build_sae
+from ..sae.convert import FIT_ROWS, batchtopk_to_jumprelu
 from ..sae.formats import save_sae
 from .distributed import Ranks, assign, data_parts, local_parts, side_by_side
 from .schedule import TargetL0, lr_at, warmup_steps
@@ -96,7 +98,7 @@ class Trainer:
             spec = p.spec
             d_in = first_batch[p.site].shape[1]
             sae_cfg = SAEConfig(
-                arch=spec.arch, d_in=d_in, d_sae=p.width, d_out=first_batch[p.target].shape[1] if spec.transcoder else None,
+                arch=p.arch, d_in=d_in, d_sae=p.width, d_out=first_batch[p.target].shape[1] if spec.transcoder else None,
                 site=p.site, target_site=p.target if spec.transcoder else None, model=self.model_name, k=p.k,
                 theta_param=spec.theta_param, bandwidth=spec.bandwidth)
             sae = build_sae(sae_cfg)
@@ -113,7 +115,7 @@ class Trainer:
             sae = sae.to(self.device)
             if spec.threshold_init == "quantile":
                 self._quantile_thresholds(sae, first_batch[p.site].to(self.device) / c, p.target_l0)
-            if spec.arch == "batchtopk" and not self.split.solo:
+            if p.arch == "batchtopk" and not self.split.solo:
                 sae.across = self.split  # the k·batch largest of the whole batch, not of this rank's share
             controller = None
             if p.controlled:  # λ starts at the first listed value and then follows L0
@@ -269,7 +271,8 @@ class Trainer:
             _metrics_until(self.out / METRICS, self.step)
         stream = _chain_first(first, stream)
         # the stream is a function of the seed: a resumed run replays it up to the checkpoint's step
-        last = next(islice(stream, self.step - 1, None)) if resumed else None
+        recent = deque(maxlen=self._recent_batches)  # what _write_saes fits thresholds on
+        recent.extend(self._for_fitting(b) for b in islice(stream, self.step))
         bar = tqdm(total=self.steps * self.cfg.batch_size, initial=self.step * self.cfg.batch_size, unit="tok",
                    unit_scale=True, desc=f"train {len(self.plan)} SAEs" + (f" on {self.ranks.world} ranks" if not self.ranks.solo else ""),
                    disable=not progress or not lead)
@@ -282,7 +285,7 @@ class Trainer:
                     raise SaescopeError(f"the activation source ran out at step {self.step} of {self.steps}")
                 self.train_step(batch)
                 self.step += 1
-                last = batch
+                recent.append(self._for_fitting(batch))
                 bar.update(self.cfg.batch_size)
                 if self.step % self.cfg.log_every == 0 or self.step == self.steps:
                     self._check_finite(last_good)
@@ -295,7 +298,21 @@ class Trainer:
         bar.close()
         self._check_finite(last_good)
         self._save_checkpoint()
-        return self._write_saes(last)
+        return self._write_saes(list(recent))
+
+    @cached_property
+    def _fitted(self) -> dict[str, str]:
+        """The members whose saved thresholds are fitted on training rows, by name, with their
+        sites: BatchTopK's shared cut, and a JumpReLU trained as BatchTopK (one θ per latent)."""
+        return {p.name: p.site for p in self.plan if p.name in self.own and p.arch == "batchtopk"}
+
+    @cached_property
+    def _recent_batches(self) -> int:
+        converts = any(p.converted and p.name in self.own for p in self.plan)
+        return math.ceil(FIT_ROWS / self.cfg.batch_size) if converts else 1
+
+    def _for_fitting(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {site: batch[site] for site in set(self._fitted.values())}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One step of every SAE on the same batch."""
@@ -344,20 +361,28 @@ class Trainer:
             log.flush()
         bar.set_postfix_str(shown, refresh=False)
 
-    def _write_saes(self, last: dict[str, torch.Tensor]) -> list[Path]:
+    def _write_saes(self, recent: list[dict[str, torch.Tensor]]) -> list[Path]:
         """Data-parallel: rank 0 writes every SAE; sharded: each rank its own. A BatchTopK SAE's
-        inference threshold is fitted to the last batch (the whole of it) under the saved weights."""
+        inference threshold is fitted to the last batch (the whole of it) under the saved weights;
+        a JumpReLU trained as BatchTopK gets a threshold per latent from the last batches."""
         self.ranks.barrier()  # rank 0 has written the last metrics lines
         final = _last_metrics(self.out / METRICS)
-        whole = {m.name: torch.cat(self.split.gather_rows(last[m.site].to(self.device) / m.scale))
-                 for m in self.members if m.sae.cfg.arch == "batchtopk"}
+        converts = {p.name for p in self.plan if p.converted}
+
+        def whole(batches, name):
+            return torch.cat([torch.cat(self.split.gather_rows(b[self._fitted[name]].to(self.device))) for b in batches])
+
+        rows = {name: whole(recent if name in converts else recent[-1:], name) for name in self._fitted}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
-            if m.name in whole:
-                m.sae.fit_threshold(whole[m.name])
-            m.sae.cfg.extra = {"training": json.loads(self.cfg.model_dump_json()), "final_metrics": final.get(m.name, {}),
-                               "steps": self.step}
-            save_sae(m.sae.cpu(), self.out / "saes" / m.name, format="native")
+            sae = m.sae
+            if m.name in converts:
+                sae = batchtopk_to_jumprelu(sae, rows[m.name], batch_size=self.cfg.batch_size)
+            elif m.name in rows:
+                sae.fit_threshold(rows[m.name] / m.scale)
+            sae.cfg.extra = {**sae.cfg.extra, "training": json.loads(self.cfg.model_dump_json()),
+                             "final_metrics": final.get(m.name, {}), "steps": self.step}
+            save_sae(sae.cpu(), self.out / "saes" / m.name, format="native")
         self.ranks.barrier()
         return [self.out / "saes" / p.name for p in self.plan]
 
