@@ -85,6 +85,7 @@ VARIANTS: dict[str, Variant] = {
     "topk-signum-cap5": Variant(SIGNUM, {"arch": "topk", "ks": "L0", "norm_cap": 5.0}),
     # Gemma Scope 2 shipped BatchTopK-trained dictionaries as JumpReLU: per-latent thresholds from training rows
     "batchtopk-as-jumprelu": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=5.0)),
+    "batchtopk-as-jumprelu-cap1": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=1.0)),
     "sparsify-topk": Variant(peer="sparsify"),
     "saelens-jumprelu": Variant(peer="sae_lens"),
 }

@@ -54,6 +54,7 @@ sites = ["resid.0"]
 arch = "batchtopk"
 widths = [16]
 ks = [3]
+norm_cap = 5.0          # the cap's median is each rank's share's (README: Objectives); BatchTopK's 1 binds on half the rows
 
 [[saes]]
 sites = ["resid.0"]

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--dead-aux", type=float, default=None, help="jumprelu: weight of the AuxK-style loss on dead latents")
     o.add_argument("--input-ste", action="store_true", default=None, help="jumprelu: the kernel's gradient reaches the input")
     o.add_argument("--norm-cap", type=float, default=None,
-                   help="rows above this × the median centred norm weigh in the loss as if at it (0: off)")
+                   help="rows above this × the median centred norm weigh in the loss as if at it "
+                        "(default 5; batchtopk, and a target L0 trained as it, 1; 0: off)")
     o.add_argument("--threshold-init", default=None, choices=["constant", "quantile"],
                    help="quantile (the default with --target-l0): θ from the first batch so that L0 starts at the target")
     h2 = t.add_argument_group("recipe")

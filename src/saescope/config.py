@@ -61,6 +61,10 @@ QUADRATIC_LAMBDA = 1.0
 # the norm cap's default, by bench/quality.py (README: Dictionary quality): it lowered both TopK's and
 # JumpReLU's delta loss on held-out and out-of-distribution text; 2 and 10 bracketed it
 NORM_CAP = 5.0
+# BatchTopK's (and a JumpReLU trained as it): every row above the median weighs as if at it. BatchTopK
+# shares the batch's k·B latents among its rows by size, and a row's weight in the loss decides how
+# many it draws; TopK, with k per row, did worse at 1 than at 5 (README: Dictionary quality)
+BATCHTOPK_NORM_CAP = 1.0
 # what a JumpReLU target L0 brings unless the entry sets it (λ only with the quadratic penalty)
 TARGET_RECIPE = {"sparsity": "quadratic", "threshold_init": "quantile", "lambdas": [QUADRATIC_LAMBDA]}
 # the settings that only a JumpReLU trained as itself reads: an entry that sets one is trained so
@@ -97,8 +101,9 @@ class SAESpec(_Config):
     matryoshka_weights: list[float] = Field(default_factory=list, description="one per prefix and the whole (default equal, summing to 1)")
     dead_aux: float = Field(0.0, ge=0, description="jumprelu: weight of the AuxK-style loss on dead latents' pre-activations")
     input_ste: bool = Field(False, description="jumprelu: the threshold kernel's gradient also reaches the pre-activations")
-    norm_cap: float = Field(NORM_CAP, ge=0, description="rows whose centred norm exceeds this × the batch median weigh "
-                                                        "in the reconstruction loss as if at it (Gemma's massive tokens); 0: off")
+    norm_cap: float = Field(NORM_CAP, ge=0, description=f"rows whose centred norm exceeds this × the batch median weigh "
+                                                        f"in the reconstruction loss as if at it (Gemma's massive tokens); "
+                                                        f"default {NORM_CAP:g}, batchtopk {BATCHTOPK_NORM_CAP:g}; 0: off")
     threshold_init: Literal["constant", "quantile"] = Field(
         "constant", description="jumprelu: θ = 0.001 (the paper), or per-latent quantiles of the first batch's "
                                 "pre-activations, so that L0 starts at the target")
@@ -113,15 +118,19 @@ class SAESpec(_Config):
     @model_validator(mode="before")
     @classmethod
     def _target_recipe(cls, data):
-        """A target L0 brings the recipe that holds it (README: Optimizer and learning rate): Gemma
-        Scope 2's quadratic penalty, which pulls L0 back from either side under any optimizer, with
-        thresholds that start L0 at the target; whatever the spec sets itself stays."""
+        """The defaults of a kind (README: Objectives): a JumpReLU target L0 trains as BatchTopK unless
+        the entry sets a JumpReLU training option, and as JumpReLU it brings the recipe that holds
+        it (Gemma Scope 2's quadratic penalty, which pulls L0 back from either side under any
+        optimizer, with thresholds that start L0 at the target); BatchTopK brings its norm cap.
+        Whatever the spec sets itself stays."""
         if isinstance(data, dict) and data.get("target_l0") and data.get("arch", "jumprelu") == "jumprelu":
             if "train_as" not in data:
                 data = {**data, "train_as": "jumprelu" if any(k in data for k in JUMPRELU_TRAINING) else TARGET_TRAIN_AS}
             if data["train_as"] == "jumprelu":
                 quadratic = data.get("sparsity", "quadratic") == "quadratic"
                 data = {**{k: v for k, v in TARGET_RECIPE.items() if k != "lambdas" or quadratic}, **data}
+        if isinstance(data, dict) and "batchtopk" in (data.get("arch"), data.get("train_as")):
+            data = {"norm_cap": BATCHTOPK_NORM_CAP, **data}
         return data
 
     def is_default(self, name: str) -> bool:
@@ -129,6 +138,8 @@ class SAESpec(_Config):
         JumpReLU target L0's recipe, else the field's default): what an SAE's name need not say."""
         if self.target_l0 and self.arch == "jumprelu" and self.train_as == "jumprelu" and name in TARGET_RECIPE:
             return getattr(self, name) == TARGET_RECIPE[name]
+        if name == "norm_cap" and "batchtopk" in (self.arch, self.train_as):
+            return self.norm_cap == BATCHTOPK_NORM_CAP
         return getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
 
     @model_validator(mode="after")
