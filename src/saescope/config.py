@@ -74,6 +74,11 @@ JUMPRELU_TRAINING = ("sparsity", "lambdas", "threshold_init", "quadratic_form", 
 TARGET_TRAIN_AS = "batchtopk"
 
 
+def default_norm_cap(arch: str | None, train_as: str | None) -> float:
+    """The norm cap an entry of this kind gets unless it sets one."""
+    return BATCHTOPK_NORM_CAP if "batchtopk" in (arch, train_as) else NORM_CAP
+
+
 class SAESpec(_Config):
     """A family of SAEs on the same data: every site × width × (λ, k or target L0) combination."""
 
@@ -129,8 +134,8 @@ class SAESpec(_Config):
             if data["train_as"] == "jumprelu":
                 quadratic = data.get("sparsity", "quadratic") == "quadratic"
                 data = {**{k: v for k, v in TARGET_RECIPE.items() if k != "lambdas" or quadratic}, **data}
-        if isinstance(data, dict) and "batchtopk" in (data.get("arch"), data.get("train_as")):
-            data = {"norm_cap": BATCHTOPK_NORM_CAP, **data}
+        if isinstance(data, dict):
+            data = {"norm_cap": default_norm_cap(data.get("arch"), data.get("train_as")), **data}
         return data
 
     def is_default(self, name: str) -> bool:
@@ -138,8 +143,8 @@ class SAESpec(_Config):
         JumpReLU target L0's recipe, else the field's default): what an SAE's name need not say."""
         if self.target_l0 and self.arch == "jumprelu" and self.train_as == "jumprelu" and name in TARGET_RECIPE:
             return getattr(self, name) == TARGET_RECIPE[name]
-        if name == "norm_cap" and "batchtopk" in (self.arch, self.train_as):
-            return self.norm_cap == BATCHTOPK_NORM_CAP
+        if name == "norm_cap":
+            return self.norm_cap == default_norm_cap(self.arch, self.train_as)
         return getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
 
     @model_validator(mode="after")

@@ -16,10 +16,6 @@ from .base import SAEConfig
 from .jumprelu import JumpReLUSAE
 from .topk import BatchTopKSAE
 
-# the training rows a trainer fits the thresholds on: 16 batches of 4,096, so that a latent kept on
-# one token in a thousand is still fitted on dozens of them
-FIT_ROWS = 65_536
-
 
 @torch.no_grad()
 def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 4096) -> JumpReLUSAE:

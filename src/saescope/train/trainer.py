@@ -16,9 +16,9 @@ import math
 import shutil
 import time
 import zlib
+from collections import deque
 from contextlib import nullcontext
 from functools import cached_property
-from collections import deque
 from itertools import islice
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from ..config import TrainConfig
 from ..errors import SaescopeError, first_line
 from ..files import atomic_write, read_json, write_json
 from ..sae import SAEConfig, build_sae
-from ..sae.convert import FIT_ROWS, batchtopk_to_jumprelu
+from ..sae.convert import batchtopk_to_jumprelu
 from ..sae.formats import save_sae
 from .distributed import Ranks, assign, data_parts, local_parts, side_by_side
 from .schedule import TargetL0, lr_at, warmup_steps
@@ -40,6 +40,9 @@ CHECKPOINT = "checkpoint"        # folder: state.json + step-N/<sae>.pt
 STATE = "state.json"
 METRICS = "metrics.jsonl"
 PART_SEED = 1_000_003            # data part p shuffles with seed + p·PART_SEED
+# the last training rows a JumpReLU trained as BatchTopK gets its thresholds from: 16 batches of
+# 4,096, so that a latent kept on one token in a thousand is still fitted on dozens of them
+FIT_ROWS = 65_536
 
 
 class Trainer:
@@ -307,12 +310,20 @@ class Trainer:
         return {p.name: p.site for p in self.plan if p.name in self.own and p.arch == "batchtopk"}
 
     @cached_property
+    def _converted(self) -> frozenset[str]:
+        """The members saved as JumpReLU with thresholds from the last FIT_ROWS rows."""
+        return frozenset(p.name for p in self.plan if p.name in self.own and p.converted)
+
+    @cached_property
     def _recent_batches(self) -> int:
-        converts = any(p.converted and p.name in self.own for p in self.plan)
-        return math.ceil(FIT_ROWS / self.cfg.batch_size) if converts else 1
+        return math.ceil(FIT_ROWS / self.cfg.batch_size) if self._converted else 1
+
+    @cached_property
+    def _fit_sites(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self._fitted.values())))
 
     def _for_fitting(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {site: batch[site] for site in set(self._fitted.values())}
+        return {site: batch[site] for site in self._fit_sites}
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> None:
         """One step of every SAE on the same batch."""
@@ -367,16 +378,15 @@ class Trainer:
         a JumpReLU trained as BatchTopK gets a threshold per latent from the last batches."""
         self.ranks.barrier()  # rank 0 has written the last metrics lines
         final = _last_metrics(self.out / METRICS)
-        converts = {p.name for p in self.plan if p.converted}
 
         def whole(batches, name):
             return torch.cat([torch.cat(self.split.gather_rows(b[self._fitted[name]].to(self.device))) for b in batches])
 
-        rows = {name: whole(recent if name in converts else recent[-1:], name) for name in self._fitted}
+        rows = {name: whole(recent if name in self._converted else recent[-1:], name) for name in self._fitted}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
             sae = m.sae
-            if m.name in converts:
+            if m.name in self._converted:
                 sae = batchtopk_to_jumprelu(sae, rows[m.name], batch_size=self.cfg.batch_size)
             elif m.name in rows:
                 sae.fit_threshold(rows[m.name] / m.scale)
