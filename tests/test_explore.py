@@ -11,6 +11,7 @@ import torch
 from saescope import capture
 from saescope.data import SpecialTokens
 from saescope.explore import connect
+from saescope.explore.build import firing_histogram
 
 
 @pytest.fixture
@@ -75,6 +76,19 @@ def test_logits_and_context(tiny_lm, setup):
     assert con.execute("SELECT value FROM meta WHERE key = 'logits'").fetchone()[0].startswith("top logits")
     with pytest.raises(Exception):
         con.execute("DELETE FROM latents")  # the server's connection is read-only
+
+
+def test_a_latent_with_near_equal_firings_gets_its_histogram():
+    """Two firings a float32 step apart, as a latent that fires on one repeated context gives: 32
+    bins between them do not fit in float32 (numpy refused, and the whole build failed)."""
+    a = np.float32(3.2)
+    vals = np.array([a, np.nextafter(a, np.float32(4))] * 5, dtype=np.float32)
+    vals.sort()
+    counts, edges = firing_histogram(vals, 32)
+    assert counts.sum() == 10 and counts[0] == 5 and counts[-1] == 5
+    assert edges[0] == float(vals[0]) and edges[-1] == float(vals[-1])
+    counts, _ = firing_histogram(np.full(4, a), 32)  # all equal: one bin holds them
+    assert counts.sum() == 4 and counts.max() == 4
 
 
 def test_running_state_is_bounded_and_merges_exactly():

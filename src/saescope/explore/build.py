@@ -199,6 +199,14 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
     return {"seconds": time.perf_counter() - start, "bytes": db_path.stat().st_size, "tokens": n_real}
 
 
+def firing_histogram(vals: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Counts and edges over the sampled firings, sorted ascending (from the smallest firing up: a
+    JumpReLU latent never fires below its threshold). Binned in float64: a latent whose firings
+    differ by a float32 step or two needs edges finer than float32 holds."""
+    vals = np.asarray(vals, dtype=np.float64)
+    return np.histogram(vals, bins=bins, range=(vals[0], vals[-1]) if len(vals) else (0.0, 1.0))
+
+
 def _write_sae(con, name, sae, path, site, run: _Running, spill: _Spill, lm, n_real, flat, T, bands, per_band, bins,
                n_logits, n_neighbours) -> set[int]:
     m = sae.cfg.d_sae
@@ -217,8 +225,7 @@ def _write_sae(con, name, sae, path, site, run: _Running, spill: _Spill, lm, n_r
             lo, hi = band * len(vals) // bands, (band + 1) * len(vals) // bands
             for rank, q in enumerate(range(lo, min(hi, lo + per_band))):
                 examples.append((name, j, "quantile", rank, band, int(toks[q]) // T, int(toks[q]) % T, float(vals[q])))
-        # from the smallest firing up: a JumpReLU latent never fires below its threshold
-        hist = np.histogram(vals, bins=bins, range=(float(vals[0]), float(vals[-1])) if len(vals) else (0.0, 1.0))
+        hist = firing_histogram(vals, bins)
         latents.append((name, j, density[j], top[0][0] if top else 0.0, mean_act[j],
                         json.dumps({"counts": hist[0].tolist(), "edges": [round(e, 6) for e in hist[1].tolist()],
                                     "sample": int(len(vals)), "firings": int(run.count[j])}),
