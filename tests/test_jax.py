@@ -147,7 +147,7 @@ def test_steps_equal_the_pytorch_trainer(theta_param, objective, recipe, tmp_pat
         dead = jnp.asarray((m.since_fired >= trainer.dead_tokens).numpy())  # before PyTorch's step counts this batch
         scale = 1 / float(((x - x.mean(0)) ** 2).sum(-1).mean()) if cfg.loss == "fvu" else 1.0
         state, out = jt.train_step(state, x, x, lr_at(i, cfg.lr, trainer.lr_warmup) * m.lr_factor,
-                                   coeff_at(i, m.coeff, trainer.coeff_warmup), dead, scale, m.unit, optimizer=optimizer,
+                                   coeff_at(i, m.coeff, trainer.coeff_warmup), dead, scale, m.signum_steps, optimizer=optimizer,
                                    **static)
         trainer.train_step(batch)
         trainer.step += 1

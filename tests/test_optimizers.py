@@ -33,10 +33,33 @@ def _trainer(cfg, tmp_path, source):
     return trainer, batches
 
 
+def _signum_steps(first: torch.Tensor) -> dict[str, float]:
+    """b_enc steps lr × the RMS of a centred coordinate, θ ten times that, b_dec lr × the median
+    coordinate's RMS."""
+    per_coordinate = (first - first.mean(0)).pow(2).mean(0)
+    pre, coordinate = float(per_coordinate.mean().sqrt()), float(per_coordinate.median().sqrt())
+    return {"b_enc": pre, "b_dec": coordinate, "theta": 10 * pre}
+
+
+def test_signum_steps_b_dec_by_the_median_coordinate(tmp_path):
+    """A massive coordinate (Gemma's residual stream has a few) sets the mean-square scale that
+    b_enc and θ step by, but not the median one b_dec steps by."""
+    x = torch.randn(4000, 12, generator=torch.Generator().manual_seed(7)) * 3 + 1
+    x[:, 0] *= 30
+    spec = SAESpec(sites=["resid.0"], arch="jumprelu", widths=[32], lambdas=[1e-2])
+    cfg = TrainConfig(saes=[spec], tokens=2 * 256, batch_size=256, optimizer="signum", checkpoint_every=0)
+    trainer, batches = _trainer(cfg, tmp_path, TensorSource({"resid.0": x}))
+    [m] = trainer.members
+    steps = _signum_steps(batches[0]["resid.0"] / m.scale)
+    assert m.signum_steps == pytest.approx(steps, rel=1e-5)
+    assert steps["b_dec"] < 0.2 * steps["b_enc"]
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_signum_is_sign_descent_under_a_schedule_free_average(arch, source, tmp_path):
     """Schedule-free (Defazio et al. 2024) over sign descent, by hand: the gradient is taken at
-    y = β·x + (1 − β)·z; z steps by −lr·sign(g) (biases by −lr·unit·sign(g), θ ten times that); x is the
+    y = β·x + (1 − β)·z; z steps by −lr·sign(g) (b_enc by −lr·s·sign(g) with s the RMS of a centred
+    coordinate, θ ten times that, b_dec by −lr·the median coordinate's RMS·sign(g)); x is the
     lr²-weighted running mean of z; the decoder's gradient loses its part along each row first
     and y's rows are made unit after."""
     beta, lr = 0.9, 2e-2
@@ -46,8 +69,8 @@ def test_signum_is_sign_descent_under_a_schedule_free_average(arch, source, tmp_
                       checkpoint_every=0)
     trainer, batches = _trainer(cfg, tmp_path, source)
     [m] = trainer.members
-    first = batches[0]["resid.0"] / m.scale  # biases and θ step lr × the RMS of a centred coordinate
-    assert m.unit == pytest.approx(float((first - first.mean(0)).pow(2).mean().sqrt()), rel=1e-5)
+    steps = _signum_steps(batches[0]["resid.0"] / m.scale)
+    assert m.signum_steps == pytest.approx(steps, rel=1e-5)
     ref = build_sae(m.sae.cfg)
     ref.load_state_dict(m.sae.state_dict())
     ref.objective = m.sae.objective
@@ -63,7 +86,7 @@ def test_signum_is_sign_descent_under_a_schedule_free_average(arch, source, tmp_
         ref.remove_parallel_grad()
         with torch.no_grad():
             for k, p in params.items():
-                z[k] -= step_lr * {"b_enc": m.unit, "b_dec": m.unit, "theta": 10 * m.unit}.get(k, 1.0) * p.grad.sign()
+                z[k] -= step_lr * steps.get(k, 1.0) * p.grad.sign()
             lr_max = max(lr_max, step_lr)
             weight_sum += lr_max ** 2
             c = lr_max ** 2 / weight_sum

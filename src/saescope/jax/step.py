@@ -93,7 +93,7 @@ class JaxStep(Backend):
             state, static = self.states[m.name]
             dead = jnp.asarray((m.since_fired >= t.dead_tokens).numpy()) if m.sae.objective.dead_aux else None
             scale = 1 / var if self.cfg.loss == "fvu" else 1.0
-            state, out = train_step(state, x, y, lr * m.lr_factor, coeff, dead, scale, m.unit, optimizer=self.optimizer,
+            state, out = train_step(state, x, y, lr * m.lr_factor, coeff, dead, scale, m.signum_steps, optimizer=self.optimizer,
                                     **static)
             self.states[m.name] = (state, static)
             # the step's numbers on the host in one transfer: the controller and the dead-latent counters need them

@@ -16,7 +16,6 @@ import numpy as np
 import optax
 
 from ..sae.objectives import Objective
-from ..train.step import SIGNUM_UNITS
 from .sae import Params, loss
 
 
@@ -39,7 +38,7 @@ class Adam:
     def init(self, params: Params):
         return self._transform().init(params)
 
-    def step(self, grads: Params, state, params: Params, lr, unit) -> tuple[Params, object]:
+    def step(self, grads: Params, state, params: Params, lr, steps) -> tuple[Params, object]:
         direction, state = self._transform().update(grads, state, params)
         return jax.tree.map(lambda p, d: p - lr * d, params, direction), state
 
@@ -69,8 +68,7 @@ class Signum:
     SGD on sign(g) does it in the PyTorch backend: the parameters are y = x + (1 − β)(z − x),
     the gradient taken there moves z by −lr·sign(g), and the average x follows z with weight
     lr_max² / Σ lr_max²; x is recovered from y and z, so a constraint applied to y carries over.
-    Parameters in activation units step lr × `unit` (train/trainer.py: `_unit`) times their
-    factor in train/step.py's SIGNUM_UNITS."""
+    Parameters in activation units step lr × their entry of `steps` (train/step.py: SIGNUM_UNITS)."""
 
     momentum: float = 0.95
 
@@ -78,13 +76,13 @@ class Signum:
         zero = jnp.zeros((), jnp.float32)
         return SignumState(jax.tree.map(jnp.array, params), zero, zero)
 
-    def step(self, grads: Params, state: SignumState, params: Params, lr, unit) -> tuple[Params, SignumState]:
+    def step(self, grads: Params, state: SignumState, params: Params, lr, steps) -> tuple[Params, SignumState]:
         b = self.momentum
         lr_max = jnp.maximum(state.lr_max, lr)
         weight_sum = state.weight_sum + lr_max ** 2
         c = lr_max ** 2 / weight_sum
         x = self.average(state, params)
-        z = {k: v - lr * (unit * SIGNUM_UNITS[k] if k in SIGNUM_UNITS else 1.0) * jnp.sign(grads[k]) for k, v in state.z.items()}
+        z = {k: v - lr * steps.get(k, 1.0) * jnp.sign(grads[k]) for k, v in state.z.items()}
         x = jax.tree.map(lambda x, z: x + c * (z - x), x, z)
         y = jax.tree.map(lambda x, z: x + (1 - b) * (z - x), x, z)
         return y, SignumState(z, weight_sum, lr_max)
@@ -117,7 +115,7 @@ def init(params: Params, optimizer: Adam | Signum) -> State:
 
 @partial(jax.jit, static_argnames=("optimizer", "eps", "pre_bias", "objective"))
 def train_step(state: State, x: jax.Array, target: jax.Array, lr: float, coeff: float, dead: jax.Array | None = None,
-               scale: float = 1.0, unit: float = 1.0, *, optimizer: Adam | Signum, eps: float, pre_bias: bool,
+               scale: float = 1.0, steps: dict | None = None, *, optimizer: Adam | Signum, eps: float, pre_bias: bool,
                objective: Objective = Objective()) -> tuple[State, dict]:
     """One step on normalised x and target, the gradient that of `scale` × the loss (loss "fvu":
     1 / the batch's total variance); returns the new state and {loss, mse, l0, fired}."""
@@ -129,7 +127,7 @@ def train_step(state: State, x: jax.Array, target: jax.Array, lr: float, coeff: 
     w = state.params["W_dec"]
     g = grads["W_dec"]
     grads = {**grads, "W_dec": g - (g * w).sum(1, keepdims=True) * w}  # no change of a row's norm
-    params, opt_state = optimizer.step(grads, state.opt, state.params, lr, unit)
+    params, opt_state = optimizer.step(grads, state.opt, state.params, lr, steps or {})
     w = params["W_dec"]
     params["W_dec"] = w / jnp.maximum(jnp.linalg.norm(w, axis=1, keepdims=True), 1e-12)
     if "theta" in params:

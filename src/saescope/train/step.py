@@ -16,13 +16,19 @@ from ..sae import SparseAutoencoder
 from .schedule import TargetL0, coeff_at
 
 
-# Signum: the parameters in activation units, by name, and their step per unit of lr in units of
-# a centred input coordinate's RMS (`Member.unit`); the rest (unit-norm rows, log θ) step lr itself.
-# θ steps ten: the encoder's sign steps move a latent's pre-activations by about lr × unit × d_in a
-# step, so a θ that moved one unit (as the biases do) stayed where it started while they swept past
-# it, and the sparsity penalty, which reaches θ alone, could not hold L0. The factor was measured
-# (README: Optimizer and learning rate).
-SIGNUM_UNITS = {"b_enc": 1.0, "b_dec": 1.0, "theta": 10.0}
+# Signum: the parameters in activation units, by name, with the scale of the first batch their step
+# is measured in and a factor (`Member.signum_steps` holds the products); the rest (unit-norm rows,
+# log θ) step lr itself. Scales (trainer.py: `_signum_scales`):
+# - "coordinate": the median over coordinates of a centred coordinate's RMS. b_dec sits among the
+#   input's coordinates, most of which are small beside the few massive dims of models like Gemma;
+#   stepped by the mean-square scale, which those dims set, it swept the ordinary coordinates'
+#   whole range every few steps, and the dictionaries did worse on unfamiliar text (README).
+# - "pre": the RMS of a centred coordinate, about a pre-activation's spread at initialisation. θ steps
+#   ten: the encoder's sign steps move a latent's pre-activations by about lr × that × d_in a step,
+#   so a θ that moved one (as b_enc does) stayed where it started while they swept past it, and the
+#   sparsity penalty, which reaches θ alone, could not hold L0. Both factors were measured (README:
+#   Optimizer and learning rate).
+SIGNUM_UNITS = {"b_enc": ("pre", 1.0), "b_dec": ("coordinate", 1.0), "theta": ("pre", 10.0)}
 
 
 @dataclass
@@ -39,7 +45,7 @@ class Member:
     since_fired: torch.Tensor   # tokens since each latent last fired
     controller: TargetL0 | None = None
     lr_factor: float = 1.0      # this SAE's lr over the configured one (lr_scale)
-    unit: float = 1.0           # signum: the step of parameters in activation units, per unit of lr
+    signum_steps: dict = field(default_factory=dict)  # signum: a parameter's step per unit of lr (else 1)
     sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
     steps: int = 0                            # steps in `sums`
     bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)

@@ -12,7 +12,7 @@ from schedulefree import ScheduleFreeWrapper
 from ..sae import SparseAutoencoder
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
 from .distributed import average_step
-from .step import SIGNUM_UNITS, Backend, Member
+from .step import Backend, Member
 
 
 @dataclass
@@ -80,9 +80,9 @@ class TorchStep(Backend):
             self.groups = EncoderGroup.form(trainer.members, trainer.device)
         for m in trainer.members:  # after grouping, which gives some SAEs a new W_enc parameter
             self.enc_rows[m.name] = m.sae.W_enc.detach().t()
-            self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name], m.unit)
+            self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name], m.signum_steps)
 
-    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor, unit: float = 1.0):
+    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor, signum_steps: dict[str, float]):
         """The SAE's parameters, W_enc seen through its contiguous transpose `enc_rows` (it is
         stored latent-major, see SparseAutoencoder): torch's fused Adam copies a non-contiguous
         tensor in and out on every step. The alias shares the parameter's memory; `_update` hands
@@ -92,7 +92,7 @@ class TorchStep(Backend):
         cfg = self.cfg
         params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
         if cfg.optimizer == "signum":
-            factor = [unit * SIGNUM_UNITS[name] if name in SIGNUM_UNITS else 1.0 for name, _ in sae.named_parameters()]
+            factor = [signum_steps.get(name, 1.0) for name, _ in sae.named_parameters()]
             groups = [{"params": [p for p, f in zip(params, factor) if f == u], "unit": u} for u in sorted(set(factor))]
             optimizer = ScheduleFreeWrapper(torch.optim.SGD(groups, lr=cfg.lr), momentum=cfg.momentum)
             optimizer.train()

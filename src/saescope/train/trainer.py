@@ -33,7 +33,7 @@ from ..sae.convert import batchtopk_to_jumprelu
 from ..sae.formats import save_sae
 from .distributed import Ranks, assign, data_parts, local_parts, side_by_side
 from .schedule import TargetL0, lr_at, warmup_steps
-from .step import Backend, Member
+from .step import SIGNUM_UNITS, Backend, Member
 from .suite import expand, sites_read
 
 CHECKPOINT = "checkpoint"        # folder: state.json + step-N/<sae>.pt
@@ -127,18 +127,20 @@ class Trainer:
             self.members.append(Member(p.name, sae, p.site, p.target, c, p.coeff,
                                        torch.zeros(p.width, dtype=torch.long, device=self.device), controller,
                                        lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
-                                       unit=self._unit(first_batch[p.site].to(self.device) / c),
+                                       signum_steps=self._signum_steps(first_batch[p.site].to(self.device) / c),
                                        bad_step=torch.tensor(-1, device=self.device),
                                        bad_loss=torch.tensor(0.0, device=self.device)))
         self.backend.setup(self)
 
-    def _unit(self, x: torch.Tensor) -> float:
-        """The RMS of a coordinate of the centred input (the first whole batch): how far a bias or
-        threshold moves per unit of signum's lr. Weights are rows of unit norm and move lr itself;
-        a bias that moved lr on inputs whose coordinates vary by ~0.01 (SAE units: E‖x‖² = 1,
-        most of it the mean) would drown every pre-activation within a few steps."""
+    def _signum_steps(self, x: torch.Tensor) -> dict[str, float]:
+        """How far each bias or threshold moves per unit of signum's lr, from the centred input (the
+        first whole batch) by train/step.py's SIGNUM_UNITS. Weights are rows of unit norm and move
+        lr itself; a bias that moved lr on inputs whose coordinates vary by ~0.01 (SAE units:
+        E‖x‖² = 1, most of it the mean) would drown every pre-activation within a few steps."""
         centred = x - self.split.mean_rows(x)
-        return float(self.split.mean_rows(centred.pow(2).mean(1, keepdim=True)).sqrt())
+        per_coordinate = self.split.mean_rows(centred.pow(2))
+        scales = {"pre": float(per_coordinate.mean().sqrt()), "coordinate": float(per_coordinate.median().sqrt())}
+        return {name: scales[kind] * factor for name, (kind, factor) in SIGNUM_UNITS.items()}
 
     @torch.no_grad()
     def _quantile_thresholds(self, sae, x: torch.Tensor, target_l0: float) -> None:
