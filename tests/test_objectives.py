@@ -268,6 +268,24 @@ def test_the_objective_is_the_specs():
     assert sae.objective == Objective()  # the paper's, unless training sets another
 
 
+def test_batchtopk_conversion_bounds_its_buffer_and_keeps_every_threshold(monkeypatch):
+    """With a largest-values buffer too shallow for the most often kept latents (as at width 16k on
+    65k rows), those latents take their thresholds from all their values: every θ as unbounded."""
+    from saescope import BatchTopKSAE
+    from saescope.sae import convert
+
+    sae = BatchTopKSAE(SAEConfig(arch="batchtopk", d_in=16, d_sae=96, k=6, site="resid.0"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(96, generator=g) * 0.3)
+    x = torch.randn(2048, 16, generator=g) * 2
+    whole = convert.batchtopk_to_jumprelu(sae, x, batch_size=256).threshold
+    monkeypatch.setattr(convert, "TOP_ELEMENTS", 96 * 64)  # depth 64: some latents are kept far more often
+    bounded = convert.batchtopk_to_jumprelu(sae, x, batch_size=256).threshold
+    torch.testing.assert_close(bounded, whole, rtol=0, atol=0)
+
+
 def test_batchtopk_converts_to_jumprelu_with_its_codes(tmp_path):
     """Per-latent thresholds from the training activations: each latent fires on exactly as many
     tokens as BatchTopK kept it on, nearly every token's code is BatchTopK's, and the converted SAE

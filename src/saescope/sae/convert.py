@@ -17,6 +17,19 @@ from .jumprelu import JumpReLUSAE
 from .topk import BatchTopKSAE
 
 
+TOP_ELEMENTS = 2**25  # the largest-values buffer's size (128 MiB in float32)
+
+
+def _midpoints(top: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """θ per column of `top` (its largest values, descending): halfway between the n-th and
+    (n + 1)-th largest, n = kept; a latent never kept sits at its largest, so it never fires."""
+    top = torch.cat([top, top[-1:] - 1.0])  # a latent kept on every row: pad below its smallest value
+    n = kept.clamp_max(top.shape[0] - 1)  # columns kept more often than `top` holds are the caller's
+    above = top.gather(0, (n - 1).clamp_min(0)[None]).squeeze(0)
+    below = top.gather(0, n[None]).squeeze(0)
+    return torch.where(kept > 0, (above + below) / 2, top[0])
+
+
 @torch.no_grad()
 def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 4096) -> JumpReLUSAE:
     """A JumpReLU SAE with `sae`'s weights and per-latent thresholds from raw activations x
@@ -34,17 +47,19 @@ def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 
         n = min(sae.cfg.k * pre.shape[0], pre.numel())
         vals, idx = pre.reshape(-1).topk(n)
         kept += torch.bincount(idx[vals > 0] % sae.cfg.d_sae, minlength=sae.cfg.d_sae)
-    depth = int(kept.max()) + 1
-    top = None  # each latent's `depth` largest pre-activations so far, [depth, m]
+    # each latent's `depth` largest pre-activations, [depth, m], with depth bounded so that the
+    # buffer stays small at any width; the few latents kept more often keep all their values
+    depth = min(int(kept.max()) + 1, max(2, TOP_ELEMENTS // sae.cfg.d_sae))
+    deep = (kept >= depth).nonzero().squeeze(1)
+    top, columns = None, []
     for chunk in chunks:
         pre = pre_acts(chunk)
+        columns.append(pre[:, deep])
         both = pre if top is None else torch.cat([top, pre])
         top = both.topk(min(depth, both.shape[0]), dim=0).values
-    if top.shape[0] < depth:  # a latent kept on every token: pad below its smallest value
-        top = torch.cat([top, top[-1:] - 1.0])
-    above = top.gather(0, (kept - 1).clamp_min(0)[None]).squeeze(0)   # the n_i-th largest
-    below = top.gather(0, kept[None]).squeeze(0)                      # the (n_i + 1)-th largest
-    theta = torch.where(kept > 0, (above + below) / 2, top[0])        # never kept: at its largest, so it never fires
+    theta = _midpoints(top, kept)
+    if deep.numel():
+        theta[deep] = _midpoints(torch.cat(columns).sort(dim=0, descending=True).values, kept[deep])
     out = JumpReLUSAE(SAEConfig(**{**sae.cfg.to_dict(), "arch": "jumprelu", "k": None}))
     out = out.to(sae.W_enc.device)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scalar", "pre_encoder_bias"):
