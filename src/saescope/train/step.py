@@ -18,7 +18,7 @@ from .schedule import TargetL0, coeff_at
 
 # Signum: the parameters in activation units, by name, with the scale of the first batch their step
 # is measured in and a factor (`Member.signum_steps` holds the products); the rest (unit-norm rows,
-# log θ) step lr itself. Scales (trainer.py: `_signum_scales`):
+# log θ) step lr itself. Scales (trainer.py: `_signum_steps`):
 # - "coordinate": the median over coordinates of a centred coordinate's RMS. b_dec sits among the
 #   input's coordinates, most of which are small beside the few massive dims of models like Gemma;
 #   stepped by the mean-square scale, which those dims set, it swept the ordinary coordinates'
