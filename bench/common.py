@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the bare truncated forward the harvest is measured against,
-and the training-step scripts' flags, timing loop and JSON line (ours and the peers' alike)."""
+the training-step scripts' flags, timing loop and JSON line (ours and the peers' alike), and the
+synthetic store the torchrun jobs train on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import resource
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -61,3 +63,19 @@ def bare_forward_seconds(lm, rows: torch.Tensor, layer: int, batch: int) -> floa
     for i in range(0, len(rows), batch):
         forward_until(lm, rows[i:i + batch], layer)
     return time.perf_counter() - t
+
+
+def synthetic_store(root: Path, d_in: int, rows: int, shards: int) -> None:
+    """A store of Gaussian rows at `resid.0`: training throughput does not depend on what the
+    rows mean, and writing them takes no model."""
+    from saescope.data import StoreWriter
+
+    g = torch.Generator().manual_seed(0)
+    per = rows // shards
+    writer = StoreWriter(root, model="synthetic", sites={"resid.0": d_in}, dtype="float32", seq_len=per,
+                         corpus={"source": "synthetic"}, special_ids=[0])
+    for _ in range(shards):
+        writer.begin_shard(torch.ones(1, per, dtype=torch.long))
+        writer.append({"resid.0": torch.randn(per, d_in, generator=g)})
+        writer.commit_shard()
+    writer.finish()

@@ -21,21 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-
-def _store(root: Path, d_in: int, rows: int, shards: int) -> None:
-    from saescope.data import StoreWriter
-
-    g = torch.Generator().manual_seed(0)
-    per = rows // shards
-    writer = StoreWriter(root, model="synthetic", sites={"resid.0": d_in}, dtype="float32", seq_len=per,
-                         corpus={"source": "synthetic"}, special_ids=[0])
-    for _ in range(shards):
-        writer.begin_shard(torch.ones(1, per, dtype=torch.long))
-        writer.append({"resid.0": torch.randn(per, d_in, generator=g)})
-        writer.commit_shard()
-    writer.finish()
+from common import synthetic_store
 
 
 def _run(a, store: Path, out: Path, ranks: int, mode: str) -> float:
@@ -69,7 +55,7 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
-        _store(store, a.d_in, rows=max(8 * a.batch, 2 * a.ranks * a.batch), shards=2 * a.ranks)
+        synthetic_store(store, a.d_in, rows=max(8 * a.batch, 2 * a.ranks * a.batch), shards=2 * a.ranks)
         for ranks, mode in ((1, "data"), (a.ranks, "data"), (a.ranks, "sae")):
             rate = _run(a, store, Path(tmp) / f"{mode}-{ranks}", ranks, mode)
             results.append({"ranks": ranks, "mode": "one process" if ranks == 1 else mode, "tokens_per_s": rate})

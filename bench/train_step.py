@@ -2,7 +2,7 @@
 
     python bench/train_step.py --arch jumprelu|topk --d-in D --d-sae M --batch B --threads T
                                --target-s S [--k K] [--kernels auto|dense|sparse|reference]
-                               [--precision float32|bfloat16|tf32] [--device cpu|cuda] [--out FILE]
+                               [--precision float32|bfloat16|tf32] [--device cpu|cuda] [--rate-s S] [--out FILE]
 
 The activations are synthetic and made before the timed region; a few warm-up steps run first,
 then steps until S seconds have passed. For JumpReLU, --k sets every threshold at its latent's
@@ -26,24 +26,28 @@ from saescope.config import SAESpec, TrainConfig, validated
 from saescope.errors import SaescopeError
 from saescope.data import TensorSource
 from saescope.train import trainer_for
+from saescope.train.step_torch import tf32_products
 
 from common import emit, step_arguments, step_line, time_steps
 
 SITE = "resid.0"
 
 
-def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0, dtype: str = "float32",
+def matmul_gflops(batch: int, d_in: int, d_sae: int, seconds: float = 1.0, precision: str = "float32",
                   device: str = "cpu") -> float:
-    """Measured GFLOP/s of [batch, d_in] @ [d_in, d_sae] in `dtype` on this device now."""
-    kw = {"dtype": getattr(torch, dtype), "device": device}
+    """Measured GFLOP/s of [batch, d_in] @ [d_in, d_sae] in `precision` (float32, tf32: float32
+    on CUDA's TensorFloat-32 cores, bfloat16) on this device now."""
+    kw = {"dtype": torch.bfloat16 if precision == "bfloat16" else torch.float32, "device": device}
     a, b, out = torch.randn(batch, d_in, **kw), torch.randn(d_in, d_sae, **kw), torch.empty(batch, d_sae, **kw)
-    torch.matmul(a, b, out=out)
-    times, start = [], time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 3:
-        t = time.perf_counter()
+    times = []
+    with tf32_products(precision == "tf32"):
         torch.matmul(a, b, out=out)
-        _sync(device)
-        times.append(time.perf_counter() - t)
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or len(times) < 3:
+            t = time.perf_counter()
+            torch.matmul(a, b, out=out)
+            _sync(device)
+            times.append(time.perf_counter() - t)
     return 2 * batch * d_in * d_sae / statistics.median(times) / 1e9
 
 
@@ -53,7 +57,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=["jumprelu", "topk"], required=True)
     step_arguments(p)
@@ -62,20 +66,25 @@ def main() -> int:
     p.add_argument("--precision", choices=["float32", "bfloat16", "tf32"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", choices=["torch", "jax"], default="torch", help="jax: the step in JAX (jumprelu)")
-    a = p.parse_args()
+    p.add_argument("--rate-s", type=float, default=1.0, help="seconds spent measuring the matmul rate")
+    return p
+
+
+def measure(a: argparse.Namespace) -> dict:
+    """The JSON line of one timed step (`a` as `parser` makes it). bench/gpu.py calls it for many
+    shapes in one process, so the device's peak memory is reset first and the line carries this
+    step's own; raises SaescopeError for settings the trainer refuses."""
     if a.threads:
         torch.set_num_threads(a.threads)
-
+    cuda = torch.device(a.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(a.device)
     gen = torch.Generator().manual_seed(0)
     batches = [{SITE: torch.randn(a.batch, a.d_in, generator=gen).to(a.device)} for _ in range(4)]
     spec = SAESpec(sites=[SITE], arch=a.arch, widths=[a.d_sae], ks=[a.k], lambdas=[1e-4])
-    try:
-        cfg = validated(TrainConfig, saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
-                        checkpoint_every=10**6, kernels=a.kernels, precision=a.precision, device=a.device,
-                        backend=a.backend)
-    except SaescopeError as exc:
-        print(f"train_step: {exc}", file=sys.stderr)
-        return 2
+    cfg = validated(TrainConfig, saes=[spec], tokens=a.batch * 10**6, batch_size=a.batch, lr=7e-5, log_every=10**6,
+                    checkpoint_every=10**6, kernels=a.kernels, precision=a.precision, device=a.device,
+                    backend=a.backend)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = trainer_for(cfg, tmp, source=TensorSource({SITE: batches[0][SITE].cpu()}))
     trainer.build(batches[0])
@@ -96,15 +105,21 @@ def main() -> int:
     member = trainer.members[0]
     l0 = float(member.sums["l0"]) / member.steps
     line = step_line(a, times, library="saescope", arch=a.arch, kernels=a.kernels, precision=a.precision, l0=l0,
-                     backend=a.backend,
-                     device=torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else "cpu")
-    if a.device.startswith("cuda"):
+                     backend=a.backend, device=torch.cuda.get_device_name(a.device) if cuda else "cpu")
+    if cuda:
         line["peak_device_mib"] = torch.cuda.max_memory_allocated(a.device) / 2**20
-    if a.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    rate_dtype = "bfloat16" if a.precision == "bfloat16" else "float32"
-    line["matmul_gflops"] = gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, dtype=rate_dtype, device=a.device)
+    line["matmul_gflops"] = gflops = matmul_gflops(a.batch, a.d_in, a.d_sae, a.rate_s, a.precision, a.device)
     line["dense_roofline_fraction"] = 12 * a.batch * a.d_in * a.d_sae / line["sec_per_step_median"] / 1e9 / gflops
+    return line
+
+
+def main() -> int:
+    a = parser().parse_args()
+    try:
+        line = measure(a)
+    except SaescopeError as exc:
+        print(f"train_step: {exc}", file=sys.stderr)
+        return 2
     emit(line, a.out)
     return 0
 

@@ -102,7 +102,7 @@ class TorchStep(Backend):
 
     def step(self, batch: dict[str, torch.Tensor], lr: float) -> None:
         """Each site is scaled (and its variance taken) once per scale, however many SAEs read it."""
-        with _tf32(self.cfg.precision == "tf32"):  # forward and backward products alike
+        with tf32_products(self.cfg.precision == "tf32"):  # forward and backward products alike
             self._step(batch, lr)
 
     def _step(self, batch: dict[str, torch.Tensor], lr: float) -> None:
@@ -200,7 +200,7 @@ class TorchStep(Backend):
 
 
 @contextmanager
-def _tf32(enabled: bool):
+def tf32_products(enabled: bool):
     """TensorFloat-32 for CUDA float32 products while the block runs, then the setting as it was."""
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = enabled or allowed
