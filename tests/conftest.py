@@ -1,9 +1,21 @@
-"""Fixtures: a small BPE tokenizer trained in memory and tiny random-weight Gemma 2 / Gemma 3 models."""
+"""Fixtures: a small BPE tokenizer trained in memory and tiny random-weight Gemma 2 / Gemma 3 models;
+`--device`, where the fast paths are checked against the reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of tests/test_fast.py (cpu, cuda, cuda:1, ...): the fast paths' kernels differ by "
+                          "device, and an accelerator is at hand only now and then (bench/gpu.py passes it)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    return torch.device(request.config.getoption("--device"))
 
 SAMPLE_DOCS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
