@@ -8,7 +8,7 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-quality setup clean
+.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-gpu bench-quality setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -31,6 +31,11 @@ bench: $(STAMP)
 # holds the same pins plus eai-sparsify and sae-lens (kept apart so they never move our pins).
 bench-suite: $(STAMP) $(PEERS)/.installed
 	$(BIN)/python bench/suite.py --peers $(PEERS)/bin/python --out runs/bench-suite.json
+
+# The CUDA check (bench/gpu.py): the fast-path tests, step and matmul rates, the pipeline and torchrun
+# on the GPU, in under 8 minutes; without CUDA, every part on the CPU at tiny shapes.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py --out runs/gpu.json
 
 # SAELens reads the SAELens folders we write (every objective option, BatchTopK before and after conversion).
 bench-interop: $(STAMP) $(PEERS)/.installed

@@ -1,4 +1,5 @@
-"""bench/train_step.py's interface (outside comparisons parse its JSON line), on a tiny shape."""
+"""bench/train_step.py's interface (outside comparisons parse its JSON line), on a tiny shape; the
+suite's, the distributed bench's and the GPU check's, on the CPU."""
 
 from __future__ import annotations
 
@@ -55,3 +56,34 @@ def test_train_step_bench_times_the_jax_step(tmp_path):
             "--threads", "1", "--target-s", "0.2", "--k", "8", "--backend", "jax"]
     line = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     assert line["backend"] == "jax" and line["tokens_per_s"] > 0 and 4 <= line["l0"] <= 16
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_part_on_the_cpu(model_dir, tmp_path):
+    """bench/gpu.py without CUDA: tiny shapes, every part on the CPU (gloo for torchrun), tf32
+    recorded as skipped, one JSON and the tables."""
+    out = tmp_path / "gpu.json"
+    args = [sys.executable, str(BENCH.parent / "gpu.py"), "--device", "cpu", "--model", str(model_dir),
+            "--site", "resid.1", "--tests-k", "code_sums or bfloat16", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("cpu") and report["sizes"] == "tiny" and report["torch"]
+    parts = report["parts"]
+    assert list(parts) == ["tests", "matmul", "steps", "pipeline", "torchrun"]
+    assert all(p["status"] == "passed" and p["seconds"] > 0 for p in parts.values()), parts
+    assert parts["tests"]["result"].startswith("5 passed")
+    rates = {(r["d_sae"], r["precision"]): r for r in parts["matmul"]["rates"]}
+    assert len(rates) == 6 and all(r["tflops"] > 0 for (_, p), r in rates.items() if p != "tf32")
+    assert {r["status"] for (_, p), r in rates.items() if p == "tf32"} == {"skipped: no CUDA"}
+    lines = parts["steps"]["lines"]
+    assert len(lines) == 3 * 2 * 4  # precisions × widths × paths
+    for line in lines:
+        if line["precision"] == "tf32":
+            assert line["status"] == "skipped: no CUDA"
+            continue
+        assert line["status"] == "passed" and line["of_bf16_matmul"] > 0 and line["tokens_per_s"] > 0
+        assert ("x_dense" in line) == (line["arch"] == "jumprelu" and line["kernels"] != "dense")
+    assert set(parts["pipeline"]["stages"]) >= {"harvest", "train", "eval"} and len(parts["pipeline"]["saes"]) == 3
+    assert parts["torchrun"]["backend"] == "gloo" and parts["torchrun"]["tokens_per_s"] > 0
+    assert "| tests | passed |" in done.stdout and "| jumprelu | 32 × 2048 | bfloat16 | sparse |" in done.stdout
