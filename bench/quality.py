@@ -86,8 +86,6 @@ VARIANTS: dict[str, Variant] = {
     # Gemma Scope 2 shipped BatchTopK-trained dictionaries as JumpReLU: per-latent thresholds from training rows
     "batchtopk-as-jumprelu": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=5.0)),
     "batchtopk-as-jumprelu-cap1": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=1.0)),
-    # and with BatchTopK's start under a rising per-row ceiling (train/schedule.py: ceiling_at)
-    "batchtopk-ceiling30": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=1.0, ceiling_steps=30)),
     "sparsify-topk": Variant(peer="sparsify"),
     "saelens-jumprelu": Variant(peer="sae_lens"),
 }

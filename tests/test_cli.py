@@ -8,7 +8,6 @@ import pytest
 
 from saescope import save_sae
 from saescope.cli import main
-from saescope.errors import SaescopeError
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -144,15 +143,3 @@ def test_serve_binds_loopback_unless_asked():
 
     assert _parser().parse_args(["serve", "runs/x"]).host == "127.0.0.1"
     assert _parser().parse_args(["serve", "runs/x", "--host", "0.0.0.0"]).host == "0.0.0.0"
-
-
-def test_train_flags_reach_the_spec():
-    from saescope.cli import _parser, _train_config
-
-    def spec(*flags):
-        return _train_config(_parser().parse_args(["train", "--store", "st", "--out", "run", *flags])).saes[0]
-
-    got = spec("--target-l0", "40", "--ceiling-steps", "30")
-    assert (got.train_as, got.ceiling_steps) == ("batchtopk", 30)
-    with pytest.raises(SaescopeError, match="ceiling_steps .* for batchtopk training, not topk"):
-        spec("--arch", "topk", "--ceiling-steps", "30")

@@ -22,10 +22,10 @@ from saescope.train.step_torch import EncoderGroup, TorchStep
 
 D_IN, D_SAE, BATCH = 12, 48, 64
 CASES = [("jumprelu", {}), ("jumprelu", {"theta_param": "log"}), ("relu", {}), ("topk", {"k": 5}),
-         ("batchtopk", {"k": 5}), ("batchtopk", {"k": 5, "ceiling": 6})]
+         ("batchtopk", {"k": 5})]
 
 
-def _sae(arch, transcoder=False, seed=0, device="cpu", ceiling=None, **kw):
+def _sae(arch, transcoder=False, seed=0, device="cpu", **kw):
     d_out = 8 if transcoder else None
     sae = build_sae(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, d_out=d_out, site="mlp_in.0" if transcoder else None,
                               target_site="mlp.0" if transcoder else None, **kw))
@@ -35,8 +35,6 @@ def _sae(arch, transcoder=False, seed=0, device="cpu", ceiling=None, **kw):
         sae.b_enc.copy_(torch.randn(D_SAE, generator=gen) * 0.1)
         sae.b_dec.copy_(torch.randn(sae.cfg.width_out, generator=gen) * 0.1)
     sae.pre_encoder_bias.fill_(not transcoder)
-    if ceiling:
-        sae.ceiling = ceiling
     return sae.to(device)
 
 

@@ -144,27 +144,6 @@ def test_topk_and_batchtopk_selection():
     torch.testing.assert_close(relu.encode(x), relu.pre_acts(x).relu())
 
 
-def test_batchtopk_ceiling_caps_each_rows_share():
-    """Under a ceiling no row keeps more than `ceiling` of the batch's k·B slots and the slots it
-    gives up go to the other rows' next largest: BatchTopK written plainly on rows cut to their
-    `ceiling` largest, on the reference path and the fast one alike."""
-    bt = _random_sae("batchtopk", k=2)
-    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(3))
-    x[0] *= 50  # a massive row, as Gemma's newlines are
-    pre = bt.pre_acts(x).detach()
-    assert int((bt._select(pre)[0] > 0).sum()) > 3  # without a ceiling it takes more than its share
-    bt.ceiling = 3
-    cut = pre.relu().topk(3, dim=1)
-    rows = torch.zeros_like(pre).scatter(1, cut.indices, cut.values).reshape(-1)
-    vals, idx = rows.topk(2 * 7)
-    want = torch.zeros_like(rows).scatter(0, idx, vals).reshape(pre.shape)
-    got = bt._select(pre)
-    torch.testing.assert_close(got, want)
-    assert int((got[0] > 0).sum()) == 3 and int((got > 0).sum()) == 14
-    code = bt._choose(pre)
-    assert torch.equal(torch.stack([code.rows, code.cols]), want.nonzero().t())
-
-
 def test_bad_configs():
     with pytest.raises(SaescopeError, match="unknown SAE architecture 'gated'"):
         SAEConfig(arch="gated", d_in=4, d_sae=8)

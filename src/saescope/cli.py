@@ -89,8 +89,6 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--norm-cap", type=float, default=None,
                    help="rows above this × the median centred norm weigh in the loss as if at it "
                         "(default 5; batchtopk, and a target L0 trained as it, 1; 0: off)")
-    o.add_argument("--ceiling-steps", type=int, default=None,
-                   help="batchtopk training: for this many first steps no row takes more than c·k latents (c 4 → 44)")
     o.add_argument("--threshold-init", default=None, choices=["constant", "quantile"],
                    help="quantile (the default with --target-l0): θ from the first batch so that L0 starts at the target")
     h2 = t.add_argument_group("recipe")
@@ -314,7 +312,7 @@ def _train_config(args):
         "matryoshka": args.matryoshka and numbers(args.matryoshka, int),
         "matryoshka_weights": args.matryoshka_weights and numbers(args.matryoshka_weights, float),
         "dead_aux": args.dead_aux, "input_ste": args.input_ste, "threshold_init": args.threshold_init,
-        "norm_cap": args.norm_cap, "train_as": args.train_as, "ceiling_steps": args.ceiling_steps,
+        "norm_cap": args.norm_cap, "train_as": args.train_as,
     }.items() if v is not None}
     top = {k: v for k, v in {
         "store": args.store, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,

@@ -112,10 +112,6 @@ class SAESpec(_Config):
     threshold_init: Literal["constant", "quantile"] = Field(
         "constant", description="jumprelu: θ = 0.001 (the paper), or per-latent quantiles of the first batch's "
                                 "pre-activations, so that L0 starts at the target")
-    ceiling_steps: int = Field(0, ge=0, description="batchtopk (and a jumprelu trained as it): for this many first "
-                                                  "steps no row takes more than c·k of the batch's latents, c rising "
-                                                  "from 4 to 44, so that a random encoder does not hand most of them "
-                                                  "to the few massive-norm rows; 0: off")
     train_as: Literal["jumprelu", "batchtopk"] = Field(
         "jumprelu", description="jumprelu with target_l0: trained as itself, or as BatchTopK at k = each target and "
                                 "saved as JumpReLU with a threshold per latent from the last training rows (Gemma "
@@ -160,8 +156,6 @@ class SAESpec(_Config):
             raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
         if self.train_as == "batchtopk":
             self._trains_as_batchtopk()
-        if self.ceiling_steps and "batchtopk" not in (self.arch, self.train_as):
-            raise ValueError(f"ceiling_steps shares BatchTopK's latents among rows: it is for batchtopk training, not {self.arch}")
         if self.sparsity == "quadratic" and not self.target_l0:
             raise ValueError("sparsity 'quadratic' penalises the distance to each target_l0: set target_l0")
         if self.threshold_init == "quantile" and not self.target_l0:

@@ -58,7 +58,6 @@ class BatchTopKSAE(TopKSAE):
     rank's largest values are among the batch's n largest)."""
 
     across = None
-    ceiling = None  # the most of the batch's slots one row may take; the trainer sets it at the start
 
     def __init__(self, cfg: SAEConfig):
         super().__init__(cfg)
@@ -74,22 +73,13 @@ class BatchTopKSAE(TopKSAE):
             vals, idx = vals[:keep], idx[:keep]
         return vals, idx
 
-    def _under_ceiling(self, pre: torch.Tensor) -> torch.Tensor:
-        """pre with each row's entries below its `ceiling`-th largest out of the running (−∞): a
-        random encoder's pre-activations grow with the row's norm, so without it the few rows of
-        Gemma's massive tokens take most of the batch's slots and most rows get none."""
-        if self.ceiling is None or self.ceiling >= pre.shape[1]:
-            return pre
-        cut = pre.detach().topk(self.ceiling, dim=1).values[:, -1:]
-        return pre.masked_fill(pre < cut, -torch.inf)
-
     def _select(self, pre: torch.Tensor) -> torch.Tensor:
-        flat = self._under_ceiling(pre).relu().reshape(-1)
+        flat = pre.relu().reshape(-1)
         vals, idx = self._kept(flat, pre.shape[0])
         return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre.shape)
 
     def _choose(self, pre: torch.Tensor) -> Code:
-        return Code.from_flat(pre, self._kept(self._under_ceiling(pre).reshape(-1), pre.shape[0])[1])
+        return Code.from_flat(pre, self._kept(pre.reshape(-1), pre.shape[0])[1])
 
     @torch.no_grad()
     def fit_threshold(self, x: torch.Tensor) -> None:

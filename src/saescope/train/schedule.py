@@ -24,19 +24,6 @@ def coeff_at(step: int, coeff: float, warmup: int) -> float:
     return coeff if step >= warmup else coeff * step / warmup
 
 
-# BatchTopK's start (`ceiling_steps`): the most slots a row may take, in units of k, first and last
-CEILING = (4, 44)
-
-
-def ceiling_at(step: int, steps: int, k: int) -> int | None:
-    """BatchTopK's per-row ceiling at `step`: rising linearly over the first `steps` steps from
-    CEILING[0]·k to CEILING[1]·k, then none (the README: Dictionary quality, measured it)."""
-    if step >= steps:
-        return None
-    first, last = CEILING
-    return round(k * (first + (last - first) * (step + 1) / steps))
-
-
 class TargetL0:
     """Adapts λ so that the SAE's L0 settles on `target`.
 

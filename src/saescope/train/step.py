@@ -46,7 +46,6 @@ class Member:
     controller: TargetL0 | None = None
     lr_factor: float = 1.0      # this SAE's lr over the configured one (lr_scale)
     signum_steps: dict = field(default_factory=dict)  # signum: a parameter's step per unit of lr (else 1)
-    ceiling_steps: int = 0                    # BatchTopK: steps under the per-row ceiling (schedule.ceiling_at)
     sums: dict = field(default_factory=dict)  # metrics accumulated since the last log line
     steps: int = 0                            # steps in `sums`
     bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)

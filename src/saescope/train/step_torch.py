@@ -12,7 +12,6 @@ from schedulefree import ScheduleFreeWrapper
 from ..sae import SparseAutoencoder
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
 from .distributed import average_step
-from .schedule import ceiling_at
 from .step import Backend, Member
 
 
@@ -142,8 +141,6 @@ class TorchStep(Backend):
         With `variance` (loss "fvu"), the gradient is the objective's over it."""
         t = self.trainer
         coeff = m.coefficient(t.step, t.coeff_warmup)
-        if m.ceiling_steps:
-            m.sae.ceiling = ceiling_at(t.step, m.ceiling_steps, m.sae.cfg.k)
         with self._autocast():
             out = m.sae.training_loss(x, y, coeff, dead=m.since_fired >= t.dead_tokens,
                                        path=self.cfg.kernels, workspace=self.workspace, pre=pre)

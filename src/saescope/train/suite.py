@@ -70,8 +70,7 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
                ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),
                ("iste", spec.input_ste), (spec.threshold_init[0] + "init", not spec.is_default("threshold_init")),
-               (f"cap{spec.norm_cap:g}", not spec.is_default("norm_cap")), ("btk", spec.train_as == "batchtopk"),
-               (f"ceil{spec.ceiling_steps}", not spec.is_default("ceiling_steps"))]
+               (f"cap{spec.norm_cap:g}", not spec.is_default("norm_cap")), ("btk", spec.train_as == "batchtopk")]
     return f"{site}-{kind}-{width_label(width)}-{tag}" + "".join(f"-{o}" for o, on in options if on)
 
 

@@ -128,7 +128,6 @@ class Trainer:
                                        torch.zeros(p.width, dtype=torch.long, device=self.device), controller,
                                        lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
                                        signum_steps=self._signum_steps(first_batch[p.site].to(self.device) / c),
-                                       ceiling_steps=spec.ceiling_steps if p.arch == "batchtopk" else 0,
                                        bad_step=torch.tensor(-1, device=self.device),
                                        bad_loss=torch.tensor(0.0, device=self.device)))
         self.backend.setup(self)
