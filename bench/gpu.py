@@ -209,7 +209,8 @@ def _steps(a, sizes: Sizes, parts: dict) -> dict:
                 if a.cuda:
                     torch.cuda.empty_cache()
                 if "sec_per_step_median" in line:
-                    line["step_tflops"] = 12 * sizes.batch * sizes.d_in * width / line["sec_per_step_median"] / 1e12
+                    # train_step's roofline (the step's dense FLOPs per second) over its matmul rate, undone
+                    line["step_tflops"] = line["dense_roofline_fraction"] * line["matmul_gflops"] / 1000
                     if width in bf16:
                         line["of_bf16_matmul"] = line["step_tflops"] / bf16[width]
     dense = {(l["arch"], l["d_sae"], l["precision"]): l["tokens_per_s"] for l in lines
