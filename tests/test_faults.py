@@ -65,8 +65,19 @@ def _work_seconds(cmd: list[str], started) -> float:
 
 def _kill_then_finish(cmd: list[str], seed: int, work: float, started) -> None:
     """SIGKILL `cmd` at a random point of its work (seeded), then run it again to the end."""
+    share = random.Random(seed).uniform(0.05, 0.7)
+    _kill_when(cmd, started, lambda since: since >= share * work)
+
+
+def _kill_when(cmd: list[str], started, due) -> None:
+    """SIGKILL `cmd` once `due(seconds at work)` holds, then run it again to the end. A job whose
+    progress can be read is better killed by it than by time: the machine's load changes between
+    the timed run and this one."""
     job = _at_work(cmd, started)
-    time.sleep(random.Random(seed).uniform(0.05, 0.7) * work)
+    start = time.monotonic()
+    while not due(time.monotonic() - start):
+        assert job.poll() is None, "finished before the kill: make the job longer"
+        time.sleep(0.005)
     assert job.poll() is None, "finished before the kill: make the job longer"
     job.send_signal(signal.SIGKILL)
     job.wait()
@@ -125,12 +136,14 @@ def _trained(out: Path) -> tuple[dict, list]:
 
 @pytest.mark.slow
 def test_killed_training_resumes_to_the_same_saes_and_log(store, tmp_path):
-    work = _work_seconds(_train(store, tmp_path / "whole"), lambda: (tmp_path / "whole" / "metrics.jsonl").is_file())
+    _run(_train(store, tmp_path / "whole"))
     weights, log = _trained(tmp_path / "whole")
     assert len(weights) == 4 and len(log) == 4 * 48
     for seed in SEEDS:
         out = tmp_path / f"cut{seed}"
-        _kill_then_finish(_train(store, out), seed, work, lambda: (out / "metrics.jsonl").is_file())
+        lines = int(random.Random(seed).uniform(0.05, 0.7) * len(log))  # killed once that many are logged
+        _kill_when(_train(store, out), lambda: (out / "metrics.jsonl").is_file(),
+                   lambda _: (out / "metrics.jsonl").read_bytes().count(b"\n") >= lines)
         got, got_log = _trained(out)
         for name, state in weights.items():
             for key, value in state.items():

@@ -22,13 +22,19 @@ from .schedule import TargetL0, coeff_at
 # - "coordinate": the median over coordinates of a centred coordinate's RMS. b_dec sits among the
 #   input's coordinates, most of which are small beside the few massive dims of models like Gemma;
 #   stepped by the mean-square scale, which those dims set, it swept the ordinary coordinates'
-#   whole range every few steps, and the dictionaries did worse on unfamiliar text (README).
+#   whole range every few steps, and the dictionaries did worse on unfamiliar text (README). Even
+#   a median coordinate's step is too much: where the mean error is near zero its gradient's sign
+#   is noise, so b_dec random-walks, and the walk grows with the run. The constant offset it leaves
+#   is a small share of the squared error but costs the model far more than the rest of the error
+#   (it is the same on every token, so attention does not average it away), mostly in the input's
+#   low-variance directions. b_dec therefore steps a small fraction of that scale (README:
+#   Optimizer and learning rate; sparsify's raw-unit step is of the same order).
 # - "pre": the RMS of a centred coordinate, about a pre-activation's spread at initialisation. θ steps
 #   ten: the encoder's sign steps move a latent's pre-activations by about lr × that × d_in a step,
 #   so a θ that moved one (as b_enc does) stayed where it started while they swept past it, and the
 #   sparsity penalty, which reaches θ alone, could not hold L0. Both factors were measured (README:
 #   Optimizer and learning rate).
-SIGNUM_UNITS = {"b_enc": ("pre", 1.0), "b_dec": ("coordinate", 1.0), "theta": ("pre", 10.0)}
+SIGNUM_UNITS = {"b_enc": ("pre", 1.0), "b_dec": ("coordinate", 0.005), "theta": ("pre", 10.0)}
 
 
 @dataclass
