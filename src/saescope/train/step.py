@@ -28,7 +28,7 @@ from .schedule import TargetL0, coeff_at
 #   is a small share of the squared error but costs the model far more than the rest of the error
 #   (it is the same on every token, so attention does not average it away), mostly in the input's
 #   low-variance directions. b_dec therefore steps a small fraction of that scale (README:
-#   Optimizer and learning rate; sparsify's raw-unit step is of the same order).
+#   Optimizer and learning rate; sparsify's raw-unit step is smaller still, near frozen).
 # - "pre": the RMS of a centred coordinate, about a pre-activation's spread at initialisation. θ steps
 #   ten: the encoder's sign steps move a latent's pre-activations by about lr × that × d_in a step,
 #   so a θ that moved one (as b_enc does) stayed where it started while they swept past it, and the
