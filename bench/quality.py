@@ -13,7 +13,8 @@ again (the `epochs` column). Evaluation: the corpus's own held-out documents and
 distribution prose (Debian's fortunes), --eval-tokens each: delta LM loss with its per-sequence
 standard error, FVU (also without Gemma's massive dims), KL, L0, dense latents (> 10% of held-out
 tokens), dead latents (training counters: unfired over the last 10% of tokens), first-letter
-absorption. Prints one table and writes quality.md, quality.json and a Pareto plot per budget.
+absorption (SAEBench's full-absorption rate and absorption fraction). Prints one table and writes
+quality.md, quality.json and a Pareto plot per budget.
 
 Each variant pins its whole recipe (so the "before" rows reproduce after defaults change), except
 `default`, which is `saescope train` as it stands. Trained SAEs and their evaluations are kept
@@ -163,6 +164,7 @@ def evaluate_all(paths: dict[str, Path], a) -> dict[str, dict]:
         for key, sae in saes.items():
             absorbed = absorption_from_activations(sae, x, [c for _, c in words])
             results[key]["absorption"] = absorbed["absorption_rate"]
+            results[key]["absorption_fraction"] = absorbed["absorption_fraction"]
             results[key]["train"] = sae.cfg.extra.get("final_metrics", {})
             cached(todo[key]).write_text(json.dumps(results[key]))
     return {key: json.loads(cached(p).read_text()) for key, p in paths.items()}
@@ -188,20 +190,21 @@ def row(name: str, width: int, budget: int, store_rows: int, r: dict, folder: Pa
             "fvu": i["fvu"], "fvu_without_massive_dims": i["fvu_without_massive_dims"], "ood_fvu": o["fvu"],
             "kl": i["kl"], "kl_se": i["kl_se"], "dense_fraction": max(i["dense_fraction"], o["dense_fraction"]),
             "dead_fraction": r["train"].get("dead_fraction", math.nan), "absorption": r["absorption"],
+            "absorption_fraction": r.get("absorption_fraction", math.nan),
             "train_seconds": float(seconds) if seconds else r["train"].get("train_seconds", math.nan),
             "train_l0_step_100": at_100, "train_l0_end": at_end}
 
 
 def markdown(rows: list[dict]) -> str:
     head = ("| budget | width | variant | epochs | L0 | Δ loss (in) | L0 ood | Δ loss (ood) | FVU | FVU w/o massive | "
-            "FVU ood | KL | dense | dead (train) | absorption | train L0 @100, end | train s |")
+            "FVU ood | KL | dense | dead (train) | absorption full, fraction | train L0 @100, end | train s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['budget'] / 1e6:g}M | {r['width']} | {r['variant']} | {r['epochs']:g} | {r['l0']:.1f} | "
                      f"{r['delta_loss']:.3f} ± {r['delta_loss_se']:.3f} | {r['ood_l0']:.1f} | "
                      f"{r['ood_delta_loss']:.3f} ± {r['ood_delta_loss_se']:.3f} | {r['fvu']:.3f} | "
                      f"{r['fvu_without_massive_dims']:.3f} | {r['ood_fvu']:.3f} | {r['kl']:.3f} ± {r['kl_se']:.3f} | "
-                     f"{r['dense_fraction']:.3f} | {r['dead_fraction']:.3f} | {r['absorption']:.3f} | "
+                     f"{r['dense_fraction']:.3f} | {r['dead_fraction']:.3f} | {r['absorption']:.3f}, {r['absorption_fraction']:.3f} | "
                      f"{r['train_l0_step_100']:.0f}, {r['train_l0_end']:.0f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
 

@@ -123,14 +123,26 @@ def test_absorption_on_a_planted_split():
     result = absorption_from_activations(clean, x, labels)
     assert result["probe_accuracy"] > 0.95 and result["absorption_rate"] == 0.0
     assert result["letters"]["a"]["main_latents"] == [0]
+    assert result["absorption_fraction"] == 0.0
     # the 'a' latent goes silent on marked words; one latent per marked word fires instead and
-    # writes along e0 + its marker, so it carries the letter's direction
-    enc = torch.cat([eye[:, :4], eye[:, 4:]], 1)
+    # reconstructs the whole word (3·e0 + 1.5·its marker), so it carries the letter's direction
+    enc = torch.cat([eye[:, :4], eye[:, 4:] * (45 ** 0.5 / 1.5)], 1)
     enc[4:, 0] = -2.0
-    dec = torch.cat([eye[:4], eye[4:] + eye[0]], 0)
+    dec = torch.cat([eye[:4], 1.5 * eye[4:] + 3 * eye[0]], 0)
     absorbing = _dictionary(enc, dec, theta=1.0)
     result = absorption_from_activations(absorbing, x, labels)
     a = result["letters"]["a"]
     assert a["main_latents"][0] == 0 and a["absorbed"] > 0 and a["absorbed"] == a["missed_by_main"]
     assert all(result["letters"][c]["absorbed"] == 0 for c in "bcd")
+    # fully absorbed words count 1 in the fraction too, words the main latent covers 0
+    assert result["absorption_fraction"] == pytest.approx(result["absorption_rate"])
+    # partial: the 'a' latent still fires on marked words at half strength and the marker latent
+    # supplies the other half, so the words count in the fraction, not in the full-absorption rate
+    enc = torch.cat([eye[:, :4], eye[:, 4:] * (1.5 ** 2 * 2) ** 0.5 / 1.5], 1)
+    enc[4:, 0] = -1.0
+    dec = torch.cat([eye[:4], 1.5 * eye[4:] + 1.5 * eye[0]], 0)
+    partial = absorption_from_activations(_dictionary(enc, dec, theta=1.0), x, labels)
+    assert partial["absorption_rate"] == 0.0
+    assert 0.2 < partial["letters"]["a"]["absorption_fraction"] / a["absorption_fraction"] < 0.8
+    assert all(partial["letters"][c]["absorption_fraction"] == 0.0 for c in "bcd")
     assert 0.05 < result["absorption_rate"] < 0.25

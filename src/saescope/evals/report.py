@@ -120,11 +120,13 @@ def _absorption_lines(a: dict) -> list[str]:
     worst = sorted(a["letters"].items(), key=lambda kv: -kv[1]["absorbed"] / max(kv[1]["test_words"], 1))[:5]
     return [
         "## Feature absorption (first letters)", "",
-        f"`{a['sae']}` (L0 {a['l0']:.1f}): absorption rate **{a['absorption_rate']:.3f}** over {a['n_words']} "
-        f"whole-word tokens; the first-letter probe is right on {a['probe_accuracy']:.1%} of held-out words. "
-        "A word counts as absorbed when the probe gets its letter right, the letter's main latents stay "
-        f"silent, and one other active latent aligned with the letter (decoder cosine > {a['cos_threshold']}) carries "
-        f"at least {a['share']:.0%} of the reconstruction along the letter's probe direction.", "",
+        f"`{a['sae']}` (L0 {a['l0']:.1f}): full absorption rate **{a['absorption_rate']:.3f}**, absorption "
+        f"fraction **{a['absorption_fraction']:.3f}**, over {a['n_words']} whole-word tokens; the first-letter "
+        f"probe is right on {a['probe_accuracy']:.1%} of held-out words. A word the probe gets right is fully "
+        "absorbed when the letter's main latents stay silent and the latent projecting most onto the probe "
+        f"direction (decoder cosine > {a['cos_threshold']}) makes up at least {a['share']:.0%} of the "
+        "activation's projection; the fraction is the part of that projection the main latents leave and up "
+        f"to three other aligned latents (cosine > {a['fraction_cos_threshold']}) supply (SAEBench's two scores).", "",
         "Most absorbed letters: " + ", ".join(
             f"{c} ({v['absorbed']}/{v['test_words']})" for c, v in worst), "",
     ]
