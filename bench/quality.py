@@ -87,6 +87,10 @@ VARIANTS: dict[str, Variant] = {
     # Gemma Scope 2 shipped BatchTopK-trained dictionaries as JumpReLU: per-latent thresholds from training rows
     "batchtopk-as-jumprelu": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=5.0)),
     "batchtopk-as-jumprelu-cap1": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=1.0)),
+    # the default with one option each (nothing else pinned, so they follow the default)
+    "default-matryoshka": Variant({}, {"arch": "jumprelu", "target_l0": "L0", "matryoshka": "WIDTH/16,WIDTH/4"}),
+    # τ below 10%: the hinge holds a latent near τ on training rows, and held-out counts scatter around it
+    "default-freq": Variant({}, {"arch": "jumprelu", "target_l0": "L0", "frequency_penalty": 1.0, "frequency_threshold": 0.08}),
     "sparsify-topk": Variant(peer="sparsify"),
     "saelens-jumprelu": Variant(peer="sae_lens"),
 }
@@ -124,7 +128,7 @@ def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Pat
     from saescope.data import ActivationStore
     from saescope.train import train
 
-    pinned = {} if name == "default" else {"norm_cap": 0.0}  # the variants from before the cap was a default
+    pinned = {} if name.startswith("default") else {"norm_cap": 0.0}  # the variants from before the cap was a default
     spec = SAESpec(sites=[SITE], widths=[width], **{**pinned, **{k: _fill(x, a.l0, width) for k, x in v.spec.items()}})
     cfg = TrainConfig(store=str(a.store), saes=[spec], tokens=budget, batch_size=BATCH, checkpoint_every=0,
                       log_every=10, **v.recipe)

@@ -236,7 +236,10 @@ def test_fast_paths_equal_the_reference_with_each_objective(kernels, tmp_path, d
             SAESpec(**common, norm_cap=1.5),
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4], matryoshka=[8, 24]),
             SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4], norm_cap=1.5),
-            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4], matryoshka=[16])]
+            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4], matryoshka=[16]),
+            SAESpec(sites=["resid.0"], arch="topk", widths=[D_SAE], ks=[4], frequency_penalty=0.5, frequency_threshold=0.05),
+            SAESpec(sites=["resid.0"], arch="batchtopk", widths=[D_SAE], ks=[4], frequency_penalty=0.5,
+                    frequency_threshold=0.05)]
     _lockstep(saes, kernels, tmp_path, device)
 
 

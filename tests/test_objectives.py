@@ -15,8 +15,8 @@ from saescope.config import SAESpec, TrainConfig, validated
 from saescope.data import TensorSource
 from saescope.sae.fast import Code
 from saescope.sae.jumprelu import JumpReLUFn, StepFn
-from saescope.sae.objectives import (Encoded, Objective, frequency_penalty, reconstruction, sparsity_penalty,
-                                     squared_error)
+from saescope.sae.objectives import (Encoded, Objective, activation_frequency_penalty, frequency_penalty,
+                                     reconstruction, sparsity_penalty, squared_error)
 from saescope.train import trainer_for
 
 EPS = 0.01
@@ -84,6 +84,61 @@ def test_frequency_penalty_reaches_only_dense_latents():
     assert torch.all(z.grad == 0)  # no input STE: nothing reaches the pre-activations
     want = w * (share - tau).clamp_min(0).sum()
     torch.testing.assert_close(frequency_penalty(obj, Encoded(h, None, h.sum(), h.sum(1), h.sum(0))), want)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_the_frequency_penalty_without_a_threshold_lowers_dense_latents_activations(sparse):
+    """TopK's and BatchTopK's form: the value is w·Σ max(0, p_i − τ) of the firing counts, and each
+    activation of a latent over τ gets w/(B·its mean activation), the others nothing; a sparse
+    code gives what the dense matrix gives."""
+    w, tau = 2.0, 0.4
+    f = torch.tensor([[0.5, 0.0, 2.0, 0.0, 0.1],
+                      [1.5, 0.0, 0.0, 0.3, 0.0],
+                      [0.0, 0.2, 4.0, 0.0, 0.0],
+                      [1.0, 0.0, 6.0, 0.0, 0.0],
+                      [0.0, 0.0, 0.0, 0.9, 0.0],
+                      [2.0, 0.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    obj = Objective(frequency_penalty=w, frequency_threshold=tau)
+    if sparse:
+        code = Code.from_mask(f.detach(), f.detach() > 0)
+        enc = Encoded(f[code.rows, code.cols], code, (f > 0).sum().float())
+    else:
+        enc = Encoded.of_dense(f)
+    penalty = activation_frequency_penalty(obj, enc)
+    fired = (f.detach() > 0).float()
+    share = fired.mean(0)  # 4/6, 1/6, 3/6, 2/6, 1/6: latents 0 and 2 are over τ
+    torch.testing.assert_close(penalty, w * (share - tau).clamp_min(0).sum())
+    penalty.backward()
+    mean = f.detach().sum(0) / fired.sum(0)
+    want = (w * (share > tau).float() / (B * mean)).expand(B, M) * fired
+    torch.testing.assert_close(f.grad * fired, want)  # the top-k's mask drops what reaches unfired entries
+    assert torch.all(f.grad[:, [1, 3, 4]] == 0) and torch.all(f.grad[:, [0, 2]][fired[:, [0, 2]] > 0] > 0)
+
+
+def test_the_frequency_penalty_keeps_a_dense_feature_under_its_threshold(tmp_path):
+    """A planted dictionary plus one direction on 60% of tokens: the default target-L0 SAE (trained
+    as BatchTopK) gives it a latent firing far above τ; with the penalty every latent stays near τ
+    on held-out rows and the reconstruction barely changes."""
+    from saescope.train import train
+
+    x, _, _ = planted(n=60_000, l0=4.0)
+    g = torch.Generator().manual_seed(5)
+    direction = torch.nn.functional.normalize(torch.randn(x.shape[1], generator=g), dim=0)
+    x = x + ((torch.rand(len(x), generator=g) < 0.6) * (torch.rand(len(x), generator=g) * 2 + 1))[:, None] * direction
+    held, result = x[50_000:], {}
+    for w in (0.0, 1.0):
+        spec = SAESpec(sites=["resid.0"], widths=[128], target_l0=[5.0], frequency_penalty=w, frequency_threshold=0.2)
+        cfg = TrainConfig(saes=[spec], tokens=100 * 512, batch_size=512, checkpoint_every=0, log_every=10)
+        [path] = train(cfg, tmp_path / str(w), source=TensorSource({"resid.0": x[:50_000]}), progress=False)
+        sae = load_sae(path)
+        assert sae.cfg.arch == "jumprelu" and "converted_from" in sae.cfg.extra
+        with torch.no_grad():
+            f = sae.encode(held)
+            fvu = float(((sae.decode(f) - held) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
+        result[w] = float((f > 0).float().mean(0).max()), fvu
+    (plain_share, plain_fvu), (share, fvu) = result[0.0], result[1.0]
+    assert plain_share > 0.3 and share < 0.22, result
+    assert fvu < 1.15 * plain_fvu, result
 
 
 def test_tanh_penalty_gradient():
@@ -164,14 +219,15 @@ def test_the_norm_cap_weighs_massive_rows_as_if_at_the_cap(matryoshka):
 
 def test_bad_objectives_are_one_line_errors():
     for values, text in [({"sparsity": "cubic"}, "sparsity"), ({"threshold_init": "median"}, "threshold_init"),
-                         ({"arch": "topk", "frequency_penalty": 1.0}, "for jumprelu"),
+                         ({"arch": "topk", "dead_aux": 1.0}, "for jumprelu"),
+                         ({"arch": "relu", "frequency_penalty": 1.0}, "not relu"),
                          ({"sparsity": "quadratic"}, "set target_l0"),
                          ({"threshold_init": "quantile"}, "set target_l0"),
                          ({"widths": [64], "matryoshka": [16, 8]}, "increasing"),
                          ({"widths": [64], "matryoshka": [16, 64]}, "not below"),
                          ({"widths": [64], "matryoshka": [16], "matryoshka_weights": [1.0]}, "2 weights"),
                          ({"norm_cap": -1.0}, "norm_cap"),
-                         ({"target_l0": [4.0], "train_as": "batchtopk", "frequency_penalty": 1.0}, "would be ignored"),
+                         ({"target_l0": [4.0], "train_as": "batchtopk", "dead_aux": 1.0}, "would be ignored"),
                          ({"target_l0": [4.5]}, "must be whole"),
                          ({"arch": "topk", "train_as": "batchtopk"}, "for jumprelu entries with target_l0")]:
         with pytest.raises(SaescopeError) as err:
@@ -236,6 +292,8 @@ EVERY_OPTION = [
     SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], norm_cap=1.5),
     SAESpec(sites=["resid.0"], arch="batchtopk", widths=[32], ks=[3], matryoshka=[8]),
     SAESpec(sites=["resid.0"], widths=[32], target_l0=[3.0], matryoshka=[8]),  # trained as BatchTopK, saved as JumpReLU
+    SAESpec(sites=["resid.0"], arch="topk", widths=[32], ks=[3], frequency_penalty=1.0, frequency_threshold=0.2),
+    SAESpec(sites=["resid.0"], widths=[32], target_l0=[3.0], frequency_penalty=1.0, frequency_threshold=0.2),
 ]
 
 

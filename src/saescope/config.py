@@ -68,8 +68,8 @@ BATCHTOPK_NORM_CAP = 1.0
 # what a JumpReLU target L0 brings unless the entry sets it (λ only with the quadratic penalty)
 TARGET_RECIPE = {"sparsity": "quadratic", "threshold_init": "quantile", "lambdas": [QUADRATIC_LAMBDA]}
 # the settings that only a JumpReLU trained as itself reads: an entry that sets one is trained so
-JUMPRELU_TRAINING = ("sparsity", "lambdas", "threshold_init", "quadratic_form", "tanh_scale", "frequency_penalty",
-                     "frequency_threshold", "dead_aux", "input_ste", "theta_param", "bandwidth")
+JUMPRELU_TRAINING = ("sparsity", "lambdas", "threshold_init", "quadratic_form", "tanh_scale", "dead_aux", "input_ste",
+                     "theta_param", "bandwidth")
 # how a JumpReLU target L0 is trained unless the entry says (README: Dictionary quality)
 TARGET_TRAIN_AS = "batchtopk"
 
@@ -100,7 +100,7 @@ class SAESpec(_Config):
                           "or λ·Σ tanh(s·f)")
     quadratic_form: Literal["batch", "token"] = Field("batch", description="quadratic: of the batch's mean L0, or per token")
     tanh_scale: float = Field(4.0, gt=0, description="tanh: s in tanh(s·f)")
-    frequency_penalty: float = Field(0.0, ge=0, description="jumprelu: weight w of w·Σ max(0, p_i − τ), p_i latent i's firing share")
+    frequency_penalty: float = Field(0.0, ge=0, description="jumprelu, topk, batchtopk: weight w of w·Σ max(0, p_i − τ), p_i latent i's firing share")
     frequency_threshold: float = Field(0.1, gt=0, lt=1, description="τ: the firing share above which a latent pays")
     matryoshka: list[int] = Field(default_factory=list, description="prefix widths that each reconstruct alone (the whole is implied last)")
     matryoshka_weights: list[float] = Field(default_factory=list, description="one per prefix and the whole (default equal, summing to 1)")
@@ -149,11 +149,13 @@ class SAESpec(_Config):
 
     @model_validator(mode="after")
     def _objective_fits(self):
-        jumprelu_only = [name for name, on in (("sparsity", self.sparsity != "l0"), ("frequency_penalty", self.frequency_penalty),
-                                               ("dead_aux", self.dead_aux), ("input_ste", self.input_ste),
+        jumprelu_only = [name for name, on in (("sparsity", self.sparsity != "l0"), ("dead_aux", self.dead_aux),
+                                               ("input_ste", self.input_ste),
                                                ("threshold_init", self.threshold_init != "constant")) if on]
         if self.arch != "jumprelu" and jumprelu_only:
             raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
+        if self.arch == "relu" and self.frequency_penalty:
+            raise ValueError("frequency_penalty is for jumprelu, topk and batchtopk SAEs, not relu (its L1 penalty already reaches every latent)")
         if self.train_as == "batchtopk":
             self._trains_as_batchtopk()
         if self.sparsity == "quadratic" and not self.target_l0:

@@ -8,7 +8,10 @@ that the reference and both fast paths (fast.py) share every formula.
   L0 here is the straight-through count, so each reaches θ through SPEC §2's pseudo-derivative.
 - Frequency: w·Σ_i max(0, p_i − τ) with p_i the share of the batch's tokens on which latent i
   fires (the same straight-through indicator): only latents firing more often than τ pay, and
-  they pay by raising θ, so no latent becomes dense.
+  they pay by raising θ, so no latent becomes dense. TopK and BatchTopK have no θ and no
+  indicator to differentiate; there p_i is written as the latent's total activation over its
+  mean activation (held constant), which is the share in value and whose gradient lowers that
+  latent's activations, so that the top-k cut keeps it on fewer tokens.
 - Matryoshka: nested prefixes of the latents each reconstruct the target alone (the partial
   sums of the decoder share one pass), the losses weighted and summed; low-index latents then
   carry the frequent, general directions (less feature absorption).
@@ -137,6 +140,14 @@ class Encoded:
         """Σ over the batch and latents of fn(f), for an fn with fn(0) = 0."""
         return fn(self.values).sum()
 
+    def latent_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([m] Σ over the batch of each latent's activations, in the graph; [m] its firing count)."""
+        if self.code is None:
+            return self.values.sum(0), (self.values.detach() > 0).sum(0).to(self.values.dtype)
+        zeros = self.values.new_zeros(self.code.width)
+        return (zeros.index_add(0, self.code.cols, self.values),
+                zeros.index_add(0, self.code.cols, (self.values.detach() > 0).to(self.values.dtype)))
+
     def weighted(self, w: torch.Tensor) -> torch.Tensor:
         """Σ over the batch of Σ_i f_i·w_i."""
         if self.code is None:
@@ -203,4 +214,15 @@ def frequency_penalty(objective: Objective, enc: Encoded) -> torch.Tensor | floa
     if not objective.frequency_penalty:
         return 0.0
     share = enc.latents / enc.batch
+    return objective.frequency_penalty * (share - objective.frequency_threshold).clamp_min(0).sum()
+
+
+def activation_frequency_penalty(objective: Objective, enc: Encoded) -> torch.Tensor | float:
+    """The same penalty for codes without a threshold (TopK, BatchTopK): p_i = Σ_b f_bi / (B·mean_i),
+    the mean of latent i's non-zero activations held constant."""
+    if not objective.frequency_penalty:
+        return 0.0
+    total, count = enc.latent_totals()
+    mean = (total.detach() / count.clamp_min(1)).clamp_min(torch.finfo(total.dtype).tiny)
+    share = total / (mean * enc.batch)
     return objective.frequency_penalty * (share - objective.frequency_threshold).clamp_min(0).sum()

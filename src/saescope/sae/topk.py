@@ -6,7 +6,7 @@ import torch
 
 from .base import AUXK_COEFF, SAEConfig, SparseAutoencoder
 from .fast import Code, buffer
-from .objectives import Encoded, reconstruction
+from .objectives import Encoded, activation_frequency_penalty, reconstruction
 
 
 class TopKSAE(SparseAutoencoder):
@@ -39,6 +39,7 @@ class TopKSAE(SparseAutoencoder):
                 chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
                 enc = self._dense_encoded(x, chosen, None, workspace)
         loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, self.objective)
+        loss = loss + activation_frequency_penalty(self.objective, enc)
         residual = target - x_hat.detach()
         out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
         if path == "reference":
