@@ -8,7 +8,7 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-gpu bench-quality setup clean
+.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-gpu bench-quality bench-multilayer setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -37,7 +37,8 @@ bench-suite: $(STAMP) $(PEERS)/.installed
 bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py --out runs/gpu.json
 
-# SAELens reads the SAELens folders we write (every objective option, BatchTopK before and after conversion).
+# SAELens reads the SAELens and Gemma Scope 2 folders we write (every objective option, BatchTopK
+# before and after conversion, transcoders with and without a skip).
 bench-interop: $(STAMP) $(PEERS)/.installed
 	$(PEERS)/bin/python bench/interop.py
 
@@ -48,6 +49,10 @@ QUALITY_ARGS ?= --widths 4096,16384 --budgets 0.25M,1M,4M
 bench-quality: $(STAMP) $(PEERS)/.installed
 	@test -d /usr/share/games/fortunes || apt-get install -y -q fortunes >/dev/null
 	$(BIN)/python bench/quality.py --peers $(PEERS)/bin/python $(QUALITY_ARGS)
+
+# Transcoders at equal L0 and budget on Gemma 3 270M (bench/multilayer.py): plain against skip.
+bench-multilayer: $(STAMP)
+	$(BIN)/python bench/multilayer.py
 
 $(PEERS)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(PEERS)

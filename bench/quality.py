@@ -89,6 +89,7 @@ VARIANTS: dict[str, Variant] = {
     "batchtopk-as-jumprelu-cap1": Variant(SIGNUM, _jumprelu(train_as="batchtopk", norm_cap=1.0)),
     # the default with one option each (nothing else pinned, so they follow the default)
     "default-matryoshka": Variant({}, {"arch": "jumprelu", "target_l0": "L0", "matryoshka": "WIDTH/16,WIDTH/4"}),
+    "default-cap2": Variant({}, {"arch": "jumprelu", "target_l0": "L0", "norm_cap": 2.0}),
     # τ below 10%: the hinge holds a latent near τ on training rows, and held-out counts scatter around it
     "default-freq": Variant({}, {"arch": "jumprelu", "target_l0": "L0", "frequency_penalty": 1.0, "frequency_threshold": 0.08}),
     "sparsify-topk": Variant(peer="sparsify"),

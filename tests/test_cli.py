@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from saescope import save_sae
+from saescope import load_sae, save_sae
 from saescope.cli import main
 
 
@@ -14,7 +14,7 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for name in ("harvest", "run", "sites", "info"):
+    for name in ("harvest", "run", "sites", "info", "export"):
         assert name in out
 
 
@@ -63,6 +63,19 @@ def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_pat
                  "--precision", "bfloat16", "--kernels", "sparse", "--optimizer", "signum", "--momentum", "0.9",
                  "--lr-scale", "width", "--loss", "fvu"]) == 0
     assert sorted(p.name for p in (tmp_path / "run2" / "saes").iterdir()) == ["resid.1-topk-16-k2", "resid.1-topk-16-k4"]
+    assert main(["-q", "train", "--store", str(store), "--sites", "mlp_in.1", "--transcoder", "--skip", "--widths", "16",
+                 "--tokens", "1024", "--batch-size", "128", "--out", str(tmp_path / "run3")]) == 0
+    [skip] = (tmp_path / "run3" / "saes").iterdir()
+    assert skip.name == "mlp_in.1-jumprelu-tc-16-lam0.0006-skip" and load_sae(skip).cfg.skip
+    # export: Gemma Scope 2's tree named by the training L0 (no target here), and SAELens folders
+    assert main(["-q", "export", str(tmp_path / "run3"), "--format", "gemmascope2", "--out", str(tmp_path / "gs2")]) == 0
+    l0 = round(load_sae(skip).cfg.extra["final_metrics"]["l0"])
+    exported = load_sae(tmp_path / "gs2" / "transcoder" / f"layer_1_width_16_l0_{l0}_affine")
+    assert exported.cfg.skip and exported.cfg.target_site == "mlp.1"
+    assert main(["-q", "export", str(tmp_path / "run"), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == names
+    assert main(["-q", "export", str(tmp_path / "run2"), "--format", "gemmascope2", "--out", str(tmp_path / "x")]) == 2
+    assert "resid.1-topk-16-k2: the Gemma Scope 2 format holds JumpReLU SAEs" in capsys.readouterr().err
     saved = json.loads((tmp_path / "run2" / "train_config.json").read_text())
     assert (saved["precision"], saved["kernels"]) == ("bfloat16", "sparse")
     assert (saved["optimizer"], saved["momentum"], saved["lr_scale"], saved["loss"]) == ("signum", 0.9, "width", "fvu")

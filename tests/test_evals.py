@@ -86,6 +86,16 @@ def test_identity_and_zero_splices(tiny_lm, rows):
     assert len(ident["recon_loss_by_position"]) == 32 and len(ident["firing_frequency"]) == 64
 
 
+def test_a_skip_transcoders_skip_is_in_its_splice(tiny_lm, rows):
+    """A "transcoder" of resid.1 into itself whose dictionary is silent and whose skip is the
+    identity reconstructs exactly: the evaluation adds x·A to the decode."""
+    sae = ReLUSAE(SAEConfig(arch="relu", d_in=32, d_sae=8, site="resid.1", target_site="resid.1", skip=True))
+    with torch.no_grad():
+        sae.W_skip.copy_(torch.eye(32))
+    out = evaluate({"skip": sae}, tiny_lm, rows, batch_size=4, progress=False)["skip"]
+    assert out["fvu"] < 1e-10 and abs(out["delta_loss"]) < 1e-4 and out["l0"] == 0
+
+
 def _letter_words(n_per_letter=80, n_marked=40, seed=0):
     """Words of letters a–d along e0..e3; the first `n_marked` 'a' words also carry their own marker
     direction e(4 + w), which lets a word-specific latent absorb the letter."""

@@ -26,14 +26,17 @@ CASES = [("jumprelu", {}), ("jumprelu", {"theta_param": "log"}), ("relu", {}), (
 
 
 def _sae(arch, transcoder=False, seed=0, device="cpu", **kw):
+    """transcoder: False, True, or "skip" (a skip transcoder)."""
     d_out = 8 if transcoder else None
     sae = build_sae(SAEConfig(arch=arch, d_in=D_IN, d_sae=D_SAE, d_out=d_out, site="mlp_in.0" if transcoder else None,
-                              target_site="mlp.0" if transcoder else None, **kw))
+                              target_site="mlp.0" if transcoder else None, skip=transcoder == "skip", **kw))
     gen = torch.Generator().manual_seed(seed)
     sae.init_weights(gen)
     with torch.no_grad():
         sae.b_enc.copy_(torch.randn(D_SAE, generator=gen) * 0.1)
         sae.b_dec.copy_(torch.randn(sae.cfg.width_out, generator=gen) * 0.1)
+        if sae.cfg.skip:
+            sae.W_skip.copy_(torch.randn(D_IN, 8, generator=gen) * 0.1)
     sae.pre_encoder_bias.fill_(not transcoder)
     return sae.to(device)
 
@@ -70,7 +73,7 @@ def _step(arch, kw, path, transcoder=False, dead=None, workspace=None, device="c
     return out, grads
 
 
-@pytest.mark.parametrize("transcoder", [False, True])
+@pytest.mark.parametrize("transcoder", [False, True, "skip"])
 @pytest.mark.parametrize("arch,kw", CASES)
 @pytest.mark.parametrize("path", ["dense", "sparse", "auto"])
 def test_fast_paths_equal_the_reference(arch, kw, path, transcoder, device):

@@ -15,7 +15,7 @@ from saescope.sae.formats import gemmascope_dir, width_label
 
 
 def _trained_like(arch="jumprelu", **kw):
-    cfg = SAEConfig(arch=arch, d_in=32, d_sae=64, site="resid.1", model="tiny", **kw)
+    cfg = SAEConfig(**{"arch": arch, "d_in": 32, "d_sae": 64, "site": "resid.1", "model": "tiny", **kw})
     sae = build_sae(cfg)
     gen = torch.Generator().manual_seed(0)
     sae.init_weights(gen)
@@ -131,3 +131,100 @@ def test_sae_must_fit_the_model():
         check_sae(sae, lm, "attn.1")
     with pytest.raises(SaescopeError, match="layer 7 out of range"):
         check_sae(sae, lm, "resid.7")
+
+
+def test_a_skip_transcoder_by_hand_and_in_each_format(tmp_path):
+    """y = C·(f(x/C)·W_dec + b_dec) + x·A with A d_in × d_out on the right (SPEC §8), in the training
+    loss too; SAELens's folder holds A transposed (its W_skip is d_out × d_in) under its skip
+    transcoder class; Gemma Scope's npz, which has no skip, is refused."""
+    sae = _trained_like(site="mlp_in.1", target_site="mlp.1", d_out=20, skip=True)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        sae.W_skip.copy_(torch.randn(32, 20, generator=g) * 0.2)
+    x = torch.randn(16, 32, generator=g) * 12.5
+    C = 12.5
+    pre = (x / C) @ sae.W_enc + sae.b_enc
+    f = pre * (pre > sae.threshold)
+    want = C * (f @ sae.W_dec + sae.b_dec) + x @ sae.W_skip
+    torch.testing.assert_close(sae(x), want)
+    y = torch.randn(16, 20, generator=g)
+    mse = sae.training_loss(x / C, y, 0.0, path="reference")["mse"]
+    torch.testing.assert_close(mse, ((f @ sae.W_dec + sae.b_dec + (x / C) @ sae.W_skip - y) ** 2).sum(1).mean())
+    for fmt in ("native", "saelens"):
+        back = load_sae(save_sae(sae, tmp_path / fmt, format=fmt))
+        assert back.cfg.skip and back.cfg.target_site == "mlp.1"
+        torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-4)
+    cfg = json.loads((tmp_path / "saelens" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu_skip_transcoder" and cfg["d_out"] == 20
+    assert cfg["hook_name_out"] == "blocks.1.hook_mlp_out"
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(tmp_path / "saelens" / "sae_weights.safetensors")["W_skip"], sae.W_skip.t())
+    with pytest.raises(SaescopeError, match="no skip connection") as err:
+        save_sae(sae, tmp_path / "gs", format="gemmascope")
+    assert "\n" not in str(err.value)
+    with pytest.raises(SaescopeError, match="skip connection is for transcoders"):
+        SAEConfig(d_in=4, d_sae=8, skip=True)
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder", "skip"])
+def test_gemma_scope_2_folders(tmp_path, kind):
+    """Gemma Scope 2's files (SPEC §8): params.safetensors with w_enc [d_in, F], w_dec [F, d_out] and
+    affine_skip_connection [d_in, d_out]; config.json with the hook points as module paths; the
+    folder named by kind, layer, width, L0 and _affine; read back to the same function."""
+    from safetensors.torch import load_file
+
+    from saescope.sae.formats import gemmascope2_dir
+
+    kw = {} if kind == "sae" else {"site": "mlp_in.1", "target_site": "mlp.1", "d_out": 20, "skip": kind == "skip"}
+    sae = _trained_like(**kw)
+    if sae.cfg.skip:
+        with torch.no_grad():
+            sae.W_skip.copy_(torch.randn(32, 20, generator=torch.Generator().manual_seed(5)) * 0.2)
+    sae.cfg.extra["target_l0"] = 40.0
+    folder = gemmascope2_dir(tmp_path, sae.cfg, 40.0)
+    want = {"sae": "resid_post/layer_1_width_64_l0_40", "transcoder": "transcoder/layer_1_width_64_l0_40",
+            "skip": "transcoder/layer_1_width_64_l0_40_affine"}[kind]
+    assert folder == tmp_path / want
+    save_sae(sae, folder, format="gemmascope2")
+    params = load_file(folder / "params.safetensors")
+    d_out = sae.cfg.width_out
+    shapes = {"w_enc": (32, 64), "w_dec": (64, d_out), "b_enc": (64,), "b_dec": (d_out,), "threshold": (64,)}
+    if kind == "skip":
+        shapes["affine_skip_connection"] = (32, 20)
+        assert torch.equal(params["affine_skip_connection"], sae.W_skip)
+    assert {k: tuple(v.shape) for k, v in params.items()} == shapes
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "jump_relu" and config["l0"] == 40.0 and config["width"] == 64
+    if kind == "sae":
+        assert config["type"] == "sae" and config["hf_hook_point_in"] == "model.layers.1.output"
+    else:
+        assert config["type"] == "transcoder" and config["affine_connection"] == (kind == "skip")
+        assert config["hf_hook_point_in"] == "model.layers.1.pre_feedforward_layernorm.output"
+        assert config["hf_hook_point_out"] == "model.layers.1.post_feedforward_layernorm.output"
+    back = load_sae(folder)
+    assert (back.cfg.site, back.cfg.target_site, back.cfg.skip) == (sae.cfg.site, sae.cfg.target_site, sae.cfg.skip)
+    x = torch.randn(16, 32) * 12.5
+    torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-4)
+
+
+def test_gemma_scope_2_refusals(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with pytest.raises(SaescopeError, match="holds JumpReLU SAEs"):
+        save_sae(_trained_like("topk", k=4), tmp_path / "t", format="gemmascope2")
+    folder = save_sae(_trained_like(site="mlp_in.1", target_site="mlp.1"), tmp_path / "tc", format="gemmascope2")
+    config = json.loads((folder / "config.json").read_text())
+    params = load_file(folder / "params.safetensors")
+    del config["saescope"]  # as Google's files: no checksum, so altered tensors are read
+    cases = [({**config, "type": "clt"}, params, "multi-layer dictionary"),
+             ({**config, "affine_connection": True}, params, "lack affine_skip_connection"),
+             ({**config, "hf_hook_point_out": "model.layers.1.mlp.down_proj"}, params, "names no site"),
+             (config, {**params, "w_extra": torch.zeros(3)}, "unexpected tensors w_extra")]
+    for i, (cfg, tensors, message) in enumerate(cases):
+        bad = tmp_path / f"bad{i}"
+        bad.mkdir()
+        save_file(tensors, bad / "params.safetensors")
+        (bad / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(SaescopeError, match=message) as err:
+            load_sae(bad)
+        assert "\n" not in str(err.value)

@@ -227,6 +227,9 @@ def test_each_backends_sae_files_load_in_the_other(acts, tmp_path):
 
         train(_suite("jax", saes=[SAESpec(sites=["resid.0"], arch="topk", widths=[16], ks=[2])]), tmp_path / "x",
               source=acts, progress=False)
+    with pytest.raises(SaescopeError, match="without a skip connection"):
+        train(_suite("jax", saes=[SAESpec(sites=["mlp_in.0"], transcoder=True, skip=True, widths=[16])]), tmp_path / "y",
+              source=acts, progress=False)
 
 
 SHARDED = """

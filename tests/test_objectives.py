@@ -221,6 +221,7 @@ def test_bad_objectives_are_one_line_errors():
     for values, text in [({"sparsity": "cubic"}, "sparsity"), ({"threshold_init": "median"}, "threshold_init"),
                          ({"arch": "topk", "dead_aux": 1.0}, "for jumprelu"),
                          ({"arch": "relu", "frequency_penalty": 1.0}, "not relu"),
+                         ({"skip": True}, "skip is for transcoders"),
                          ({"sparsity": "quadratic"}, "set target_l0"),
                          ({"threshold_init": "quantile"}, "set target_l0"),
                          ({"widths": [64], "matryoshka": [16, 8]}, "increasing"),

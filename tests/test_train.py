@@ -64,6 +64,8 @@ def _suite_cfg(**kw):
                         SAESpec(sites=["resid.0"], arch="batchtopk", widths=[16], ks=[3]),
                         SAESpec(sites=["resid.0"], arch="relu", widths=[16], lambdas=[1e-2]),
                         SAESpec(sites=["mlp_in.0"], transcoder=True, widths=[16], lambdas=[1e-2]),
+                        SAESpec(sites=["mlp_in.0"], transcoder=True, skip=True, widths=[16], lambdas=[1e-2]),
+                        SAESpec(sites=["mlp_in.0"], transcoder=True, skip=True, widths=[16], target_l0=[3.0]),
                         SAESpec(sites=["resid.1"], widths=[16], lambdas=[1e-2], target_l0=[3.0])],
                   tokens=40 * 256, batch_size=256, lr=1e-3, checkpoint_every=10, log_every=5, dead_tokens=512)
     values.update(kw)
@@ -79,7 +81,9 @@ def suite_source():
 
 def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypatch):
     saes = assert_resumes_exactly(_suite_cfg(), tmp_path, suite_source, monkeypatch, 25)
-    assert len(list(saes.iterdir())) == 13  # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + transcoder + target L0
+    names = sorted(p.name for p in saes.iterdir())
+    # 2 sites × 2 widths × 2 λ + topk + batchtopk + relu + 3 transcoders (2 with a skip) + target L0
+    assert len(names) == 15 and sum("-skip" in n for n in names) == 2, names
 
 
 def test_each_sae_of_a_suite_equals_training_it_alone(suite_source, tmp_path):
@@ -89,6 +93,35 @@ def test_each_sae_of_a_suite_equals_training_it_alone(suite_source, tmp_path):
     suite = load_sae(tmp_path / "suite" / "saes" / path.name).state_dict()
     for k, v in load_sae(path).state_dict().items():
         torch.testing.assert_close(v, suite[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_skip_transcoder_learns_the_linear_part_a_plain_one_spends_latents_on(tmp_path):
+    """x = planted features + dense noise, y = x·A + a sparse code of the features: the noise's
+    part of x·A is no sparse code, so only a skip can carry it. The skip transcoder's W_skip
+    converges towards A (d_in × d_out, applied on the right) and its FVU beats the plain
+    transcoder's at the same target L0 and budget."""
+    x, D, codes = planted(n=40_000, d=24, m=48, l0=3.0)
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(24, 16, generator=g) / 24**0.5
+    out_dirs = torch.nn.functional.normalize(torch.randn(48, 16, generator=g), dim=1)
+    x = x + 0.5 * torch.randn(x.shape, generator=g)
+    y = x @ A + codes @ out_dirs
+    source = TensorSource({"mlp_in.0": x[:32_000], "mlp.0": y[:32_000]})
+    fvu = {}
+    for skip in (False, True):
+        spec = SAESpec(sites=["mlp_in.0"], transcoder=True, skip=skip, widths=[96], target_l0=[3.0])
+        cfg = TrainConfig(saes=[spec], tokens=150 * 512, batch_size=512, checkpoint_every=0, log_every=50)
+        [path] = train(cfg, tmp_path / str(skip), source=source, progress=False)
+        tc = load_sae(path)
+        assert tc.cfg.skip == skip and tc.cfg.target_site == "mlp.0"
+        with torch.no_grad():
+            held_x, held_y = x[32_000:], y[32_000:]
+            err = (tc(held_x) - held_y).pow(2).sum()
+            fvu[skip] = float(err / (held_y - held_y.mean(0)).pow(2).sum())
+            if skip:
+                skip_err = float((tc.W_skip - A).norm() / A.norm())
+    assert fvu[True] < 0.7 * fvu[False], fvu
+    assert skip_err < 0.5, skip_err
 
 
 def test_nan_in_a_batch_stops_with_the_checkpoint_kept(tmp_path):

@@ -9,12 +9,14 @@ from .lm import DEFAULT_MODEL, LanguageModel, capture, load_model, splice
 from .sae import BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig, SparseAutoencoder, TopKSAE, build_sae
 from .sae.convert import batchtopk_to_jumprelu
 from .sae.objectives import Objective
-from .sae.formats import load_sae, save_sae
+from .sae.formats import load_dictionary, load_sae, save_dictionary, save_sae
+from .sae.multilayer import MultiLayerConfig, MultiLayerDictionary
 from .site import Site
 
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "ActivationStore", "BatchTopKSAE", "CorpusConfig", "HarvestConfig", "HarvestStream",
-           "JumpReLUSAE", "LanguageModel", "Objective", "ReLUSAE", "SAEConfig", "SaescopeError", "Site", "SparseAutoencoder",
-           "TopKSAE", "batchtopk_to_jumprelu", "build_sae", "capture", "check_sae", "harvest", "iter_documents", "load_model", "load_sae", "pack",
+           "JumpReLUSAE", "LanguageModel", "MultiLayerConfig", "MultiLayerDictionary", "Objective", "ReLUSAE", "SAEConfig",
+           "SaescopeError", "Site", "SparseAutoencoder", "TopKSAE", "batchtopk_to_jumprelu", "build_sae", "capture",
+           "check_sae", "harvest", "iter_documents", "load_dictionary", "load_model", "load_sae", "pack", "save_dictionary",
            "save_sae", "splice"]

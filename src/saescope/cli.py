@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--train-as", default=None, choices=["jumprelu", "batchtopk"],
                    help="with --target-l0: train JumpReLU itself (quadratic penalty), or BatchTopK saved as JumpReLU")
     g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
+    g.add_argument("--skip", action="store_true", default=None, help="transcoders: train an affine skip x·A beside the dictionary")
     g.add_argument("--theta-param", default=None, choices=["theta", "log"])
     g.add_argument("--b-dec-init", default=None, choices=["zeros", "mean"])
     o = t.add_argument_group("the objective (README: Objectives)")
@@ -152,6 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
     r.add_argument("--out", required=True, help="output folder; a rerun skips finished stages")
+
+    ex = sub.add_parser("export", help="write a run's SAEs and transcoders in Gemma Scope 2's or SAELens's layout")
+    ex.add_argument("dir", help="a `saescope run` or `saescope train` output folder, a folder of SAEs, or one SAE")
+    ex.add_argument("--format", required=True, choices=["gemmascope2", "saelens"],
+                    help="gemmascope2: KIND/layer_L_width_W_l0_K[_affine]/ folders; saelens: one folder per SAE")
+    ex.add_argument("--out", required=True, help="the folder to write into")
 
     s = sub.add_parser("sites", help="list a model's sites and their widths")
     s.add_argument("--model", default="gemma-3-270m")
@@ -250,6 +257,11 @@ def _dispatch(args) -> int:
         model = args.model or connect(db, readonly=True).execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0]
         uvicorn.run(create_app(db, load_model(model, device=args.device), run_dir=args.dir), host=args.host, port=args.port,
                     log_level="warning" if args.quiet else "info")
+    elif args.command == "export":
+        from .sae.export import export_saes
+
+        written = export_saes(args.dir, args.out, args.format)
+        print(f"{len(written)} SAEs in {args.out} ({args.format})")
     elif args.command == "run":
         from .pipeline import load_config, run
 
@@ -303,7 +315,8 @@ def _train_config(args):
             raise SaescopeError(f"cannot read '{text}' as a comma-separated list of {kind.__name__} values") from None
 
     spec = {k: v for k, v in {
-        "sites": args.sites, "arch": args.arch, "transcoder": args.transcoder, "theta_param": args.theta_param,
+        "sites": args.sites, "arch": args.arch, "transcoder": args.transcoder, "skip": args.skip,
+        "theta_param": args.theta_param,
         "b_dec_init": args.b_dec_init,
         "widths": args.widths and numbers(args.widths, int), "lambdas": args.lambdas and numbers(args.lambdas, float),
         "ks": args.ks and numbers(args.ks, int), "target_l0": args.target_l0 and numbers(args.target_l0, float),

@@ -91,6 +91,7 @@ class SAESpec(_Config):
     target_l0: list[float] = Field(default_factory=list, description="jumprelu: hold L0 at each of these (sparsity "
                                                                      "'quadratic' and threshold_init 'quantile' unless set)")
     transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
+    skip: bool = Field(False, description="transcoders: an affine skip x·A (d_in × d_out) trained beside the dictionary")
     theta_param: Literal["theta", "log"] = Field("theta", description="train θ directly or as log θ (the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
     b_dec_init: Literal["mean", "zeros"] = Field("mean", description="the first batch's mean (measured better, see README) or zeros (the paper)")
@@ -154,6 +155,8 @@ class SAESpec(_Config):
                                                ("threshold_init", self.threshold_init != "constant")) if on]
         if self.arch != "jumprelu" and jumprelu_only:
             raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
+        if self.skip and not self.transcoder:
+            raise ValueError("skip is for transcoders (an SAE's skip would copy its input): set transcoder = true")
         if self.arch == "relu" and self.frequency_penalty:
             raise ValueError("frequency_penalty is for jumprelu, topk and batchtopk SAEs, not relu (its L1 penalty already reaches every latent)")
         if self.train_as == "batchtopk":

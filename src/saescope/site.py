@@ -16,6 +16,15 @@ _TL_NAMES = {  # TransformerLens hook names for the same points
     "hook_mlp_out": "mlp",
     "ln2.hook_normalized": "mlp_in",
 }
+# Gemma 2 / Gemma 3 module paths for the same points (SPEC §7's table; Gemma Scope 2's config.json
+# names its sites so): what a module's output (or, for attn, o_proj's input) holds
+_HF_POINTS = {
+    "resid": "output",
+    "attn": "self_attn.o_proj.input",
+    "mlp": "post_feedforward_layernorm.output",
+    "mlp_in": "pre_feedforward_layernorm.output",
+}
+_HF = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<point>.+)$")
 _SHORT = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>-?\d+)$")
 _TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
 
@@ -54,6 +63,18 @@ class Site:
     def tl_name(self) -> str:
         hook = next(h for h, k in _TL_NAMES.items() if k == self.kind)
         return f"blocks.{self.layer}.{hook}"
+
+    @property
+    def hf_point(self) -> str:
+        """The Gemma 2 / 3 module path of this point, as Gemma Scope 2's files name it."""
+        return f"model.layers.{self.layer}.{_HF_POINTS[self.kind]}"
+
+    @classmethod
+    def from_hf_point(cls, text: str) -> "Site | None":
+        """The site a Gemma Scope 2 hook point names, or None for a point we have no site for."""
+        m = _HF.match(text or "")
+        kind = next((k for k, point in _HF_POINTS.items() if m and point == m["point"]), None)
+        return cls(kind, int(m["layer"])) if kind else None
 
     def check(self, lm) -> "Site":
         """Self, if `lm` (a LanguageModel) has this layer."""

@@ -155,7 +155,7 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
                 s, site, target = sums[name], str(inputs[name]), str(targets[name])
                 x_in, y = seen[site], seen[target]
                 f = sae.encode(x_in)
-                y_hat = sae.decode(f)
+                y_hat = sae.decode(f) + sae.skip_output(x_in)
                 m = keep[..., None]
                 err = ((y_hat - y).double() * m).pow(2)
                 s.n += int(keep.sum())

@@ -7,30 +7,13 @@ from pathlib import Path
 
 from ..config import CorpusConfig
 from ..data import token_tensor
-from ..errors import SaescopeError
 from ..files import atomic_write, write_json
 from ..lm import load_model
-from ..sae.formats import detect_format, gemmascope_dir, load_sae, resolve_sae_path, save_sae
+from ..sae.formats import find_saes, gemmascope_dir, load_sae, save_sae, unfit
 from .metrics import evaluate
 
 TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_recovered", "kl", "dead_fraction",
               "dense_fraction")
-
-
-def find_saes(paths: list[str]) -> dict[str, Path]:
-    """Each path is an SAE (any format) or a folder whose subfolders are SAEs."""
-    found: dict[str, Path] = {}
-    for text in paths:
-        given = Path(text)
-        path = resolve_sae_path(given)
-        if detect_format(path):
-            found[given.parent.name if given.name in ("params.npz", "canonical") else given.name] = path
-            continue
-        subs = [p for p in sorted(path.iterdir()) if p.is_dir() and detect_format(p)] if path.is_dir() else []
-        if not subs:
-            raise SaescopeError(f"{path} is not an SAE and holds no SAE folders")
-        found.update({p.name: p for p in subs})
-    return found
 
 
 def evaluate_paths(paths: list[str], model, corpus: CorpusConfig, tokens: int, out: str | Path, *,
@@ -62,16 +45,17 @@ def markdown_table(records: list[dict]) -> str:
 
 
 def export_released(records: list[dict], root: Path) -> None:
-    """Copy each SAE into `root` in the Gemma Scope layout (TopK, which that format cannot hold,
-    as a SAELens folder under layer_L/topk/), and point each record at its copy."""
+    """Copy each SAE into `root` in the Gemma Scope layout (what that format cannot hold, TopK and
+    skip transcoders, as a SAELens folder under layer_L/topk/ or layer_L/skip/, or native where
+    SAELens cannot hold it either), and point each record at its copy."""
     from ..site import Site
 
     for r in records:
         sae = load_sae(r["path"])
         layer = Site.parse(r["site"]).layer
-        if sae.cfg.arch == "topk":
-            dest = root / f"layer_{layer}" / "topk" / r["sae"]
-            save_sae(sae, dest, format="saelens")
+        if unfit(sae.cfg, "gemmascope"):
+            dest = root / f"layer_{layer}" / ("topk" if sae.cfg.arch == "topk" else "skip") / r["sae"]
+            save_sae(sae, dest, format="native" if unfit(sae.cfg, "saelens") else "saelens")
         else:
             dest = gemmascope_dir(root, layer, sae.cfg.d_sae, r["l0"])
             if (dest / "params.npz").exists() and str(dest) != r.get("released"):

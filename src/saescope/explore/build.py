@@ -274,17 +274,16 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
     """`saescope explore build DIR`: the SAEs of a run folder (or a folder of SAEs) over held-out text."""
     from ..errors import SaescopeError
     from ..data import token_tensor
-    from ..evals.report import find_saes
     from ..lm import load_model
-    from ..sae.formats import load_sae
+    from ..sae.formats import load_sae, run_saes
 
     folder = Path(folder)
-    run_saes, store = folder / "train" / "saes", folder / "activations" / "store.json"
+    store = folder / "activations" / "store.json"
     if model is None:
         if not store.is_file():
             raise SaescopeError(f"{folder} is not a `saescope run` folder; pass --model for a folder of SAEs")
         model = json.loads(store.read_text())["model"]
-    found = find_saes([str(run_saes if run_saes.is_dir() else folder)])
+    found = run_saes(folder)
     lm = load_model(model, device=device)
     saes = {name: (load_sae(path).to(lm.device), path) for name, path in found.items()}
     db = Path(out) if out else folder / "features.db"

@@ -38,6 +38,7 @@ class SAEConfig:
     k: int | None = None                # topk / batchtopk
     theta_param: str = "theta"          # jumprelu: train θ directly ("theta") or log θ ("log")
     bandwidth: float = 0.001            # ε of the rectangle kernel
+    skip: bool = False                  # transcoders: an affine skip x·A beside the dictionary (SPEC §8)
     extra: dict = field(default_factory=dict)  # provenance: training config, metrics, ...
 
     def __post_init__(self):
@@ -51,6 +52,8 @@ class SAEConfig:
             raise SaescopeError(f"{self.arch} SAE needs k in 1..{self.d_sae}, got {self.k}")
         if self.theta_param not in ("theta", "log"):
             raise SaescopeError(f"theta_param must be 'theta' or 'log', got '{self.theta_param}'")
+        if self.skip and self.target_site is None:
+            raise SaescopeError("a skip connection is for transcoders (an SAE's skip would copy its input): set target_site")
 
     @property
     def transcoder(self) -> bool:
@@ -80,6 +83,8 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.W_dec = nn.Parameter(torch.zeros(m, d_out))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:  # d_in × d_out, applied as x @ W_skip (SPEC §8's orientation); zero at the start
+            self.W_skip = nn.Parameter(torch.zeros(d_in, d_out))
         self.register_buffer("norm_scalar", torch.tensor(1.0))     # C: the SAE sees x / C
         self.register_buffer("pre_encoder_bias", torch.tensor(False))
         self.objective = Objective()  # what training minimises beyond reconstruction (objectives.py)
@@ -103,8 +108,18 @@ class SparseAutoencoder(nn.Module):
         """Raw reconstruction from raw latents [..., d_sae] → [..., d_out]."""
         return f @ self.W_dec + self.b_dec * self.norm_scalar
 
+    def skip_output(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A skip transcoder's x·A for raw (or normalised: the map is linear and C cancels) input;
+        0 without a skip. The output is decode(encode(x)) + skip_output(x)."""
+        return x @ self.W_skip if self.cfg.skip else 0.0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x)) + self.skip_output(x)
+
+    def _decoder_base(self, x: torch.Tensor) -> torch.Tensor:
+        """What the training step's reconstruction adds to the latents' decode: b_dec, plus the
+        skip of the normalised input x."""
+        return self.b_dec + x @ self.W_skip if self.cfg.skip else self.b_dec
 
     # --- training ------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_coeff: float,

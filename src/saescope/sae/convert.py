@@ -62,7 +62,7 @@ def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 
         theta[deep] = _midpoints(torch.cat(columns).sort(dim=0, descending=True).values, kept[deep])
     out = JumpReLUSAE(SAEConfig(**{**sae.cfg.to_dict(), "arch": "jumprelu", "k": None}))
     out = out.to(sae.W_enc.device)
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scalar", "pre_encoder_bias"):
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "norm_scalar", "pre_encoder_bias") + (("W_skip",) if sae.cfg.skip else ()):
         getattr(out, name).copy_(getattr(sae, name))
     out.set_threshold(theta.clamp_min(torch.finfo(theta.dtype).tiny))
     out.cfg.extra = {**sae.cfg.extra, "converted_from": {"arch": "batchtopk", "k": sae.cfg.k, "tokens": len(x)}}

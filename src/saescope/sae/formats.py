@@ -1,5 +1,6 @@
-"""Saving and loading SAEs in the three formats (SPEC §3): the Gemma Scope `params.npz` layout,
-the SAELens folder, and our own native folder. `load_sae` tells them apart by their files."""
+"""Saving and loading SAEs in four formats: the Gemma Scope `params.npz` layout (SPEC §3), Gemma
+Scope 2's folder (SPEC §8: `params.safetensors` + `config.json`), the SAELens folder, and our own
+native folder. `load_sae` tells them apart by their files."""
 
 from __future__ import annotations
 
@@ -20,12 +21,27 @@ from ..errors import SaescopeError, first_line
 from ..files import atomic_write, read_json, write_json
 from ..site import Site
 from .base import SAEConfig, SparseAutoencoder
+from .multilayer import MultiLayerConfig, MultiLayerDictionary
 
-FORMATS = ("gemmascope", "saelens", "native")
+FORMATS = ("gemmascope", "gemmascope2", "saelens", "native")
 PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
 NATIVE_CONFIG, NATIVE_WEIGHTS = "config.json", "sae.safetensors"
 SAELENS_CONFIG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
+GS2_CONFIG, GS2_PARAMS = "config.json", "params.safetensors"
+GS2_LAYER = "params_layer_{}.safetensors"          # a multi-layer dictionary's input layer i
+NATIVE_MULTI_WEIGHTS = "dictionary.safetensors"    # beside config.json: a multi-layer dictionary, native
+# Gemma Scope 2's names of our parameters (its affine_skip_connection is d_in × d_out, as our W_skip)
+_GS2_NAMES = {"W_enc": "w_enc", "W_dec": "w_dec", "b_enc": "b_enc", "b_dec": "b_dec", "threshold": "threshold",
+              "W_skip": "affine_skip_connection"}
+_GS2_FOLDER = {"resid": "resid_post", "attn": "attn_out", "mlp": "mlp_out"}
 _SAELENS_ARCH = {"jumprelu": "jumprelu", "topk": "topk", "batchtopk": "jumprelu", "relu": "standard"}
+# SAELens's transcoder classes, by (our arch, skip); its W_skip is stored d_out × d_in, the transpose of ours
+_SAELENS_TRANSCODER = {("jumprelu", False): "jumprelu_transcoder", ("jumprelu", True): "jumprelu_skip_transcoder",
+                       ("batchtopk", False): "jumprelu_transcoder", ("batchtopk", True): "jumprelu_skip_transcoder",
+                       ("relu", False): "transcoder", ("relu", True): "skip_transcoder"}
+_FROM_SAELENS = {"jumprelu": ("jumprelu", False), "topk": ("topk", False), "standard": ("relu", False),
+                 "jumprelu_transcoder": ("jumprelu", False), "jumprelu_skip_transcoder": ("jumprelu", True),
+                 "transcoder": ("relu", False), "skip_transcoder": ("relu", True)}
 _GEMMASCOPE_KIND = {"res": "resid", "mlp": "mlp", "att": "attn"}
 
 
@@ -41,12 +57,37 @@ def gemmascope_dir(root: str | os.PathLike, layer: int, d_sae: int, l0: float) -
     return Path(root) / f"layer_{layer}" / f"width_{width_label(d_sae)}" / f"average_l0_{round(l0)}"
 
 
+def gemmascope2_dir(root: str | os.PathLike, cfg: SAEConfig, l0: float) -> Path:
+    """Gemma Scope 2's folder for an SAE: root/{resid_post,attn_out,mlp_out,transcoder}/
+    layer_{L}_width_{W}_l0_{K}[_affine], K the target (or measured) L0 rounded, _affine for a skip."""
+    site = Site.parse(cfg.site)
+    kind = "transcoder" if cfg.transcoder else _GS2_FOLDER.get(site.kind)
+    if kind is None:
+        raise SaescopeError(f"Gemma Scope 2 has no folder for SAEs of {site.kind} sites")
+    name = f"layer_{site.layer}_width_{width_label(cfg.d_sae)}_l0_{round(l0)}" + ("_affine" if cfg.skip else "")
+    return Path(root) / kind / name
+
+
+def unfit(cfg: SAEConfig, format: str) -> str | None:
+    """Why `format` cannot hold an SAE of this kind, or None if it can."""
+    if format in ("gemmascope", "gemmascope2") and cfg.arch == "topk":
+        name = {"gemmascope": "Gemma Scope", "gemmascope2": "Gemma Scope 2"}[format]
+        return f"the {name} format holds JumpReLU SAEs; save a topk SAE as saelens or native"
+    if format == "gemmascope2" and not cfg.site:
+        return "Gemma Scope 2's config.json names the SAE's site (hf_hook_point_in); this SAE has none"
+    if format == "gemmascope" and cfg.skip:
+        return "Gemma Scope's params.npz has no skip connection; save a skip transcoder as saelens or native"
+    if format == "saelens" and cfg.transcoder and cfg.arch == "topk":
+        return "SAELens has no TopK transcoder (it would load as an SAE); save it as native"
+    return None
+
+
 def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "native") -> Path:
     """Write `sae` into the folder `path`; gemmascope and saelens hold the folded (released) form."""
     path = Path(path)
     # the config goes last, and an old one first: a folder is an SAE once both files are there,
     # so an interrupted save leaves "holds no SAE", never new weights under an old config
-    config = {"native": NATIVE_CONFIG, "saelens": SAELENS_CONFIG}.get(format)
+    config = {"native": NATIVE_CONFIG, "saelens": SAELENS_CONFIG, "gemmascope2": GS2_CONFIG}.get(format)
     if config:
         (path / config).unlink(missing_ok=True)
     if format == "native":
@@ -59,12 +100,17 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         return path
     if format not in FORMATS:
         raise SaescopeError(f"unknown SAE format '{format}'; available: {', '.join(FORMATS)}")
-    if sae.cfg.arch == "topk" and format == "gemmascope":
-        raise SaescopeError("the Gemma Scope format holds JumpReLU SAEs; save a topk SAE as saelens or native")
+    reason = unfit(sae.cfg, format)
+    if reason:
+        raise SaescopeError(reason)
     folded = sae.fold() if not sae.folded else sae
     arrays = {"W_enc": folded.W_enc, "W_dec": folded.W_dec, "b_enc": folded.b_enc, "b_dec": folded.b_dec,
               "threshold": folded.threshold}
+    if sae.cfg.skip:
+        arrays["W_skip"] = folded.W_skip
     arrays = {k: v.detach().float().cpu().contiguous() for k, v in arrays.items()}
+    if format == "gemmascope2":
+        return _save_gemmascope2(sae.cfg, arrays, path)
     if format == "gemmascope":
         buf = io.BytesIO()
         np.savez(buf, **{k: v.numpy() for k, v in arrays.items()})
@@ -73,16 +119,22 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
     cfg = sae.cfg
     if cfg.arch == "topk":
         del arrays["threshold"]
+    if cfg.skip:  # SAELens's W_skip is d_out × d_in
+        arrays["W_skip"] = arrays["W_skip"].t().contiguous()
     site = Site.parse(cfg.site) if cfg.site else None
+    arch = _SAELENS_TRANSCODER[cfg.arch, cfg.skip] if cfg.transcoder else _SAELENS_ARCH[cfg.arch]
     saelens = {
-        "architecture": _SAELENS_ARCH[cfg.arch], "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32",
+        "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32",
         "model_name": cfg.model, "hook_name": site.tl_name if site else None,
         "hook_layer": site.layer if site else None, "hook_head_index": None,
         "apply_b_dec_to_input": False, "normalize_activations": "none", "prepend_bos": True,
         "activation_fn_str": "topk" if cfg.arch == "topk" else "relu",
         "activation_fn_kwargs": {"k": cfg.k} if cfg.arch == "topk" else {},
-        "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out, "k": cfg.k},
+        "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out, "k": cfg.k,
+                     "skip": cfg.skip},
     }
+    if cfg.transcoder:
+        saelens.update(d_out=cfg.width_out, hook_name_out=Site.parse(cfg.target_site).tl_name)
     data = st_save(arrays)
     saelens["saescope"]["sha256"] = hashlib.sha256(data).hexdigest()
     atomic_write(path / SAELENS_WEIGHTS, data)
@@ -90,8 +142,25 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
     return path
 
 
+def _save_gemmascope2(cfg: SAEConfig, arrays: dict[str, torch.Tensor], path: Path) -> Path:
+    data = st_save({_GS2_NAMES[k]: v for k, v in arrays.items()})
+    atomic_write(path / GS2_PARAMS, data)
+    site = Site.parse(cfg.site)
+    final = cfg.extra.get("final_metrics", {}).get("l0")
+    config = {"width": cfg.d_sae, "model_name": cfg.model, "architecture": "jump_relu",
+              "l0": cfg.extra.get("target_l0") or final, "type": "transcoder" if cfg.transcoder else "sae",
+              "hf_hook_point_in": site.hf_point,
+              "hf_hook_point_out": Site.parse(cfg.target_site).hf_point if cfg.transcoder else site.hf_point,
+              "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "k": cfg.k,
+                           "sha256": hashlib.sha256(data).hexdigest()}}
+    if cfg.transcoder:
+        config["affine_connection"] = cfg.skip
+    write_json(path / GS2_CONFIG, config)
+    return path
+
+
 def detect_format(path: str | os.PathLike) -> str | None:
-    """"native", "saelens" or "gemmascope" by the files at `path`, or None if it holds no SAE."""
+    """"native", "saelens", "gemmascope2" or "gemmascope" by the files at `path`, or None if it holds no SAE."""
     path = Path(path)
     if path.is_file():
         return "gemmascope" if path.name == "params.npz" else None
@@ -99,6 +168,10 @@ def detect_format(path: str | os.PathLike) -> str | None:
         return "native"
     if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return "saelens"
+    if (path / GS2_CONFIG).is_file() and (path / GS2_PARAMS).is_file() or (path / GS2_LAYER.format(0)).is_file():
+        return "gemmascope2"
+    if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_MULTI_WEIGHTS).is_file():
+        return "native"
     if (path / "params.npz").is_file():
         return "gemmascope"
     return None
@@ -123,8 +196,37 @@ def load_sae(path: str | os.PathLike) -> SparseAutoencoder:
         return _load_saelens(path)
     if fmt == "gemmascope":
         return _load_gemmascope(path if path.is_file() else path / "params.npz")
-    raise SaescopeError(f"{path} holds no SAE: expected params.npz (Gemma Scope), cfg.json + "
-                        f"sae_weights.safetensors (SAELens) or config.json + sae.safetensors (saescope)")
+    if fmt == "gemmascope2":
+        return _load_gemmascope2(path)
+    raise SaescopeError(f"{path} holds no SAE: expected params.npz (Gemma Scope), config.json + params.safetensors "
+                        f"(Gemma Scope 2), cfg.json + sae_weights.safetensors (SAELens) or config.json + "
+                        f"sae.safetensors (saescope)")
+
+
+def find_saes(paths: list[str]) -> dict[str, Path]:
+    """Each path is an SAE (any format) or a folder whose subfolders are SAEs."""
+    found: dict[str, Path] = {}
+    for text in paths:
+        given = Path(text)
+        path = resolve_sae_path(given)
+        if detect_format(path):
+            found[given.parent.name if given.name in ("params.npz", "canonical") else given.name] = path
+            continue
+        subs = [p for p in sorted(path.iterdir()) if p.is_dir() and detect_format(p)] if path.is_dir() else []
+        if not subs:
+            raise SaescopeError(f"{path} is not an SAE and holds no SAE folders")
+        found.update({p.name: p for p in subs})
+    return found
+
+
+def run_saes(folder: str | os.PathLike) -> dict[str, Path]:
+    """The SAEs of a `saescope run` folder (train/saes), a `saescope train` folder (saes), a folder
+    of SAE folders, or one SAE, by name."""
+    folder = Path(folder)
+    for inner in (folder / "train" / "saes", folder / "saes"):
+        if inner.is_dir() and not detect_format(folder):
+            return find_saes([str(inner)])
+    return find_saes([str(folder)])
 
 
 def _canonical(width_dir: Path) -> Path:
@@ -163,12 +265,16 @@ def _from_arrays(arrays: dict[str, torch.Tensor], cfg_values: dict, where: Path)
         if tuple(arrays[k].shape) != expected[k] or d_in == 0:
             raise SaescopeError(f"{where}: {k} has shape {tuple(arrays[k].shape)}, expected {expected[k]} "
                                 f"(from W_enc {tuple(arrays['W_enc'].shape)})")
+    skip = cfg_values.get("skip", False)
+    if skip and tuple(arrays.get("W_skip", torch.zeros(0)).shape) != (d_in, d_out):
+        got = tuple(arrays["W_skip"].shape) if "W_skip" in arrays else "none"
+        raise SaescopeError(f"{where}: a skip transcoder needs W_skip of shape {(int(d_in), int(d_out))} (d_in × d_out), got {got}")
     values = {**cfg_values, "d_in": int(d_in), "d_sae": int(d_sae)}
     if d_out != d_in:
         values["d_out"] = int(d_out)
     sae = build_sae(SAEConfig(**values))
     with torch.no_grad():
-        for k in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        for k in ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if skip else ()):
             getattr(sae, k).copy_(arrays[k].float())
         if "threshold" in need:
             if sae.cfg.arch == "jumprelu":
@@ -210,35 +316,186 @@ def _gemmascope_provenance(path: Path) -> dict:
 def _load_saelens(path: Path) -> SparseAutoencoder:
     cfg = read_json(path / SAELENS_CONFIG)
     meta = cfg.get("metadata") or {}
-    arch = cfg.get("architecture", "standard")
     ours = cfg.get("saescope") or {}
-    arch = ours.get("arch") or {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}.get(arch)
-    if arch is None:
+    kind = _FROM_SAELENS.get(cfg.get("architecture", "standard"))
+    if kind is None:
         raise SaescopeError(f"{path / SAELENS_CONFIG}: unsupported architecture '{cfg.get('architecture')}'")
+    arch, skip = ours.get("arch") or kind[0], kind[1]
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None):
         raise SaescopeError(f"{path / SAELENS_CONFIG}: normalize_activations '{norm}' is not supported; only 'none'")
-    hook = cfg.get("hook_name") or meta.get("hook_name")
-    site = ours.get("site")
-    if site is None and hook:
-        try:
-            site = str(Site.parse(hook))
-        except SaescopeError:
-            site = None  # a hook we have no site for: load it, but unbound
-    values = {"arch": arch, "site": site, "target_site": ours.get("target_site"),
+    site = ours.get("site") or _site_of(cfg.get("hook_name") or meta.get("hook_name"))
+    target = ours.get("target_site")
+    if target is None and "transcoder" in cfg["architecture"]:
+        target = _site_of(cfg.get("hook_name_out") or meta.get("hook_name_out"))
+        if target is None:
+            raise SaescopeError(f"{path / SAELENS_CONFIG}: a {cfg['architecture']} whose output hook "
+                                f"('{cfg.get('hook_name_out')}') names no site; set hook_name_out")
+    values = {"arch": arch, "site": site, "target_site": target, "skip": skip,
               "model": cfg.get("model_name") or meta.get("model_name")}
     if arch in ("topk", "batchtopk"):
         values["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k") or cfg.get("k") or ours.get("k")
-    sae = _from_arrays(_read_safetensors(path / SAELENS_WEIGHTS, ours.get("sha256")), values, path)
+    arrays = _read_safetensors(path / SAELENS_WEIGHTS, ours.get("sha256"))
+    if "W_skip" in arrays:
+        arrays["W_skip"] = arrays["W_skip"].t()
+    sae = _from_arrays(arrays, values, path)
     if cfg.get("apply_b_dec_to_input"):
         sae.pre_encoder_bias.fill_(True)
     return sae
+
+
+def _load_gemmascope2(path: Path) -> SparseAutoencoder:
+    cfg = read_json(path / GS2_CONFIG)
+    where = path / GS2_CONFIG
+    kind = cfg.get("type", "sae")
+    if kind not in ("sae", "transcoder"):
+        raise SaescopeError(f"{where}: a {kind} is a multi-layer dictionary; read it with saescope.load_dictionary")
+    if cfg.get("architecture") != "jump_relu":
+        raise SaescopeError(f"{where}: unsupported architecture '{cfg.get('architecture')}' (Gemma Scope 2 ships jump_relu)")
+    ours = cfg.get("saescope") or {}
+    site = Site.from_hf_point(cfg.get("hf_hook_point_in"))
+    target = Site.from_hf_point(cfg.get("hf_hook_point_out")) if kind == "transcoder" else None
+    if kind == "transcoder" and target is None:
+        raise SaescopeError(f"{where}: a transcoder whose hf_hook_point_out ('{cfg.get('hf_hook_point_out')}') names no site")
+    raw = _read_safetensors(path / GS2_PARAMS, ours.get("sha256"))
+    names = {v: k for k, v in _GS2_NAMES.items()}
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise SaescopeError(f"{path / GS2_PARAMS}: unexpected tensors {', '.join(unknown)}")
+    skip = "affine_skip_connection" in raw
+    if skip != bool(cfg.get("affine_connection", False)):
+        raise SaescopeError(f"{where}: affine_connection is {cfg.get('affine_connection')} but the params "
+                            f"{'hold' if skip else 'lack'} affine_skip_connection")
+    values = {"arch": ours.get("arch", "jumprelu"), "site": str(site) if site else None,
+              "target_site": str(target) if target else None, "skip": skip, "model": cfg.get("model_name"),
+              "k": ours.get("k")}
+    sae = _from_arrays({names[k]: v for k, v in raw.items()}, values, path)
+    if cfg.get("l0") is not None:
+        sae.cfg.extra["target_l0"] = cfg["l0"]
+    return sae
+
+
+def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: str = "gemmascope2") -> Path:
+    """Write a multi-layer dictionary into the folder `path`: Gemma Scope 2's files (SPEC §8: a
+    `params_layer_{i}.safetensors` per input layer with `w_dec` [F, n − i, d], group i's writes to
+    its own and later layers, and `b_dec` of output layer i; folded) or native (the training form)."""
+    path, cfg = Path(path), d.cfg
+    (path / GS2_CONFIG).unlink(missing_ok=True)
+    if format == "native":
+        data = st_save({k: v.detach().contiguous() for k, v in d.state_dict().items()})
+        atomic_write(path / NATIVE_MULTI_WEIGHTS, data)
+        write_json(path / GS2_CONFIG, {"format": "saescope-multilayer", "version": 1, "config": cfg.to_dict(),
+                                       "sha256": hashlib.sha256(data).hexdigest()})
+        return path
+    if format != "gemmascope2":
+        raise SaescopeError(f"a multi-layer dictionary saves as gemmascope2 or native, not '{format}'")
+    f = d.fold() if not d.folded else d
+    hashes = {}
+    for i in range(cfg.n_layers):
+        tensors = {"w_enc": f.W_enc[i], "b_enc": f.b_enc[i], "threshold": f.theta[i], "w_dec": f.W_dec[i], "b_dec": f.b_dec[i]}
+        data = st_save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write(path / GS2_LAYER.format(i), data)
+        hashes[GS2_LAYER.format(i)] = hashlib.sha256(data).hexdigest()
+    write_json(path / GS2_CONFIG, {
+        "type": cfg.kind, "architecture": "jump_relu", "width": cfg.d_sae, "model_name": cfg.model,
+        "l0": cfg.extra.get("target_l0"), "affine_connection": False,
+        "hf_hook_point_in": [Site.parse(s).hf_point for s in cfg.sites_in],
+        "hf_hook_point_out": [Site.parse(s).hf_point for s in cfg.sites_out],
+        "saescope": {"sites_in": cfg.sites_in, "sites_out": cfg.sites_out, "sha256": hashes}})
+    return path
+
+
+def load_dictionary(path: str | os.PathLike) -> SparseAutoencoder | MultiLayerDictionary:
+    """Any dictionary: a multi-layer one (Gemma Scope 2's `clt` / `crosscoder` folder, or native),
+    else whatever `load_sae` reads."""
+    path = Path(path)
+    config = path / GS2_CONFIG
+    if path.is_dir() and config.is_file():
+        meta = read_json(config)
+        if meta.get("format") == "saescope-multilayer":
+            return _load_native_multi(path, meta)
+        if meta.get("type") in ("clt", "crosscoder"):
+            return _load_gemmascope2_multi(path, meta)
+    return load_sae(path)
+
+
+def _load_native_multi(path: Path, meta: dict) -> MultiLayerDictionary:
+    try:
+        d = MultiLayerDictionary(MultiLayerConfig(**meta["config"]))
+    except TypeError as exc:
+        raise SaescopeError(f"{path / GS2_CONFIG}: bad config ({exc})") from None
+    state = _read_safetensors(path / NATIVE_MULTI_WEIGHTS, meta.get("sha256"))
+    for k, v in d.state_dict().items():
+        if k not in state or state[k].shape != v.shape:
+            got = tuple(state[k].shape) if k in state else "nothing"
+            raise SaescopeError(f"{path / NATIVE_MULTI_WEIGHTS}: {k} should be {tuple(v.shape)}, got {got}")
+    d.load_state_dict(state)
+    return d
+
+
+def _load_gemmascope2_multi(path: Path, meta: dict) -> MultiLayerDictionary:
+    where, ours = path / GS2_CONFIG, meta.get("saescope") or {}
+    points_in, points_out = meta.get("hf_hook_point_in"), meta.get("hf_hook_point_out")
+    sites_in = ours.get("sites_in") or [_hf_site(p, where) for p in (points_in or [])]
+    sites_out = ours.get("sites_out") or [_hf_site(p, where) for p in (points_out or [])]
+    if meta.get("architecture") != "jump_relu":
+        raise SaescopeError(f"{where}: unsupported architecture '{meta.get('architecture')}' (Gemma Scope 2 ships jump_relu)")
+    hashes, n = ours.get("sha256") or {}, len(sites_in)
+    missing = [GS2_LAYER.format(i) for i in range(n) if not (path / GS2_LAYER.format(i)).is_file()]
+    if not n or missing:
+        raise SaescopeError(f"{path} lacks {', '.join(missing) or 'its sites (hf_hook_point_in)'}")
+    layers = [_read_safetensors(path / GS2_LAYER.format(i), hashes.get(GS2_LAYER.format(i))) for i in range(n)]
+    first = layers[0]
+    d_in, d_sae = first["w_enc"].shape
+    cfg = MultiLayerConfig(kind=meta["type"], sites_in=sites_in, sites_out=sites_out, d_in=int(d_in),
+                           d_out=int(first["w_dec"].shape[-1]), d_sae=int(d_sae), model=meta.get("model_name"),
+                           extra={"target_l0": meta.get("l0")})
+    d = MultiLayerDictionary(cfg)
+    with torch.no_grad():
+        for i, t in enumerate(layers):
+            name = GS2_LAYER.format(i)
+            for key, shape in (("w_enc", (d_in, d_sae)), ("b_enc", (d_sae,)), ("threshold", (d_sae,)), ("b_dec", (cfg.d_out,))):
+                if key not in t or tuple(t[key].shape) != tuple(shape):
+                    raise SaescopeError(f"{path / name}: {key} should be {tuple(shape)}, got "
+                                        f"{tuple(t[key].shape) if key in t else 'nothing'}")
+            w_dec = t.get("w_dec")
+            if w_dec is None or w_dec.dim() != 3 or w_dec.shape[0] != d_sae or w_dec.shape[1] not in (n - i, n):
+                raise SaescopeError(f"{path / name}: w_dec should be {(int(d_sae), n - i, cfg.d_out)} (its own and later "
+                                    f"layers) or {(int(d_sae), n, cfg.d_out)}, got {tuple(w_dec.shape) if w_dec is not None else 'nothing'}")
+            if w_dec.shape[1] == n:
+                if w_dec[:, :i].any():
+                    raise SaescopeError(f"{path / name}: its latents write layers before their own ({', '.join(sites_out[:i])}); "
+                                        f"a {cfg.kind}'s latents write their own layer and later ones only")
+                w_dec = w_dec[:, i:]
+            d.W_enc[i].copy_(t["w_enc"])
+            d.b_enc[i].copy_(t["b_enc"])
+            d.theta[i].copy_(t["threshold"])
+            d.W_dec[i].copy_(w_dec)
+            d.b_dec[i].copy_(t["b_dec"])
+    return d
+
+
+def _hf_site(point: str, where: Path) -> str:
+    site = Site.from_hf_point(point)
+    if site is None:
+        raise SaescopeError(f"{where}: hook point '{point}' names no site")
+    return str(site)
+
+
+def _site_of(hook: str | None) -> str | None:
+    """Our name of a SAELens hook, or None for a hook we have no site for (loaded, but unbound)."""
+    try:
+        return str(Site.parse(hook)) if hook else None
+    except SaescopeError:
+        return None
 
 
 def _load_native(path: Path) -> SparseAutoencoder:
     from . import build_sae
 
     meta = read_json(path / NATIVE_CONFIG)
+    if meta.get("format") == "saescope-multilayer":
+        raise SaescopeError(f"{path} holds a multi-layer dictionary; read it with saescope.load_dictionary")
     if meta.get("format") != "saescope-sae":
         raise SaescopeError(f"{path / NATIVE_CONFIG} is not a saescope SAE config")
     try:

@@ -102,7 +102,7 @@ class JumpReLUSAE(SparseAutoencoder):
             pre = self._fast_pre(x, workspace) if pre is None else pre
             aux_code = self._aux_code(pre, dead) if obj.dead_aux else None  # before a dense step overwrites pre
             enc = self._threshold_encoded(x, theta, path, workspace, pre)
-        loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, obj)
+        loss, mse, x_hat = reconstruction(enc, self.W_dec, self._decoder_base(x), target, obj)
         loss = loss + sparsity_penalty(obj, sparsity_coeff, enc) + frequency_penalty(obj, enc)
         out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
         if obj.dead_aux:

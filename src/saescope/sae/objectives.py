@@ -175,7 +175,8 @@ def capped_rows(target: torch.Tensor, cap: float) -> torch.Tensor:
 
 def reconstruction(enc: Encoded, W_dec: torch.Tensor, b_dec: torch.Tensor, target: torch.Tensor,
                    objective: Objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the reconstruction loss, the whole dictionary's squared error, x̂): with Matryoshka
+    """(the reconstruction loss, the whole dictionary's squared error, x̂), x̂ = the decode + b_dec
+    (a skip transcoder's b_dec + x·A, one row per token, is in every prefix's x̂ too): with Matryoshka
     prefixes, the weighted sum of each prefix's squared error, the partial decodes chained so
     that every latent is decoded once. With a norm cap the losses weigh rows; the error does not."""
     rows = capped_rows(target, objective.norm_cap) if objective.norm_cap else None

@@ -38,7 +38,7 @@ class TopKSAE(SparseAutoencoder):
                 chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
                 chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
                 enc = self._dense_encoded(x, chosen, None, workspace)
-        loss, mse, x_hat = reconstruction(enc, self.W_dec, self.b_dec, target, self.objective)
+        loss, mse, x_hat = reconstruction(enc, self.W_dec, self._decoder_base(x), target, self.objective)
         loss = loss + activation_frequency_penalty(self.objective, enc)
         residual = target - x_hat.detach()
         out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
@@ -124,6 +124,6 @@ class ReLUSAE(SparseAutoencoder):
         else:
             pre = self._fast_pre(x, workspace) if pre is None else pre
             enc = self._threshold_encoded(x, None, path, workspace, pre)
-        loss, mse, _ = reconstruction(enc, self.W_dec, self.b_dec, target, self.objective)
+        loss, mse, _ = reconstruction(enc, self.W_dec, self._decoder_base(x), target, self.objective)
         l1 = enc.weighted(norms) / x.shape[0]
         return {"loss": loss + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": enc.l0.detach(), "fired": enc.fired}

@@ -65,7 +65,8 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
         tag = f"l0_{value:g}"
     else:
         tag = f"lam{value:g}"
-    options = [("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"), ("bzeros", spec.b_dec_init == "zeros"),
+    options = [("skip", spec.skip), ("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"),
+               ("bzeros", spec.b_dec_init == "zeros"),
                (spec.sparsity, not spec.is_default("sparsity")),
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),
                ("freq", spec.frequency_penalty > 0), ("mat", bool(spec.matryoshka)), ("aux", spec.dead_aux > 0),

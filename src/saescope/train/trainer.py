@@ -103,7 +103,7 @@ class Trainer:
             sae_cfg = SAEConfig(
                 arch=p.arch, d_in=d_in, d_sae=p.width, d_out=first_batch[p.target].shape[1] if spec.transcoder else None,
                 site=p.site, target_site=p.target if spec.transcoder else None, model=self.model_name, k=p.k,
-                theta_param=spec.theta_param, bandwidth=spec.bandwidth)
+                theta_param=spec.theta_param, bandwidth=spec.bandwidth, skip=spec.skip)
             sae = build_sae(sae_cfg)
             # seeded by name: an SAE starts the same whether trained alone or within any suite
             sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(p.name.encode())))
@@ -385,6 +385,7 @@ class Trainer:
             return torch.cat([torch.cat(self.split.gather_rows(b[self._fitted[name]].to(self.device))) for b in batches])
 
         rows = {name: whole(recent if name in self._converted else recent[-1:], name) for name in self._fitted}
+        planned = {p.name: p for p in self.plan}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
             sae = m.sae
@@ -393,7 +394,8 @@ class Trainer:
             elif m.name in rows:
                 sae.fit_threshold(rows[m.name] / m.scale)
             sae.cfg.extra = {**sae.cfg.extra, "training": json.loads(self.cfg.model_dump_json()),
-                             "final_metrics": final.get(m.name, {}), "steps": self.step}
+                             "final_metrics": final.get(m.name, {}), "steps": self.step,
+                             "target_l0": planned[m.name].target_l0}
             save_sae(sae.cpu(), self.out / "saes" / m.name, format="native")
         self.ranks.barrier()
         return [self.out / "saes" / p.name for p in self.plan]
