@@ -124,6 +124,21 @@ def test_a_skip_transcoder_learns_the_linear_part_a_plain_one_spends_latents_on(
     assert skip_err < 0.5, skip_err
 
 
+def test_a_skip_starts_at_the_least_squares_map(tmp_path):
+    """Before any step, W_skip and b_dec are the first batch's least-squares fit of the target: for
+    a target that is exactly affine in the input, that map itself (up to the ridge)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4096, 12, generator=g) * 3 + 1
+    A, b = torch.randn(12, 9, generator=g), torch.randn(9, generator=g)
+    cfg = TrainConfig(saes=[SAESpec(sites=["mlp_in.0"], transcoder=True, skip=True, widths=[32])], tokens=4 * 1024,
+                      batch_size=1024)
+    trainer = trainer_for(cfg, tmp_path, source=TensorSource({"mlp_in.0": x, "mlp.0": x @ A + b}))
+    trainer.build(next(iter(trainer._batches())))
+    [m] = trainer.members
+    torch.testing.assert_close(m.sae.W_skip, A, rtol=3e-3, atol=1e-3)  # the map is scale-free: x/C → y/C
+    torch.testing.assert_close(m.sae.b_dec * m.sae.norm_scalar, b, rtol=0, atol=2e-2)
+
+
 def test_nan_in_a_batch_stops_with_the_checkpoint_kept(tmp_path):
     x = torch.randn(4000, 8)
     x[3000:] = float("nan")

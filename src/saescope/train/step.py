@@ -34,7 +34,11 @@ from .schedule import TargetL0, coeff_at
 #   so a θ that moved one (as b_enc does) stayed where it started while they swept past it, and the
 #   sparsity penalty, which reaches θ alone, could not hold L0. Both factors were measured (README:
 #   Optimizer and learning rate).
-SIGNUM_UNITS = {"b_enc": ("pre", 1.0), "b_dec": ("coordinate", 0.005), "theta": ("pre", 10.0)}
+# - "inverse_width": 1/d_in, for a skip transcoder's W_skip (d_in × d_out, dense): a sign step on all
+#   of it moves each output coordinate by about lr × Σ_d |x_d|, d_in times what one entry does; it
+#   starts at the least-squares map (trainer.py), so its steps only refine it.
+SIGNUM_UNITS = {"b_enc": ("pre", 1.0), "b_dec": ("coordinate", 0.005), "theta": ("pre", 10.0),
+                "W_skip": ("inverse_width", 1.0)}
 
 
 @dataclass

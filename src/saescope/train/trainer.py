@@ -114,6 +114,9 @@ class Trainer:
             if spec.b_dec_init == "mean":
                 with torch.no_grad():
                     sae.b_dec.copy_(self.split.mean_rows(first_batch[p.target].to(self.device) / c))
+            if spec.skip:
+                self._fit_skip(sae, first_batch[p.site].to(self.device) / c, first_batch[p.target].to(self.device) / c,
+                               intercept=spec.b_dec_init == "mean")
             sae.objective = spec.objective(p.target_l0)
             sae = sae.to(self.device)
             if spec.threshold_init == "quantile":
@@ -139,8 +142,26 @@ class Trainer:
         E‖x‖² = 1, most of it the mean) would drown every pre-activation within a few steps."""
         centred = x - self.split.mean_rows(x)
         per_coordinate = self.split.mean_rows(centred.pow(2))
-        scales = {"pre": float(per_coordinate.mean().sqrt()), "coordinate": float(per_coordinate.median().sqrt())}
+        scales = {"pre": float(per_coordinate.mean().sqrt()), "coordinate": float(per_coordinate.median().sqrt()),
+                  "inverse_width": 1.0 / x.shape[1]}
         return {name: scales[kind] * factor for name, (kind, factor) in SIGNUM_UNITS.items()}
+
+    @torch.no_grad()
+    def _fit_skip(self, sae, x: torch.Tensor, y: torch.Tensor, intercept: bool) -> None:
+        """A skip transcoder's W_skip starts at the ridge least-squares map from input to target over
+        the first (whole) batch, and b_dec (with the mean start) at its intercept: the skip carries the
+        MLP's linear part from the first step and the latents start on what it leaves, as b_dec starts
+        at the mean. Sign steps on a dense d_in × d_out matrix move every output coordinate at once,
+        so from zero the skip would need many small steps (train/step.py: SIGNUM_UNITS)."""
+        x, y = torch.cat(self.split.gather_rows(x)).double(), torch.cat(self.split.gather_rows(y)).double()
+        xm, ym = x.mean(0), y.mean(0)
+        xc, yc = x - xm, y - ym
+        gram = xc.T @ xc
+        ridge = 1e-3 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        A = torch.linalg.solve(gram + ridge, xc.T @ yc)
+        sae.W_skip.copy_(A.to(sae.W_skip.dtype))
+        if intercept:
+            sae.b_dec.copy_((ym - xm @ A).to(sae.b_dec.dtype))
 
     @torch.no_grad()
     def _quantile_thresholds(self, sae, x: torch.Tensor, target_l0: float) -> None:
