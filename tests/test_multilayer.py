@@ -76,7 +76,8 @@ def test_folding_and_round_trips(kind, tmp_path):
         torch.testing.assert_close(gs2(acts)[s], y, rtol=1e-5, atol=1e-5)
     layer1 = load_file(tmp_path / "gs2" / "params_layer_1.safetensors")
     assert {k: tuple(v.shape) for k, v in layer1.items()} == {"w_enc": (6, 10), "b_enc": (10,), "threshold": (10,),
-                                                               "w_dec": (10, 2, 5), "b_dec": (5,)}
+                                                               "w_dec": (10, 3, 5), "b_dec": (5,)}
+    assert not layer1["w_dec"][:, 0].any()  # a block for every layer, as Google's files: zero before its own
     config = json.loads((tmp_path / "gs2" / "config.json").read_text())
     assert config["type"] == kind and config["architecture"] == "jump_relu" and config["width"] == 10
     with pytest.raises(SaescopeError, match="read it with saescope.load_dictionary"):
@@ -84,19 +85,20 @@ def test_folding_and_round_trips(kind, tmp_path):
 
 
 def test_a_file_that_writes_an_earlier_layer_is_refused(tmp_path):
-    """w_dec may also come with a block for every layer ([F, n, d]): zeros before its own layer load
-    as the compact form; anything else there would break causality and is refused."""
+    """w_dec holds a block for every layer ([F, n, d]) or, compact, for its own and later ones
+    ([F, n − i, d]); both load, but a non-zero block before its own layer would break causality
+    and is refused."""
     d = _random("crosscoder")
     folder = save_dictionary(d, tmp_path / "gs2")
     config = json.loads((folder / "config.json").read_text())
     del config["saescope"]  # as another tool's files: no checksums, sites from the hook points
     (folder / "config.json").write_text(json.dumps(config))
     layer = load_file(folder / "params_layer_2.safetensors")
-    full = torch.cat([torch.zeros(10, 2, 5), layer["w_dec"]], dim=1)
-    save_file({**layer, "w_dec": full}, folder / "params_layer_2.safetensors")
+    full = layer["w_dec"]
+    save_file({**layer, "w_dec": full[:, 2:].contiguous()}, folder / "params_layer_2.safetensors")
     again = load_dictionary(folder)
     assert again.cfg.sites_in == d.cfg.sites_in
-    torch.testing.assert_close(again.W_dec[2], layer["w_dec"])
+    torch.testing.assert_close(again.W_dec[2], d.fold().W_dec[2])
     full[:, 1] = 0.01
     save_file({**layer, "w_dec": full}, folder / "params_layer_2.safetensors")
     with pytest.raises(SaescopeError, match="write layers before their own") as err:

@@ -377,8 +377,9 @@ def _load_gemmascope2(path: Path) -> SparseAutoencoder:
 
 def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: str = "gemmascope2") -> Path:
     """Write a multi-layer dictionary into the folder `path`: Gemma Scope 2's files (SPEC §8: a
-    `params_layer_{i}.safetensors` per input layer with `w_dec` [F, n − i, d], group i's writes to
-    its own and later layers, and `b_dec` of output layer i; folded) or native (the training form)."""
+    `params_layer_{i}.safetensors` per input layer with `w_dec` [F, n, d], a block for every output
+    layer as Google's files have it (circuit-tracer stacks them), zero before layer i, and `b_dec`
+    of output layer i; folded) or native (the training form)."""
     path, cfg = Path(path), d.cfg
     (path / GS2_CONFIG).unlink(missing_ok=True)
     if format == "native":
@@ -392,7 +393,8 @@ def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: st
     f = d.fold() if not d.folded else d
     hashes = {}
     for i in range(cfg.n_layers):
-        tensors = {"w_enc": f.W_enc[i], "b_enc": f.b_enc[i], "threshold": f.theta[i], "w_dec": f.W_dec[i], "b_dec": f.b_dec[i]}
+        w_dec = torch.cat([f.W_dec[i].new_zeros(cfg.d_sae, i, cfg.d_out), f.W_dec[i]], dim=1)
+        tensors = {"w_enc": f.W_enc[i], "b_enc": f.b_enc[i], "threshold": f.theta[i], "w_dec": w_dec, "b_dec": f.b_dec[i]}
         data = st_save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
         atomic_write(path / GS2_LAYER.format(i), data)
         hashes[GS2_LAYER.format(i)] = hashlib.sha256(data).hexdigest()
