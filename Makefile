@@ -38,7 +38,8 @@ bench-gpu: $(STAMP)
 	$(BIN)/python bench/gpu.py --out runs/gpu.json
 
 # SAELens reads the SAELens and Gemma Scope 2 folders we write (every objective option, BatchTopK
-# before and after conversion, transcoders with and without a skip).
+# before and after conversion, transcoders with and without a skip); circuit-tracer's loaders read
+# our transcoders' and a CLT's Gemma Scope 2 files.
 bench-interop: $(STAMP) $(PEERS)/.installed
 	$(PEERS)/bin/python bench/interop.py
 
@@ -60,6 +61,7 @@ $(PEERS)/.installed: pyproject.toml requirements.lock
 	$(PEERS)/bin/pip install --quiet -r requirements.lock
 	$(PEERS)/bin/pip install --quiet --no-deps -e .
 	$(PEERS)/bin/pip install --quiet eai-sparsify==1.3.3 sae-lens==6.54.12
+	$(PEERS)/bin/pip install --quiet --no-deps circuit-tracer==0.5.0  # its file loaders only (it pins transformers ≤ 4.57)
 	touch $@
 
 setup: $(STAMP)
