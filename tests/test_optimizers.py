@@ -35,10 +35,10 @@ def _trainer(cfg, tmp_path, source):
 
 def _signum_steps(first: torch.Tensor) -> dict[str, float]:
     """b_enc steps lr × the RMS of a centred coordinate, θ ten times that, b_dec lr × 0.005 × the
-    median coordinate's RMS."""
+    median coordinate's RMS, a skip transcoder's W_skip lr / d_in."""
     per_coordinate = (first - first.mean(0)).pow(2).mean(0)
     pre, coordinate = float(per_coordinate.mean().sqrt()), float(per_coordinate.median().sqrt())
-    return {"b_enc": pre, "b_dec": 0.005 * coordinate, "theta": 10 * pre}
+    return {"b_enc": pre, "b_dec": 0.005 * coordinate, "theta": 10 * pre, "W_skip": 1 / first.shape[1]}
 
 
 def test_signum_steps_b_dec_by_the_median_coordinate(tmp_path):
