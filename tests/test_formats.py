@@ -1,9 +1,10 @@
-"""Save/load round trips in all three formats, Gemma Scope release paths, and refused files."""
+"""Save/load round trips in every format (Gemma Scope 1 and 2, SAELens, native), release paths, and refused files."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,28 @@ def test_gemma_scope_2_refusals(tmp_path):
         with pytest.raises(SaescopeError, match=message) as err:
             load_sae(bad)
         assert "\n" not in str(err.value)
+
+
+def test_the_release_export_puts_each_kind_where_a_format_holds_it(tmp_path):
+    """`saescope run`'s release tree: JumpReLU in Gemma Scope's npz layout; TopK and skip transcoders,
+    which that format cannot hold, as SAELens folders; a TopK transcoder, which SAELens cannot hold
+    either, as native. Each loads back to the same function."""
+    from saescope.evals.report import export_released
+
+    kinds = {"jr": _trained_like(), "tk": _trained_like("topk", k=4),
+             "skip": _trained_like(site="mlp_in.1", target_site="mlp.1", skip=True),
+             "tktc": _trained_like("topk", k=4, site="mlp_in.1", target_site="mlp.1")}
+    records = []
+    for name, sae in kinds.items():
+        path = save_sae(sae, tmp_path / "saes" / name)
+        records.append({"sae": name, "path": str(path), "site": sae.cfg.site, "l0": 10.0})
+    export_released(records, tmp_path / "release")
+    where = {r["sae"]: r["released"] for r in records}
+    assert where["jr"].endswith("layer_1/width_64/average_l0_10")
+    assert where["tk"].endswith("layer_1/topk/tk") and where["skip"].endswith("layer_1/skip/skip")
+    x = torch.randn(8, 32) * 12.5
+    for name, sae in kinds.items():
+        back = load_sae(where[name])
+        assert back.cfg.skip == sae.cfg.skip and back.cfg.target_site == sae.cfg.target_site, name
+        torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-4)
+    assert (Path(where["tktc"]) / "sae.safetensors").is_file()  # native
