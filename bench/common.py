@@ -15,6 +15,12 @@ from typing import Callable
 import torch
 
 
+def token_count(text: str) -> int:
+    """A token count as the benches' flags write it: 250K, 1M, 4096."""
+    text = text.strip().upper()
+    return int(float(text.rstrip("KM")) * {"K": 1e3, "M": 1e6}.get(text[-1:], 1))
+
+
 def step_arguments(p: argparse.ArgumentParser) -> None:
     """The shape and timing flags of bench/train_step.py and bench/peers.py."""
     p.add_argument("--d-in", type=int, required=True)

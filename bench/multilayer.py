@@ -23,15 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from common import token_count
 
 VARIANTS = {"transcoder": False, "skip transcoder": True}
-
-
-def _tokens(text: str) -> int:
-    text = text.strip().upper()
-    return int(float(text.rstrip("KM")) * {"K": 1e3, "M": 1e6}.get(text[-1:], 1))
 
 
 def train_one(name: str, skip: bool, a, store: Path) -> tuple[Path, float]:
@@ -60,7 +54,7 @@ def main() -> int:
     p.add_argument("--eval-tokens", default="16K")
     p.add_argument("--out", default="runs/multilayer")
     a = p.parse_args()
-    a.out, a.tokens = Path(a.out), _tokens(a.tokens)
+    a.out, a.tokens = Path(a.out), token_count(a.tokens)
     from quality_data import docstring_corpus
     from saescope import CorpusConfig, HarvestConfig, harvest, load_model, load_sae
     from saescope.data.harvest import token_tensor
@@ -72,7 +66,7 @@ def main() -> int:
                           corpus=CorpusConfig(source=str(corpus))), store)
     trained = {name: train_one(name, skip, a, store) for name, skip in VARIANTS.items()}
     lm = load_model("gemma-3-270m")
-    rows = token_tensor(lm, CorpusConfig(source=str(corpus), split="heldout"), _tokens(a.eval_tokens))
+    rows = token_tensor(lm, CorpusConfig(source=str(corpus), split="heldout"), token_count(a.eval_tokens))
     results = evaluate({name: load_sae(path) for name, (path, _) in trained.items()}, lm, rows, batch_size=2)
     table = [{"variant": name, "l0": r["l0"], "fvu": r["fvu"], "delta_loss": r["delta_loss"], "delta_loss_se": r["delta_loss_se"],
               "kl": r["kl"], "kl_se": r["kl_se"], "tokens_per_s": trained[name][1]} for name, r in results.items()]

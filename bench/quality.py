@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common import token_count
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -103,12 +105,6 @@ def _fill(value, l0: float, width: int):
     if isinstance(value, str) and "WIDTH" in value:
         return [width // int(part.split("/")[1]) for part in value.split(",")]
     return value
-
-
-def _tokens(text: str) -> int:
-    text = text.strip().upper()
-    scale = {"K": 1e3, "M": 1e6}.get(text[-1:], 1)
-    return int(float(text.rstrip("KM")) * scale)
 
 
 def train_variant(name: str, v: Variant, a, width: int, budget: int, folder: Path) -> Path:
@@ -261,8 +257,8 @@ def main() -> int:
     out = Path(a.out)
     a.corpus = docstring_corpus(out / "corpus" / "docstrings.jsonl")
     a.prose = prose_corpus(out / "corpus" / "prose.jsonl")
-    a.eval_tokens = _tokens(a.eval_tokens)
-    store_tokens = _tokens(a.store_tokens)
+    a.eval_tokens = token_count(a.eval_tokens)
+    store_tokens = token_count(a.store_tokens)
     a.store = out / f"store-{a.store_tokens}"
     store = harvest(HarvestConfig(sites=[SITE], tokens=store_tokens, corpus=CorpusConfig(source=str(a.corpus))), a.store)
     store_rows = store.n_rows(SITE)
@@ -271,7 +267,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     rows = []
-    for budget in map(_tokens, a.budgets.split(",")):
+    for budget in map(token_count, a.budgets.split(",")):
         paths = {}
         for width in map(int, a.widths.split(",")):
             for name in names:

@@ -119,7 +119,7 @@ class SparseAutoencoder(nn.Module):
     def _decoder_base(self, x: torch.Tensor) -> torch.Tensor:
         """What the training step's reconstruction adds to the latents' decode: b_dec, plus the
         skip of the normalised input x."""
-        return self.b_dec + x @ self.W_skip if self.cfg.skip else self.b_dec
+        return self.b_dec + self.skip_output(x) if self.cfg.skip else self.b_dec
 
     # --- training ------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_coeff: float,

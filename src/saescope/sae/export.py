@@ -4,6 +4,7 @@ the name that layout gives it."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from ..errors import SaescopeError
@@ -32,7 +33,7 @@ def export_saes(folder: str | os.PathLike, out: str | os.PathLike, format: str) 
         if l0 is None:
             raise SaescopeError(f"{name}: Gemma Scope 2 names a folder by its L0, and this SAE records neither a target nor a training L0")
         dests[name] = gemmascope2_dir(out, sae.cfg, l0)
-    clash = sorted({str(d) for d in dests.values() if list(dests.values()).count(d) > 1})
+    clash = sorted(str(d) for d, n in Counter(dests.values()).items() if n > 1)
     if clash:
         raise SaescopeError(f"two SAEs would share the folder {clash[0]} (same kind, layer, width and L0); export them apart")
     return [save_sae(sae, dests[name], format=format) for name, sae in saes.items()]

@@ -168,7 +168,7 @@ def detect_format(path: str | os.PathLike) -> str | None:
         return "native"
     if (path / SAELENS_CONFIG).is_file() and (path / SAELENS_WEIGHTS).is_file():
         return "saelens"
-    if (path / GS2_CONFIG).is_file() and (path / GS2_PARAMS).is_file() or (path / GS2_LAYER.format(0)).is_file():
+    if (path / GS2_CONFIG).is_file() and ((path / GS2_PARAMS).is_file() or (path / GS2_LAYER.format(0)).is_file()):
         return "gemmascope2"
     if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_MULTI_WEIGHTS).is_file():
         return "native"

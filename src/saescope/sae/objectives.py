@@ -141,12 +141,15 @@ class Encoded:
         return fn(self.values).sum()
 
     def latent_totals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """([m] Σ over the batch of each latent's activations, in the graph; [m] its firing count)."""
+        """([m] Σ over the batch of each latent's activations, in the graph; [m] its firing count,
+        the encoder's own where it counted them)."""
+        fired = None if self.latents is None else self.latents.detach()
         if self.code is None:
-            return self.values.sum(0), (self.values.detach() > 0).sum(0).to(self.values.dtype)
+            total = self.values.sum(0)
+            return total, fired if fired is not None else (self.values.detach() > 0).sum(0).to(total.dtype)
         zeros = self.values.new_zeros(self.code.width)
-        return (zeros.index_add(0, self.code.cols, self.values),
-                zeros.index_add(0, self.code.cols, (self.values.detach() > 0).to(self.values.dtype)))
+        total = zeros.index_add(0, self.code.cols, self.values)
+        return total, fired if fired is not None else zeros.index_add(0, self.code.cols, (self.values.detach() > 0).to(total.dtype))
 
     def weighted(self, w: torch.Tensor) -> torch.Tensor:
         """Σ over the batch of Σ_i f_i·w_i."""
@@ -214,8 +217,7 @@ def frequency_penalty(objective: Objective, enc: Encoded) -> torch.Tensor | floa
     """w·Σ_i max(0, p_i − τ) over latents firing on more than τ of the batch."""
     if not objective.frequency_penalty:
         return 0.0
-    share = enc.latents / enc.batch
-    return objective.frequency_penalty * (share - objective.frequency_threshold).clamp_min(0).sum()
+    return _hinge(objective, enc.latents / enc.batch)
 
 
 def activation_frequency_penalty(objective: Objective, enc: Encoded) -> torch.Tensor | float:
@@ -225,5 +227,9 @@ def activation_frequency_penalty(objective: Objective, enc: Encoded) -> torch.Te
         return 0.0
     total, count = enc.latent_totals()
     mean = (total.detach() / count.clamp_min(1)).clamp_min(torch.finfo(total.dtype).tiny)
-    share = total / (mean * enc.batch)
+    return _hinge(objective, total / (mean * enc.batch))
+
+
+def _hinge(objective: Objective, share: torch.Tensor) -> torch.Tensor:
+    """w·Σ_i max(0, p_i − τ)."""
     return objective.frequency_penalty * (share - objective.frequency_threshold).clamp_min(0).sum()
