@@ -1,8 +1,10 @@
 """SAELens, through its own loader, reads the SAELens folders saescope writes, for SAEs trained
 with each objective option, for a BatchTopK SAE before and after its per-latent conversion, and
 for transcoders with and without a skip connection (SAELens's transcoder classes); its Gemma
-Scope 2 loader reads the Gemma Scope 2 folders saescope writes; and circuit-tracer's Gemma Scope 2
-loaders read our transcoders' and a cross-layer transcoder's Gemma Scope 2 files.
+Scope 2 loader reads the Gemma Scope 2 folders saescope writes; circuit-tracer's Gemma Scope 2
+loaders read our transcoders' and a trained cross-layer transcoder's Gemma Scope 2 files, and its
+own layout's loaders read what `saescope export --format circuit-tracer` writes of that CLT and of
+a set of skip transcoders.
 
     .venv-peers/bin/python bench/interop.py        (or `make bench-interop`)
 
@@ -72,14 +74,33 @@ def gemma_scope_2(folder: Path):
     return sae
 
 
-def circuit_tracer_rows(out: Path, x: torch.Tensor, transcoders: list) -> tuple[list[str], float]:
-    """circuit-tracer's own Gemma Scope 2 loaders on our files: each single-layer transcoder's
-    params.safetensors, and a cross-layer transcoder's params_layer_{i} files (random weights:
-    saescope does not train CLTs yet). Rows of the table and the largest difference."""
-    from circuit_tracer.transcoder.cross_layer_transcoder import load_gemma_scope_2_clt
-    from circuit_tracer.transcoder.single_layer_transcoder import load_gemma_scope_2_transcoder
+def multi_layer(out: Path, x: torch.Tensor) -> tuple:
+    """A 3-layer CLT and a set of skip transcoders at layers 0–2, trained on synthetic MLPs."""
+    from saescope import load_dictionary
 
-    from saescope import MultiLayerConfig, MultiLayerDictionary, save_dictionary
+    g = torch.Generator().manual_seed(4)
+    acts = {f"mlp_in.{i}": x.roll(i, 1) for i in range(3)}
+    acts.update({f"mlp.{i}": torch.tanh(acts[f"mlp_in.{i}"] @ torch.randn(16, 16, generator=g) / 4) * 3 for i in range(3)})
+    sites = list(acts)[:3]
+    specs = [SAESpec(sites=sites, clt=True, widths=[64], target_l0=[6]),
+             SAESpec(sites=sites, transcoder=True, skip=True, widths=[64], target_l0=[6])]
+    train(TrainConfig(saes=specs, tokens=60 * 256, batch_size=256), out / "multi", source=TensorSource(acts), progress=False)
+    found = sorted((out / "multi" / "saes").iterdir())
+    clt = load_dictionary(next(f for f in found if "-clt-" in f.name))
+    return clt, [load_sae(f) for f in found if "-tc-" in f.name], acts
+
+
+def circuit_tracer_rows(out: Path, x: torch.Tensor, transcoders: list) -> tuple[list[tuple], float]:
+    """circuit-tracer's loaders on our files: its Gemma Scope 2 loaders on each single-layer
+    transcoder's params.safetensors and on a trained CLT's params_layer_{i} files, and its own
+    layout's loaders (`load_clt`, `load_transcoders` of a transcoder set) on `saescope export
+    --format circuit-tracer`'s folders. Rows of the table and the largest difference."""
+    import yaml
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt, load_gemma_scope_2_clt
+    from circuit_tracer.transcoder.single_layer_transcoder import load_gemma_scope_2_transcoder, load_transcoder_set
+
+    from saescope import save_dictionary
+    from saescope.sae.export import export_saes
 
     cpu, rows, worst = torch.device("cpu"), [], 0.0
     for name, ours in transcoders:
@@ -89,29 +110,48 @@ def circuit_tracer_rows(out: Path, x: torch.Tensor, transcoders: list) -> tuple[
             d_enc = float((ours.encode(x) - theirs.encode(x)).abs().max())
             d_out = float((ours(x) - theirs(x)).abs().max())
         worst = max(worst, d_enc, d_out)
-        rows.append((name, type(theirs).__name__, float((theirs.encode(x) > 0).sum(1).float().mean()), d_enc, d_out))
-    clt = MultiLayerDictionary(MultiLayerConfig(kind="clt", sites_in=["mlp_in.0", "mlp_in.1", "mlp_in.2"],
-                                                sites_out=["mlp.0", "mlp.1", "mlp.2"], d_in=16, d_out=16, d_sae=64))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in clt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        clt.theta.copy_(torch.rand(clt.theta.shape, generator=g))
-        clt.scale_in.copy_(torch.tensor([2.0, 5.0, 3.0]))
+        rows.append((name, "Gemma Scope 2", type(theirs).__name__, float((theirs.encode(x) > 0).sum(1).float().mean()),
+                     d_enc, d_out))
+    clt, tc_set, acts = multi_layer(out, x)
+    clt = clt.fold()  # what the files hold: the same products, so no code flips at θ by rounding alone
+    stacked = torch.stack([acts[s] for s in clt.cfg.sites_in])
     folder = save_dictionary(clt, out / "ct" / "clt")
     paths = {i: str(folder / f"params_layer_{i}.safetensors") for i in range(3)}
     paths[3] = paths[2]  # circuit-tracer 0.5.0 reads layers range(max(key)): one key past the last
-    theirs = load_gemma_scope_2_clt(paths, device=cpu, dtype=torch.float32)
-    acts = {s: x.roll(i, 1) for i, s in enumerate(clt.cfg.sites_in)}
-    stacked = torch.stack([acts[s] for s in clt.cfg.sites_in])
-    clt = clt.fold()  # what the files hold: the same products, so no code flips at θ by rounding alone
+    exported = {f.name: f for f in export_saes(out / "multi", out / "ct-own", "circuit-tracer")}
+    own = next(f for name, f in exported.items() if "-clt-" in name)
+    config = yaml.safe_load((own / "config.yaml").read_text())
+    readers = [("Gemma Scope 2", load_gemma_scope_2_clt(paths, device=cpu, dtype=torch.float32)),
+               ("circuit-tracer", load_clt(str(own), feature_input_hook=config["feature_input_hook"],
+                                           feature_output_hook=config["feature_output_hook"], device=cpu,
+                                           dtype=torch.float32, lazy_decoder=False))]
+    for files, theirs in readers:
+        with torch.no_grad():
+            codes, f_theirs = clt.encode(acts), theirs.encode(stacked)
+            d_enc = float(max((codes[s] - f_theirs[i]).abs().max() for i, s in enumerate(clt.cfg.sites_in)))
+            y_ours, y_theirs = clt(acts), theirs(stacked)
+            d_out = float(max((y_ours[s] - y_theirs[i]).abs().max() for i, s in enumerate(clt.cfg.sites_out)))
+        worst = max(worst, d_enc, d_out)
+        rows.append(("trained 3-layer CLT", files, type(theirs).__name__, float((f_theirs > 0).sum(-1).float().mean()),
+                     d_enc, d_out))
+    own = next(f for name, f in exported.items() if "-tc-" in name)
+    config = yaml.safe_load((own / "config.yaml").read_text())
+    # what its load_transcoders does with a transcoder_set config whose files are local (its hf_utils
+    # module itself does not import against the peers' huggingface_hub)
+    theirs = load_transcoder_set({i: str(own / f"layer_{i}.safetensors") for i in range(3)}, scan=config["scan"],
+                                 feature_input_hook=config["feature_input_hook"],
+                                 feature_output_hook=config["feature_output_hook"], device=cpu, dtype=torch.float32,
+                                 lazy_encoder=False, lazy_decoder=False)
+    d_enc = d_out = 0.0
     with torch.no_grad():
-        codes, f_theirs = clt.encode(acts), theirs.encode(stacked)
-        d_enc = float(max((codes[s] - f_theirs[i]).abs().max() for i, s in enumerate(clt.cfg.sites_in)))
-        y_ours, y_theirs = clt(acts), theirs(stacked)
-        d_out = float(max((y_ours[s] - y_theirs[i]).abs().max() for i, s in enumerate(clt.cfg.sites_out)))
-    rows.append(("random 3-layer CLT", type(theirs).__name__, float((f_theirs > 0).sum(-1).float().mean()), d_enc, d_out))
-    return rows, max(worst, d_enc, d_out)
+        for i, ours in enumerate(tc_set):
+            x_i = acts[ours.cfg.site]
+            d_enc = max(d_enc, float((ours.encode(x_i) - theirs.transcoders[i].encode(x_i)).abs().max()))
+            d_out = max(d_out, float((ours(x_i) - theirs.transcoders[i](x_i)).abs().max()))
+    worst = max(worst, d_enc, d_out)
+    rows.append(("3 skip transcoders (a set)", "circuit-tracer", type(theirs).__name__,
+                 float((theirs.transcoders[0].encode(acts["mlp_in.0"]) > 0).sum(-1).float().mean()), d_enc, d_out))
+    return rows, worst
 
 
 def main() -> int:
@@ -154,8 +194,8 @@ def main() -> int:
     transcoders = [(f.name, load_sae(f)) for f in sorted((out / "run" / "saes").iterdir()) if "-tc-" in f.name]
     ct_rows, ct_worst = circuit_tracer_rows(out, x, transcoders)
     worst = max(worst, ct_worst)
-    rows += [f"| {name} | Gemma Scope 2 | circuit-tracer {cls} | {l0:.2f} | {d_enc:.1e} | {d_out:.1e} |"
-             for name, cls, l0, d_enc, d_out in ct_rows]
+    rows += [f"| {name} | {files} | circuit-tracer {cls} | {l0:.2f} | {d_enc:.1e} | {d_out:.1e} |"
+             for name, files, cls, l0, d_enc, d_out in ct_rows]
     print("| saescope dictionary | files | read by | L0 there | max abs Δ encode | max abs Δ output |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -166,7 +166,7 @@ def interrupt_training(monkeypatch, trainer_cls, step: int) -> None:
 def assert_resumes_exactly(cfg, root, source, monkeypatch, kill_at: int):
     """Train `cfg` whole into root/whole, and killed as it starts step `kill_at`, then rerun, into
     root/cut; every SAE of the two runs must have the same weights. Returns root/whole/saes."""
-    from saescope import load_sae
+    from saescope import load_dictionary
     from saescope.train import Trainer, train
 
     train(cfg, root / "whole", source=source, progress=False)
@@ -179,7 +179,7 @@ def assert_resumes_exactly(cfg, root, source, monkeypatch, kill_at: int):
     folders = sorted((root / "whole" / "saes").iterdir())
     assert [f.name for f in folders] == sorted(f.name for f in (root / "cut" / "saes").iterdir())
     for folder in folders:
-        whole, cut = load_sae(folder).state_dict(), load_sae(root / "cut" / "saes" / folder.name).state_dict()
+        whole, cut = load_dictionary(folder).state_dict(), load_dictionary(root / "cut" / "saes" / folder.name).state_dict()
         for k, v in whole.items():
             torch.testing.assert_close(cut[k], v, rtol=1e-6, atol=1e-7, msg=f"{folder.name} {k}")
     return root / "whole" / "saes"

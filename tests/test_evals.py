@@ -11,7 +11,7 @@ import torch
 from saescope import CorpusConfig, ReLUSAE, SAEConfig
 from saescope.data import token_rows
 from saescope.evals import dead_dense, evaluate, fvu, kl_divergence, l0, massive_dims
-from saescope.evals.metrics import _ce, _Clean, per_sequence_se
+from saescope.evals.metrics import _ce, CleanPass, per_sequence_se
 
 
 def test_metrics_by_hand():
@@ -41,7 +41,7 @@ def test_the_batched_comparison_equals_cross_entropy_and_kl_from_logits():
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (3, 9), generator=g)
     clean, spliced = torch.randn(3, 9, 50, generator=g) * 3, torch.randn(3, 9, 50, generator=g) * 3
-    ref = _Clean(clean, ids)
+    ref = CleanPass(clean, ids)
     ce, kl = ref.compare(spliced)
     torch.testing.assert_close(ref.ce, _ce(clean, ids))
     torch.testing.assert_close(ce, _ce(spliced, ids))

@@ -265,3 +265,13 @@ def test_data_and_latent_sharded_runs_on_four_host_devices_equal_one_device(tmp_
         for sae, state in one.items():
             for k, v in state.items():
                 torch.testing.assert_close(got[sae][k], v, rtol=1e-5, atol=1e-6, msg=f"{name}: {sae} {k}")
+
+
+def test_importing_the_backend_leaves_the_step_function_in_place():
+    """The backend module is not named `step`: once a JAX run has imported it, saescope.jax.step
+    must still be the SAE step function (a submodule of that name would replace the attribute)."""
+    import inspect
+
+    from saescope.jax.backend import JaxStep
+
+    assert JaxStep and callable(sj.step) and not inspect.ismodule(sj.step)

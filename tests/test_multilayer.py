@@ -25,7 +25,8 @@ def _random(kind: str, seed: int = 0) -> MultiLayerDictionary:
     with torch.no_grad():
         for p in d.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        d.theta.copy_(torch.rand(d.theta.shape, generator=g) * 0.3)
+        for group in d.groups:
+            group.set_threshold(torch.rand(group.cfg.d_sae, generator=g) * 0.3)
         d.scale_in.copy_(torch.tensor([2.0, 3.0, 0.5]))
         d.scale_out.copy_(torch.tensor([1.5, 4.0, 0.25]))
     return d

@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --target-l0: train JumpReLU itself (quadratic penalty), or BatchTopK saved as JumpReLU")
     g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
     g.add_argument("--skip", action="store_true", default=None, help="transcoders: train an affine skip x·A beside the dictionary")
+    g.add_argument("--clt", action="store_true", default=None,
+                   help="one cross-layer transcoder over the --sites (mlp_in.L): latents write their layer's MLP output and later ones")
+    g.add_argument("--crosscoder", action="store_true", default=None,
+                   help="one weakly causal crosscoder over the --sites (resid.L): latents write their layer and later ones")
     g.add_argument("--theta-param", default=None, choices=["theta", "log"])
     g.add_argument("--b-dec-init", default=None, choices=["zeros", "mean"])
     o = t.add_argument_group("the objective (README: Objectives)")
@@ -154,10 +158,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
     r.add_argument("--out", required=True, help="output folder; a rerun skips finished stages")
 
-    ex = sub.add_parser("export", help="write a run's SAEs and transcoders in Gemma Scope 2's or SAELens's layout")
-    ex.add_argument("dir", help="a `saescope run` or `saescope train` output folder, a folder of SAEs, or one SAE")
-    ex.add_argument("--format", required=True, choices=["gemmascope2", "saelens"],
-                    help="gemmascope2: KIND/layer_L_width_W_l0_K[_affine]/ folders; saelens: one folder per SAE")
+    ex = sub.add_parser("export", help="write a run's dictionaries in Gemma Scope 2's, SAELens's or circuit-tracer's layout")
+    ex.add_argument("dir", help="a `saescope run` or `saescope train` output folder, a folder of dictionaries, or one")
+    ex.add_argument("--format", required=True, choices=["gemmascope2", "saelens", "circuit-tracer"],
+                    help="gemmascope2: KIND/layer_L_width_W_l0_K[_affine]/ folders (clt/, crosscoder/ for multi-layer "
+                         "dictionaries); saelens: one folder per SAE; circuit-tracer: one folder per cross-layer "
+                         "transcoder and per transcoder set over layers 0…L−1")
     ex.add_argument("--out", required=True, help="the folder to write into")
 
     s = sub.add_parser("sites", help="list a model's sites and their widths")
@@ -261,7 +267,7 @@ def _dispatch(args) -> int:
         from .sae.export import export_saes
 
         written = export_saes(args.dir, args.out, args.format)
-        print(f"{len(written)} SAEs in {args.out} ({args.format})")
+        print(f"{len(written)} dictionaries in {args.out} ({args.format})")
     elif args.command == "run":
         from .pipeline import load_config, run
 
@@ -316,6 +322,7 @@ def _train_config(args):
 
     spec = {k: v for k, v in {
         "sites": args.sites, "arch": args.arch, "transcoder": args.transcoder, "skip": args.skip,
+        "clt": args.clt, "crosscoder": args.crosscoder,
         "theta_param": args.theta_param,
         "b_dec_init": args.b_dec_init,
         "widths": args.widths and numbers(args.widths, int), "lambdas": args.lambdas and numbers(args.lambdas, float),

@@ -74,6 +74,10 @@ JUMPRELU_TRAINING = ("sparsity", "lambdas", "threshold_init", "quadratic_form", 
 TARGET_TRAIN_AS = "batchtopk"
 
 
+# a crosscoder's sites unless the entry lists them: Gemma Scope 2's for Gemma 3 270M (25/50/65/85% depth)
+CROSSCODER_SITES = ["resid.5", "resid.9", "resid.12", "resid.15"]
+
+
 def default_norm_cap(arch: str | None, train_as: str | None) -> float:
     """The norm cap an entry of this kind gets unless it sets one."""
     return BATCHTOPK_NORM_CAP if "batchtopk" in (arch, train_as) else NORM_CAP
@@ -92,6 +96,11 @@ class SAESpec(_Config):
                                                                      "'quadratic' and threshold_init 'quantile' unless set)")
     transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
     skip: bool = Field(False, description="transcoders: an affine skip x·A (d_in × d_out) trained beside the dictionary")
+    clt: bool = Field(False, description="one cross-layer transcoder over the sites (mlp_in.L): latents at each layer "
+                                         "write that layer's MLP output and every later listed one's")
+    crosscoder: bool = Field(False, description="one weakly causal crosscoder over the sites (resid.L; unless listed, "
+                                                "Gemma Scope 2's for Gemma 3 270M, layers 5, 9, 12, 15): latents read "
+                                                "one layer and write it and the later listed ones")
     theta_param: Literal["theta", "log"] = Field("theta", description="train θ directly or as log θ (the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
     b_dec_init: Literal["mean", "zeros"] = Field("mean", description="the first batch's mean (measured better, see README) or zeros (the paper)")
@@ -137,6 +146,8 @@ class SAESpec(_Config):
                 data = {**{k: v for k, v in TARGET_RECIPE.items() if k != "lambdas" or quadratic}, **data}
         if isinstance(data, dict):
             data = {"norm_cap": default_norm_cap(data.get("arch"), data.get("train_as")), **data}
+        if isinstance(data, dict) and data.get("crosscoder") and "sites" not in data:
+            data = {**data, "sites": CROSSCODER_SITES}
         return data
 
     def is_default(self, name: str) -> bool:
@@ -155,6 +166,8 @@ class SAESpec(_Config):
                                                ("threshold_init", self.threshold_init != "constant")) if on]
         if self.arch != "jumprelu" and jumprelu_only:
             raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
+        if self.multi_layer:
+            self._multi_layer_fits()
         if self.skip and not self.transcoder:
             raise ValueError("skip is for transcoders (an SAE's skip would copy its input): set transcoder = true")
         if self.arch == "relu" and self.frequency_penalty:
@@ -170,6 +183,29 @@ class SAESpec(_Config):
         except SaescopeError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def multi_layer(self) -> str | None:
+        """"clt" or "crosscoder" for an entry that is one multi-layer dictionary over its sites."""
+        return "clt" if self.clt else "crosscoder" if self.crosscoder else None
+
+    def _multi_layer_fits(self) -> None:
+        from .sae.multilayer import KINDS
+        from .site import Site
+
+        kind = self.multi_layer
+        if self.clt and self.crosscoder:
+            raise ValueError("an entry is a clt or a crosscoder, not both")
+        clash = [name for name, on in (("transcoder", self.transcoder), ("skip", self.skip),
+                                       ("matryoshka", bool(self.matryoshka)), ("arch 'relu'", self.arch == "relu")) if on]
+        if clash:
+            raise ValueError(f"{', '.join(clash)} {'is' if len(clash) == 1 else 'are'} for single-layer dictionaries, not a {kind}")
+        sites = [Site.parse(s) for s in self.sites]
+        if any(s.kind != KINDS[kind][0] for s in sites):
+            raise ValueError(f"a {kind} reads {KINDS[kind][0]}.L sites, got {', '.join(self.sites)}")
+        layers = [s.layer for s in sites]
+        if layers != sorted(set(layers)):
+            raise ValueError(f"a {kind}'s sites must be distinct layers in increasing order, got {', '.join(self.sites)}")
 
     def _trains_as_batchtopk(self) -> None:
         if self.arch != "jumprelu" or not self.target_l0:

@@ -1,14 +1,15 @@
-"""Files: writes that never leave a half-written file under the final name, and JSON read with
-one-line errors."""
+"""Files: writes that never leave a half-written file under the final name, and JSON and
+safetensors read with one-line errors (safetensors checked against the sha256 a config records)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import SaescopeError
+from .errors import SaescopeError, first_line
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -26,6 +27,14 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def remove_temporaries(folder: Path) -> None:
+    """Delete what an atomic_write killed before its rename left in `folder` (dot-named files):
+    the final names were never touched, so these hold nothing anyone reads."""
+    for stray in folder.glob(".*") if folder.is_dir() else ():
+        if stray.is_file():
+            stray.unlink(missing_ok=True)
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write(path, (json.dumps(obj, indent=1) + "\n").encode())
 
@@ -38,3 +47,17 @@ def read_json(path: Path):
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise SaescopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def read_safetensors(path: Path, sha256: str | None = None) -> dict:
+    """The tensors of a safetensors file; when its config records a sha256 (ours do), checked first."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise SaescopeError(f"{path} does not match the sha256 its config records: damaged or altered")
+    try:
+        return load(data)
+    except SafetensorError as exc:
+        raise SaescopeError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None

@@ -71,7 +71,7 @@ def run(cfg: RunConfig, out: str | Path, *, progress: bool = True) -> dict | Non
 
 
 def _stages(cfg: RunConfig, out: Path, ranks, progress: bool) -> dict | None:
-    from .evals.report import evaluate_paths, write_report
+    from .evals.report import evaluate_paths, replacement_path, write_report
     from .explore.build import build_dir
     from .lm import load_model
     from .train import train
@@ -107,16 +107,18 @@ def _stages(cfg: RunConfig, out: Path, ranks, progress: bool) -> dict | None:
         [str(train_dir / "saes")], model(), corpus, cfg.eval.tokens, eval_path,
         batch_size=cfg.eval.batch_size, device=cfg.harvest.device, progress=progress))
     records = read_json(eval_path)
+    replaced = read_json(replacement_path(eval_path)) if replacement_path(eval_path).is_file() else None
     absorption_path = out / "absorption.json"
-    stage("absorption", absorption_path.is_file() or not cfg.eval.absorption,
+    stage("absorption", absorption_path.is_file() or not cfg.eval.absorption or not records,
           lambda: _absorption(records, cfg, absorption_path, model()))
     absorbed = read_json(absorption_path) if absorption_path.is_file() else None
-    stage("report", False, lambda: write_report(records, out, timings, absorbed))
+    stage("report", False, lambda: write_report(records, out, timings, absorbed, replaced))
     explore_corpus = corpus.model_copy(update={"seq_len": cfg.explore.seq_len})
-    stage("explore", (out / "features.db").is_file() or not cfg.explore.enabled, lambda: build_dir(
+    explored = cfg.explore.enabled and bool(records)  # the explorer shows single-layer dictionaries
+    stage("explore", (out / "features.db").is_file() or not explored, lambda: build_dir(
         out, explore_corpus, cfg.explore.tokens, model=model(), batch_size=cfg.explore.batch_size, progress=progress))
-    return {"report": out / "report.md", "records": records, "timings": timings,
-            "features": out / "features.db" if cfg.explore.enabled else None}
+    return {"report": out / "report.md", "records": records, "replacement": replaced, "timings": timings,
+            "features": out / "features.db" if explored else None}
 
 
 def _complete(record: Path) -> bool:

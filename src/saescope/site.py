@@ -104,3 +104,12 @@ def parse_sites(sites: "str | Site | Iterable[str | Site]") -> list[Site]:
     if not out:
         raise SaescopeError("no sites given")
     return out
+
+
+def layers_label(sites: tuple[str, ...]) -> str:
+    """Sites of one kind as a name: mlp_in.0-17 for a run of layers, resid.5_9_12_15 otherwise."""
+    parsed = [Site.parse(s) for s in sites]
+    layers = [s.layer for s in parsed]
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{parsed[0].kind}.{layers[0]}-{layers[-1]}"
+    return f"{parsed[0].kind}." + "_".join(map(str, layers))

@@ -32,7 +32,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import SaescopeError
-from ..files import atomic_write, read_json, write_json
+from ..files import atomic_write, read_json, remove_temporaries, write_json
 from .stream import default_buffer_rows, shuffled_batches
 
 FORMAT = 1
@@ -171,8 +171,7 @@ class StoreWriter:
             for f in (self.root / folder).glob("*.safetensors"):
                 if f.name not in keep:
                     f.unlink()
-            for f in (self.root / folder).glob(".*"):
-                f.unlink()
+            remove_temporaries(self.root / folder)
         for f in self.root.glob(f".{STORE_FILE}.*"):  # the record's own write, killed before its rename
             f.unlink()
 

@@ -92,7 +92,7 @@ class _Sums:
         self.seq_delta, self.seq_kl = [], []
 
 
-class _Clean:
+class CleanPass:
     """The clean pass's next-token log-probabilities and probabilities, made once per batch: every
     spliced pass is compared with them in two vocabulary-sized passes (its log-softmax, then
     Σ p·(log p − log q) as one batched dot product), where cross-entropy and KL each from logits
@@ -113,6 +113,22 @@ class _Clean:
         return ce, kl
 
 
+def clean_passes(lm: LanguageModel, rows: torch.Tensor, batch_size: int, sites: set[str]):
+    """Each batch of token rows with what every evaluation compares against: (ids, the real-token
+    mask, the scored predictions [batch, seq − 1] (input and target both real tokens), the clean
+    value at every site of `sites`, the clean pass). Call under torch.no_grad()."""
+    special = SpecialTokens.of(lm.tokenizer).ids if lm.tokenizer is not None else []
+    for i in range(0, len(rows), batch_size):
+        ids = rows[i:i + batch_size].long().to(lm.device)
+        keep = keep_mask(ids, special) if special else torch.ones_like(ids, dtype=torch.bool)
+        seen: dict[str, torch.Tensor] = {}
+        with contextlib.ExitStack() as stack:
+            for site in sites:
+                stack.enter_context(splice(lm, site, lambda v, key=site: seen.__setitem__(key, v) or v))
+            clean = CleanPass(lm(ids), ids)
+        yield ids, keep, (keep[:, :-1] & keep[:, 1:]).to(torch.float64), seen, clean
+
+
 def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy per position [batch, seq − 1]."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
@@ -125,7 +141,6 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
     The reconstruction replaces the site's value at real tokens only (BOS, EOS and padding keep
     their clean value), and losses count only predictions whose input and target are real tokens.
     `site` is for SAEs whose files do not say where they read."""
-    special = SpecialTokens.of(lm.tokenizer).ids if lm.tokenizer is not None else []
     inputs = {name: check_sae(sae, lm, None if sae.cfg.site else site) for name, sae in saes.items()}
     targets = {name: Site.parse(sae.cfg.target_site) if sae.cfg.target_site else inputs[name] for name, sae in saes.items()}
     seq_len = rows.shape[1]
@@ -135,16 +150,8 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
     bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"eval {len(saes)} SAEs", disable=not progress)
     start = time.perf_counter()
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            ids = rows[i:i + batch_size].long().to(lm.device)
-            keep = keep_mask(ids, special) if special else torch.ones_like(ids, dtype=torch.bool)
-            pred = (keep[:, :-1] & keep[:, 1:]).to(torch.float64)
+        for ids, keep, pred, seen, clean in clean_passes(lm, rows, batch_size, {*map(str, inputs.values()), *map(str, targets.values())}):
             totals["n_pred"] += float(pred.sum())
-            seen = {}
-            with contextlib.ExitStack() as stack:  # record the clean value at every site read
-                for site in {str(s) for s in [*inputs.values(), *targets.values()]}:
-                    stack.enter_context(splice(lm, site, lambda v, key=site: seen.__setitem__(key, v) or v))
-                clean = _Clean(lm(ids), ids)
             clean_ce = (clean.ce.double() * pred).sum(1)
             totals["ce_clean"] += float(clean_ce.sum())
             totals["seq_pred"] += pred.sum(1).tolist()

@@ -9,8 +9,11 @@ from ..config import CorpusConfig
 from ..data import token_tensor
 from ..files import atomic_write, write_json
 from ..lm import load_model
-from ..sae.formats import find_saes, gemmascope_dir, load_sae, save_sae, unfit
+from ..sae.export import transcoder_sets
+from ..sae.formats import find_saes, gemmascope_dir, load_dictionary, load_sae, save_dictionary, save_sae, unfit
+from ..sae.multilayer import MultiLayerDictionary
 from .metrics import evaluate
+from .replacement import evaluate_replacement
 
 TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_recovered", "kl", "dead_fraction",
               "dense_fraction")
@@ -18,16 +21,42 @@ TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_re
 
 def evaluate_paths(paths: list[str], model, corpus: CorpusConfig, tokens: int, out: str | Path, *,
                    batch_size: int = 1, device: str = "cpu", site: str | None = None, progress: bool = True) -> list[dict]:
-    """Load the SAEs and the model (a name, path or LanguageModel), evaluate on held-out rows,
-    write JSON and markdown."""
+    """Load the dictionaries and the model (a name, path or LanguageModel), evaluate on held-out
+    rows, write JSON and markdown. Single-layer SAEs and transcoders are spliced one at a time
+    (`out`); cross-layer transcoders, crosscoders and each set of per-layer transcoders (the
+    same entry at several layers) also as the replacement model (`replacement_path(out)`)."""
     found = find_saes(paths)
-    saes = {name: load_sae(p) for name, p in found.items()}
+    loaded = {name: load_dictionary(p) for name, p in found.items()}
+    saes = {k: v for k, v in loaded.items() if not isinstance(v, MultiLayerDictionary)}
     lm = load_model(model, device=device)
-    records = evaluate({k: v.to(lm.device) for k, v in saes.items()}, lm, token_tensor(lm, corpus, tokens),
-                       batch_size=batch_size, site=site, progress=progress)
+    rows = token_tensor(lm, corpus, tokens)
+    records = evaluate({k: v.to(lm.device) for k, v in saes.items()}, lm, rows, batch_size=batch_size, site=site,
+                       progress=progress) if saes else {}
     result = [{**rec, "path": str(found[name])} for name, rec in records.items()]
     write_results(result, Path(out))
+    layered = {k: v.to(lm.device) for k, v in loaded.items() if isinstance(v, MultiLayerDictionary)}
+    layered.update({name: [saes[n].to(lm.device) for n in members] for name, members in transcoder_sets(saes).items()})
+    if layered:
+        replaced = evaluate_replacement(layered, lm, rows, batch_size=batch_size, progress=progress)
+        write_json(replacement_path(out), [{**rec, "path": str(found.get(name, ""))} for name, rec in replaced.items()])
+        atomic_write(replacement_path(out).with_suffix(".md"), replacement_table(list(replaced.values())).encode())
     return result
+
+
+def replacement_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + "_replacement.json")
+
+
+def replacement_table(records: list[dict]) -> str:
+    """Each dictionary: every output replaced at once, and the mean over layers replaced alone."""
+    lines = ["| dictionary | kind | layers | L0 per layer | FVU (mean) | delta loss, one at a time (mean) | "
+             "delta loss, all replaced | KL, all replaced |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['sae']} | {r['kind']} | {len(r['sites_out'])} | {r['l0_per_layer']:.1f} | {r['fvu_mean']:.3f} | "
+                     f"{r['delta_loss_one_at_a_time_mean']:.4f} | {r['delta_loss_all_replaced']:.4f} ± "
+                     f"{r['delta_loss_all_replaced_se']:.4f} | {r['kl_all_replaced']:.4f} ± {r['kl_all_replaced_se']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_results(records: list[dict], out: Path) -> None:
@@ -64,8 +93,42 @@ def export_released(records: list[dict], root: Path) -> None:
         r["released"] = str(dest)
 
 
-def write_report(records: list[dict], out: Path, timings: dict, absorbed: dict | None = None) -> Path:
-    """report.md (table, timings, plots), report.json, the PNGs and the released SAEs."""
+def export_multilayer(records: list[dict], root: Path) -> None:
+    """Copy each multi-layer dictionary into `root/{clt,crosscoder}/NAME` as Gemma Scope 2's files
+    (native where they cannot hold it: TopK latents); a transcoder set stays where its members are."""
+    for r in records:
+        if r["kind"] == "transcoders":
+            continue
+        d = load_dictionary(r["path"])
+        dest = root / r["kind"] / r["sae"]
+        save_dictionary(d, dest, format="native" if d.cfg.arch == "topk" else "gemmascope2")
+        r["released"] = str(dest)
+
+
+def write_report(records: list[dict], out: Path, timings: dict, absorbed: dict | None = None,
+                 replaced: list[dict] | None = None) -> Path:
+    """report.md (tables, timings, plots), report.json, the PNGs and the released dictionaries."""
+    lines = ["# saescope report", ""]
+    if records:
+        lines += _single_layer_lines(records, out)
+    if replaced:
+        export_multilayer(replaced, out / "saes")
+        write_json(out / "replacement.json", replaced)
+        lines += ["## Multi-layer dictionaries and transcoder sets: the replacement model", "",
+                  f"Every output a dictionary writes replaced at once (each input read from the replaced forward, "
+                  f"so errors compound), beside each layer replaced alone, on {replaced[0]['n_tokens']} held-out "
+                  "tokens; delta loss in nats with per-sequence standard errors. Per-layer rows are in replacement.json.", "",
+                  replacement_table(replaced),
+                  *[f"- `{r['sae']}`: {r['released']}" for r in replaced if "released" in r], ""]
+    lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
+              *(_absorption_lines(absorbed) if absorbed else [])]
+    if records:
+        lines += ["## Where the SAEs are", "", *[f"- `{r['sae']}`: {r['released']}" for r in records], ""]
+    atomic_write(out / "report.md", "\n".join(lines).encode())
+    return out / "report.md"
+
+
+def _single_layer_lines(records: list[dict], out: Path) -> list[str]:
     from . import plots
 
     export_released(records, out / "saes")
@@ -77,25 +140,18 @@ def write_report(records: list[dict], out: Path, timings: dict, absorbed: dict |
     plots.by_position(records, out / "by_position.png")
     write_json(out / "report.json", records)
     first = records[0]
-    lines = [
-        "# saescope report", "",
+    return [
         f"{len(records)} SAEs, evaluated on {first['n_tokens']} held-out tokens ({first['n_scored']} scored: "
         "BOS, EOS and padding excluded). Delta loss is the next-token cross-entropy with the reconstruction "
         "spliced in, minus the clean one (nats); CE recovered is relative to zero-ablation.", "",
         markdown_table(records),
         f"Clean CE loss {first['ce_loss_clean']:.4f}; zero-ablation CE loss {first['ce_loss_zero_ablation']:.4f}. "
         f"Massive dimensions left out of `fvu_without_massive_dims`: {first['massive_dims']}.", "",
-        "Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()), "",
-        *(_absorption_lines(absorbed) if absorbed else []),
         "## Pareto: delta loss and FVU against L0", "", "![pareto](pareto.png)", "",
         "## Architectures on the same activations and token budget", "", "![architectures](architectures.png)", "",
         "## Firing frequencies", "", "![firing frequency](firing_frequency.png)", "",
         "## Reconstruction loss by token position", "", "![by position](by_position.png)", "",
-        "## Where the SAEs are", "",
-        *[f"- `{r['sae']}`: {r['released']}" for r in records], "",
     ]
-    atomic_write(out / "report.md", "\n".join(lines).encode())
-    return out / "report.md"
 
 
 def _absorption_lines(a: dict) -> list[str]:

@@ -275,7 +275,7 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
     from ..errors import SaescopeError
     from ..data import token_tensor
     from ..lm import load_model
-    from ..sae.formats import load_sae, run_saes
+    from ..sae.formats import is_multilayer, load_sae, run_saes
 
     folder = Path(folder)
     store = folder / "activations" / "store.json"
@@ -283,7 +283,10 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
         if not store.is_file():
             raise SaescopeError(f"{folder} is not a `saescope run` folder; pass --model for a folder of SAEs")
         model = json.loads(store.read_text())["model"]
-    found = run_saes(folder)
+    found = {name: path for name, path in run_saes(folder).items() if not is_multilayer(path)}
+    if not found:
+        raise SaescopeError(f"{folder} holds no single-layer SAE or transcoder; the explorer does not show "
+                            "cross-layer transcoders or crosscoders yet")
     lm = load_model(model, device=device)
     saes = {name: (load_sae(path).to(lm.device), path) for name, path in found.items()}
     db = Path(out) if out else folder / "features.db"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .fast import Code, DenseEncode, SparseEncode, Workspace, above, max_density, pre_activations
-from .objectives import Encoded, Objective, squared_error
+from .objectives import Encoded, Objective, reconstruction, squared_error
 
 ARCHS = ("jumprelu", "topk", "batchtopk", "relu")
 AUXK_COEFF = 1 / 32  # weight of the AuxK loss (Gao et al. 2024)
@@ -121,6 +122,10 @@ class SparseAutoencoder(nn.Module):
         skip of the normalised input x."""
         return self.b_dec + self.skip_output(x) if self.cfg.skip else self.b_dec
 
+    def encoder_weights(self) -> list[nn.Parameter]:
+        """The encoder matrices, stored latent-major (an optimizer steps their contiguous transposes)."""
+        return [self.W_enc]
+
     # --- training ------------------------------------------------------------------------------
     def training_loss(self, x: torch.Tensor, target: torch.Tensor, sparsity_coeff: float,
                       dead: torch.Tensor | None = None, path: str = "auto",
@@ -130,7 +135,35 @@ class SparseAutoencoder(nn.Module):
         `dead` marks latents that have not fired for a while (used by AuxK); `path` is one of PATHS;
         a `workspace` lends reused buffers (its last graph must have run backward); `pre` gives the
         fast paths graph-free pre-activations computed by the caller (a group's shared product)."""
+        enc, aux = self.training_code(x, dead, path, workspace, pre)
+        loss, mse, x_hat = reconstruction(enc, self.W_dec, self._decoder_base(x), target, self.objective)
+        out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
+        loss = loss + self.penalty(enc, sparsity_coeff, out)
+        if aux is not None:
+            loss = loss + self.aux_term(aux, target - x_hat.detach(), enc, out)
+        return {"loss": loss, **out}
+
+    def training_code(self, x: torch.Tensor, dead: torch.Tensor | None, path: str, workspace: Workspace | None,
+                      pre: torch.Tensor | None) -> tuple[Encoded, Callable | None]:
+        """The training step's code of normalised x by `path`, and its dead-latent loss as a
+        function of the residual error (None without one): `aux(residual)` gives (the loss, the
+        latents it decoded or None where every decoder row gets a gradient anyway). A multi-layer
+        dictionary decodes the codes of its groups together (multilayer.py)."""
         raise NotImplementedError
+
+    def penalty(self, enc: Encoded, sparsity_coeff, out: dict) -> torch.Tensor | float:
+        """What sparsity costs this architecture (what it reports of it goes into `out`)."""
+        raise NotImplementedError
+
+    aux_weight = 0.0  # the dead-latent loss's weight
+
+    def aux_term(self, aux: Callable, residual: torch.Tensor, enc: Encoded, out: dict) -> torch.Tensor:
+        """The weighted dead-latent loss on `residual`; its value and reach go into `out`."""
+        term, fired = aux(residual)
+        if fired is not None:
+            out["touched"] = enc.fired | fired
+        out["aux"] = term.detach()
+        return self.aux_weight * term
 
     # --- the fast paths (fast.py) ----------------------------------------------------------------
     @property

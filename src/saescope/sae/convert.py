@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import replace
+
 from .base import SAEConfig
 from .jumprelu import JumpReLUSAE
+from .multilayer import MultiLayerDictionary
 from .topk import BatchTopKSAE
 
 
@@ -66,4 +69,23 @@ def batchtopk_to_jumprelu(sae: BatchTopKSAE, x: torch.Tensor, batch_size: int = 
         getattr(out, name).copy_(getattr(sae, name))
     out.set_threshold(theta.clamp_min(torch.finfo(theta.dtype).tiny))
     out.cfg.extra = {**sae.cfg.extra, "converted_from": {"arch": "batchtopk", "k": sae.cfg.k, "tokens": len(x)}}
+    return out
+
+
+@torch.no_grad()
+def fit_groups(d: MultiLayerDictionary, xs: list[torch.Tensor], *, convert: bool, batch_size: int = 4096) -> MultiLayerDictionary:
+    """A BatchTopK multi-layer dictionary's inference thresholds from raw inputs xs (one per input
+    site): each group's shared cut (`fit_threshold`), or with `convert` each group converted to
+    JumpReLU as above (each group's BatchTopK kept k·batch of its own layer's entries)."""
+    xs = [x.to(d.scale_in.device).float() / c for x, c in zip(xs, d.scale_in.tolist())]
+    if not convert:
+        for g, x in zip(d.groups, xs):
+            g.fit_threshold(x)
+        return d
+    out = MultiLayerDictionary(replace(d.cfg, arch="jumprelu", k=None)).to(d.scale_in.device)
+    out.load_state_dict({k: v for k, v in d.state_dict().items() if "shared_threshold" not in k}, strict=False)
+    for i, (g, x) in enumerate(zip(d.groups, xs)):
+        converted = batchtopk_to_jumprelu(g, x, batch_size=batch_size)
+        out.groups[i].set_threshold(converted.threshold)
+    out.cfg.extra = {**d.cfg.extra, "converted_from": {"arch": "batchtopk", "k": d.cfg.k, "tokens": len(xs[0])}}
     return out

@@ -8,32 +8,80 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import SaescopeError
-from .formats import gemmascope2_dir, load_sae, run_saes, save_sae, unfit
+from ..site import Site, layers_label
+from .base import SparseAutoencoder
+from .circuit_tracer import check_circuit_tracer, save_circuit_tracer
+from .formats import gemmascope2_dir, load_dictionary, run_saes, save_dictionary, save_sae, unfit, width_label
+from .multilayer import MultiLayerDictionary
 
-EXPORTS = ("gemmascope2", "saelens")
+EXPORTS = ("gemmascope2", "saelens", "circuit-tracer")
+
+
+def transcoder_sets(saes: dict[str, SparseAutoencoder]) -> dict[str, list[str]]:
+    """Transcoders of one entry at two or more layers (names equal past their site, "mlp_in.L-…"):
+    what stands in for every MLP of those layers at once, named by its layers and that rest."""
+    by_rest: dict[str, list[str]] = {}
+    for name, sae in saes.items():
+        site = sae.cfg.site or ""
+        if sae.cfg.transcoder and name.startswith(site + "-"):
+            by_rest.setdefault(name[len(site) + 1:], []).append(name)
+    out = {}
+    for rest, names in by_rest.items():
+        if len(names) > 1:
+            names = sorted(names, key=lambda n: Site.parse(saes[n].cfg.site).layer)
+            out[f"{layers_label(tuple(saes[n].cfg.site for n in names))}-{rest}"] = names
+    return out
+
+
+def _l0(name: str, cfg) -> float:
+    l0 = cfg.extra.get("target_l0") or cfg.extra.get("final_metrics", {}).get("l0")
+    if l0 is None:
+        raise SaescopeError(f"{name}: Gemma Scope 2 names a folder by its L0, and this dictionary records neither "
+                            "a target nor a training L0")
+    return l0
 
 
 def export_saes(folder: str | os.PathLike, out: str | os.PathLike, format: str) -> list[Path]:
-    """Every SAE of `folder` (a run, a folder of SAEs, or one SAE) saved under `out`: Gemma Scope
-    2's tree (its folder name carries the target L0, else the L0 measured in training), or one
-    SAELens folder per SAE, by its name. An SAE the format cannot hold stops the export before
-    anything is written."""
+    """Every dictionary of `folder` (a run, a folder of dictionaries, or one) saved under `out`:
+    Gemma Scope 2's tree (a folder name carries the target L0, else the L0 measured in training;
+    multi-layer dictionaries under clt/ and crosscoder/), one SAELens folder per SAE by its name,
+    or circuit-tracer's folders, one per cross-layer transcoder and per transcoder set covering
+    layers 0…L−1. A dictionary the format cannot hold stops the export before anything is written."""
     if format not in EXPORTS:
         raise SaescopeError(f"unknown export format '{format}'; available: {', '.join(EXPORTS)}")
-    saes = {name: load_sae(path) for name, path in run_saes(folder).items()}
+    found = {name: load_dictionary(path) for name, path in run_saes(folder).items()}
+    if format == "circuit-tracer":
+        return _circuit_tracer(found, Path(out))
     dests = {}
-    for name, sae in saes.items():
-        reason = unfit(sae.cfg, format)
+    for name, d in found.items():
+        if isinstance(d, MultiLayerDictionary):
+            if format == "saelens" or d.cfg.arch == "topk":
+                raise SaescopeError(f"{name}: a {d.cfg.arch} {d.cfg.kind} has no {format} layout; export it as native "
+                                    "(its training folder) or, a JumpReLU one, as gemmascope2")
+            dests[name] = Path(out) / d.cfg.kind / f"width_{width_label(d.cfg.d_sae)}_l0_{round(_l0(name, d.cfg))}"
+            continue
+        reason = unfit(d.cfg, format)
         if reason:
             raise SaescopeError(f"{name}: {reason}")
-        if format == "saelens":
-            dests[name] = Path(out) / name
-            continue
-        l0 = sae.cfg.extra.get("target_l0") or sae.cfg.extra.get("final_metrics", {}).get("l0")
-        if l0 is None:
-            raise SaescopeError(f"{name}: Gemma Scope 2 names a folder by its L0, and this SAE records neither a target nor a training L0")
-        dests[name] = gemmascope2_dir(out, sae.cfg, l0)
+        dests[name] = Path(out) / name if format == "saelens" else gemmascope2_dir(out, d.cfg, _l0(name, d.cfg))
     clash = sorted(str(d) for d, n in Counter(dests.values()).items() if n > 1)
     if clash:
-        raise SaescopeError(f"two SAEs would share the folder {clash[0]} (same kind, layer, width and L0); export them apart")
-    return [save_sae(sae, dests[name], format=format) for name, sae in saes.items()]
+        raise SaescopeError(f"two dictionaries would share the folder {clash[0]} (same kind, layer, width and L0); "
+                            "export them apart")
+    return [save_dictionary(d, dests[name]) if isinstance(d, MultiLayerDictionary) else save_sae(d, dests[name], format=format)
+            for name, d in found.items()]
+
+
+def _circuit_tracer(found: dict, out: Path) -> list[Path]:
+    """Each CLT and transcoder set as a circuit-tracer folder; crosscoders, SAEs and transcoders
+    without a set have no place in it and are named in the error when nothing else is there."""
+    clts = {name: d for name, d in found.items() if isinstance(d, MultiLayerDictionary) and d.cfg.kind == "clt"}
+    singles = {name: d for name, d in found.items() if not isinstance(d, MultiLayerDictionary)}
+    sets = transcoder_sets(singles)
+    if not clts and not sets:
+        raise SaescopeError("circuit-tracer reads cross-layer transcoders and transcoder sets (the same transcoder "
+                            f"entry at layers 0…L−1); none among {', '.join(found) or 'nothing'}")
+    units = {**clts, **{name: [singles[n] for n in names] for name, names in sets.items()}}
+    for d in units.values():  # every check before anything is written
+        check_circuit_tracer(d)
+    return [save_circuit_tracer(d, out / name, scan=name) for name, d in units.items()]

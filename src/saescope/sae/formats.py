@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ..errors import SaescopeError, first_line
-from ..files import atomic_write, read_json, write_json
+from ..errors import SaescopeError
+from ..files import atomic_write, read_json, read_safetensors, write_json
 from ..site import Site
 from .base import SAEConfig, SparseAutoencoder
+from .circuit_tracer import is_circuit_tracer, load_circuit_tracer
 from .multilayer import MultiLayerConfig, MultiLayerDictionary
 
 FORMATS = ("gemmascope", "gemmascope2", "saelens", "native")
@@ -177,6 +176,15 @@ def detect_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def is_multilayer(path: str | os.PathLike) -> bool:
+    """Whether the folder holds a cross-layer transcoder or crosscoder (read by load_dictionary)."""
+    config = Path(path) / GS2_CONFIG
+    if not (Path(path).is_dir() and config.is_file()):
+        return False
+    meta = read_json(config)
+    return meta.get("format") == "saescope-multilayer" or meta.get("type") in ("clt", "crosscoder")
+
+
 def resolve_sae_path(path: str | os.PathLike) -> Path:
     """`path` itself, or for a Gemma Scope `.../width_W/canonical` the sibling with L0 closest to 100."""
     path = Path(path)
@@ -238,17 +246,6 @@ def _canonical(width_dir: Path) -> Path:
     if not found:
         raise SaescopeError(f"no average_l0_* folders under {width_dir} to pick the canonical SAE from")
     return min(found)[2]
-
-
-def _read_safetensors(path: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; when its config records a sha256 (ours do), checked first."""
-    data = path.read_bytes()
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise SaescopeError(f"{path} does not match the sha256 its config records: damaged or altered")
-    try:
-        return st_load(data)
-    except SafetensorError as exc:
-        raise SaescopeError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
 
 
 def _from_arrays(arrays: dict[str, torch.Tensor], cfg_values: dict, where: Path) -> SparseAutoencoder:
@@ -335,7 +332,7 @@ def _load_saelens(path: Path) -> SparseAutoencoder:
               "model": cfg.get("model_name") or meta.get("model_name")}
     if arch in ("topk", "batchtopk"):
         values["k"] = (cfg.get("activation_fn_kwargs") or {}).get("k") or cfg.get("k") or ours.get("k")
-    arrays = _read_safetensors(path / SAELENS_WEIGHTS, ours.get("sha256"))
+    arrays = read_safetensors(path / SAELENS_WEIGHTS, ours.get("sha256"))
     if "W_skip" in arrays:
         arrays["W_skip"] = arrays["W_skip"].t()
     sae = _from_arrays(arrays, values, path)
@@ -357,7 +354,7 @@ def _load_gemmascope2(path: Path) -> SparseAutoencoder:
     target = Site.from_hf_point(cfg.get("hf_hook_point_out")) if kind == "transcoder" else None
     if kind == "transcoder" and target is None:
         raise SaescopeError(f"{where}: a transcoder whose hf_hook_point_out ('{cfg.get('hf_hook_point_out')}') names no site")
-    raw = _read_safetensors(path / GS2_PARAMS, ours.get("sha256"))
+    raw = read_safetensors(path / GS2_PARAMS, ours.get("sha256"))
     names = {v: k for k, v in _GS2_NAMES.items()}
     unknown = sorted(set(raw) - set(names))
     if unknown:
@@ -390,6 +387,8 @@ def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: st
         return path
     if format != "gemmascope2":
         raise SaescopeError(f"a multi-layer dictionary saves as gemmascope2 or native, not '{format}'")
+    if cfg.arch == "topk":
+        raise SaescopeError(f"Gemma Scope 2's files hold JumpReLU latents; a TopK {cfg.kind} saves as native only")
     f = d.fold() if not d.folded else d
     hashes = {}
     for i in range(cfg.n_layers):
@@ -408,8 +407,8 @@ def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: st
 
 
 def load_dictionary(path: str | os.PathLike) -> SparseAutoencoder | MultiLayerDictionary:
-    """Any dictionary: a multi-layer one (Gemma Scope 2's `clt` / `crosscoder` folder, or native),
-    else whatever `load_sae` reads."""
+    """Any dictionary: a multi-layer one (Gemma Scope 2's `clt` / `crosscoder` folder, native, or
+    circuit-tracer's cross-layer transcoder), else whatever `load_sae` reads."""
     path = Path(path)
     config = path / GS2_CONFIG
     if path.is_dir() and config.is_file():
@@ -418,6 +417,12 @@ def load_dictionary(path: str | os.PathLike) -> SparseAutoencoder | MultiLayerDi
             return _load_native_multi(path, meta)
         if meta.get("type") in ("clt", "crosscoder"):
             return _load_gemmascope2_multi(path, meta)
+    if is_circuit_tracer(path):
+        found = load_circuit_tracer(path)
+        if isinstance(found, list):
+            raise SaescopeError(f"{path} is circuit-tracer's transcoder set (one transcoder per layer); "
+                                "read it with saescope.load_circuit_tracer")
+        return found
     return load_sae(path)
 
 
@@ -426,7 +431,7 @@ def _load_native_multi(path: Path, meta: dict) -> MultiLayerDictionary:
         d = MultiLayerDictionary(MultiLayerConfig(**meta["config"]))
     except TypeError as exc:
         raise SaescopeError(f"{path / GS2_CONFIG}: bad config ({exc})") from None
-    state = _read_safetensors(path / NATIVE_MULTI_WEIGHTS, meta.get("sha256"))
+    state = read_safetensors(path / NATIVE_MULTI_WEIGHTS, meta.get("sha256"))
     for k, v in d.state_dict().items():
         if k not in state or state[k].shape != v.shape:
             got = tuple(state[k].shape) if k in state else "nothing"
@@ -446,7 +451,7 @@ def _load_gemmascope2_multi(path: Path, meta: dict) -> MultiLayerDictionary:
     missing = [GS2_LAYER.format(i) for i in range(n) if not (path / GS2_LAYER.format(i)).is_file()]
     if not n or missing:
         raise SaescopeError(f"{path} lacks {', '.join(missing) or 'its sites (hf_hook_point_in)'}")
-    layers = [_read_safetensors(path / GS2_LAYER.format(i), hashes.get(GS2_LAYER.format(i))) for i in range(n)]
+    layers = [read_safetensors(path / GS2_LAYER.format(i), hashes.get(GS2_LAYER.format(i))) for i in range(n)]
     first = layers[0]
     d_in, d_sae = first["w_enc"].shape
     cfg = MultiLayerConfig(kind=meta["type"], sites_in=sites_in, sites_out=sites_out, d_in=int(d_in),
@@ -469,10 +474,7 @@ def _load_gemmascope2_multi(path: Path, meta: dict) -> MultiLayerDictionary:
                     raise SaescopeError(f"{path / name}: its latents write layers before their own ({', '.join(sites_out[:i])}); "
                                         f"a {cfg.kind}'s latents write their own layer and later ones only")
                 w_dec = w_dec[:, i:]
-            d.W_enc[i].copy_(t["w_enc"])
-            d.b_enc[i].copy_(t["b_enc"])
-            d.theta[i].copy_(t["threshold"])
-            d.W_dec[i].copy_(w_dec)
+            d.set_group(i, w_enc=t["w_enc"], b_enc=t["b_enc"], w_dec=w_dec, threshold=t["threshold"])
             d.b_dec[i].copy_(t["b_dec"])
     return d
 
@@ -504,7 +506,7 @@ def _load_native(path: Path) -> SparseAutoencoder:
         sae = build_sae(SAEConfig(**meta["config"]))
     except TypeError as exc:
         raise SaescopeError(f"{path / NATIVE_CONFIG}: bad config ({exc})") from None
-    state = _read_safetensors(path / NATIVE_WEIGHTS, meta.get("sha256"))
+    state = read_safetensors(path / NATIVE_WEIGHTS, meta.get("sha256"))
     own = sae.state_dict()
     for k, v in own.items():
         if k not in state:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .base import SAEConfig, SparseAutoencoder
-from .objectives import Encoded, frequency_penalty, reconstruction, sparsity_penalty
+from .objectives import Encoded, frequency_penalty, sparsity_penalty
 
 
 def _kernel(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,31 +90,25 @@ class JumpReLUSAE(SparseAutoencoder):
     def _fold_threshold(self, c: float) -> None:
         self.set_threshold(self.threshold.detach() * c)
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
+    @property
+    def aux_weight(self) -> float:
+        return self.objective.dead_aux
+
+    def training_code(self, x, dead, path, workspace, pre):
         theta, obj = self.threshold, self.objective
         if path == "reference":
             pre = self.pre_acts(x)
             f = JumpReLUFn.apply(pre, theta, self.cfg.bandwidth, obj.input_ste)
             h = StepFn.apply(pre, theta, self.cfg.bandwidth, obj.input_ste)
             enc = Encoded(f, None, h.sum(), h.sum(-1) if obj.per_token else None, h.sum(0) if obj.per_latent else None)
-            aux_code = None
-        else:
-            pre = self._fast_pre(x, workspace) if pre is None else pre
-            aux_code = self._aux_code(pre, dead) if obj.dead_aux else None  # before a dense step overwrites pre
-            enc = self._threshold_encoded(x, theta, path, workspace, pre)
-        loss, mse, x_hat = reconstruction(enc, self.W_dec, self._decoder_base(x), target, obj)
-        loss = loss + sparsity_penalty(obj, sparsity_coeff, enc) + frequency_penalty(obj, enc)
-        out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
-        if obj.dead_aux:
-            residual = target - x_hat.detach()
-            if path == "reference":
-                aux = self._aux_reference(pre, residual, dead)
-            else:
-                aux, aux_fired = self._aux_loss(x, aux_code, residual)
-                out["touched"] = enc.fired | aux_fired
-            loss = loss + obj.dead_aux * aux
-            out["aux"] = aux.detach()
-        return {"loss": loss, **out}
+            return enc, (lambda residual: (self._aux_reference(pre, residual, dead), None)) if obj.dead_aux else None
+        pre = self._fast_pre(x, workspace) if pre is None else pre
+        aux_code = self._aux_code(pre, dead) if obj.dead_aux else None  # before a dense step overwrites pre
+        enc = self._threshold_encoded(x, theta, path, workspace, pre)
+        return enc, (lambda residual: self._aux_loss(x, aux_code, residual)) if obj.dead_aux else None
+
+    def penalty(self, enc, sparsity_coeff, out):
+        return sparsity_penalty(self.objective, sparsity_coeff, enc) + frequency_penalty(self.objective, enc)
 
     @torch.no_grad()
     def apply_constraints(self, rows: torch.Tensor | None = None) -> None:

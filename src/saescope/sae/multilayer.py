@@ -4,6 +4,12 @@ site i and writes output sites i, i+1, …, n−1. A CLT reads `mlp_in.l` and wr
 a crosscoder reads and writes the same residual sites. Causality is structural: group i holds
 decoder blocks for outputs i… only, so no parameter exists that could write an earlier layer.
 
+Group i is a single-layer dictionary of its own (a JumpReLU, TopK or BatchTopK transcoder from
+input i to the concatenation of outputs i…), so encoding, the fast training paths (a sparse code
+decodes only its fired latents' rows, fast.py) and the decoder-norm step are theirs: a latent's
+decoder row is its writes to every later layer together, unit-norm as one vector. The groups are
+coupled only by the sum each output takes of their writes, and by one b_dec per output.
+
 Each site is normalised on its own (a scalar per input and per output site, as single-layer SAEs
 have one); `fold()` moves them into the weights. Codes are those of the normalised inputs, so they
 are the same before and after folding."""
@@ -18,8 +24,13 @@ from torch import nn
 
 from ..errors import SaescopeError
 from ..site import Site
+from . import build_sae
+from .base import SAEConfig
+from .fast import Workspace
+from .objectives import Objective, capped_rows, row_errors
 
 KINDS = {"clt": ("mlp_in", "mlp"), "crosscoder": ("resid", "resid")}
+GROUP_ARCHS = ("jumprelu", "topk", "batchtopk")
 
 
 @dataclass
@@ -33,6 +44,8 @@ class MultiLayerConfig:
     d_out: int = 0
     d_sae: int = 0                     # latents per group
     model: str | None = None
+    arch: str = "jumprelu"             # each group's: jumprelu (the released form), topk or batchtopk
+    k: int | None = None               # topk / batchtopk: latents per token in each group
     bandwidth: float = 0.001           # ε of the JumpReLU rectangle kernel
     extra: dict = field(default_factory=dict)
 
@@ -54,6 +67,8 @@ class MultiLayerConfig:
         layers = [s.layer for s in ins]
         if layers != sorted(set(layers)):
             raise SaescopeError(f"a {self.kind}'s sites must be distinct layers in increasing order, got {', '.join(self.sites_in)}")
+        if self.arch not in GROUP_ARCHS:
+            raise SaescopeError(f"a {self.kind}'s latents are one of {', '.join(GROUP_ARCHS)}, not '{self.arch}'")
         if min(self.d_in, self.d_out, self.d_sae) <= 0:
             raise SaescopeError(f"a {self.kind} needs positive d_in, d_out and d_sae, got {self.d_in}, {self.d_out}, {self.d_sae}")
 
@@ -64,22 +79,56 @@ class MultiLayerConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def group(self, i: int) -> SAEConfig:
+        """Group i as a single-layer dictionary: site_in[i] → the concatenation of sites_out[i:]."""
+        return SAEConfig(arch=self.arch, d_in=self.d_in, d_sae=self.d_sae, d_out=(self.n_layers - i) * self.d_out,
+                         site=self.sites_in[i], target_site=self.sites_out[i], model=self.model, k=self.k,
+                         bandwidth=self.bandwidth)
+
 
 class MultiLayerDictionary(nn.Module):
-    """JumpReLU latents in groups: W_enc [n, d_in, m], b_enc and θ [n, m], W_dec a list whose
-    block i is [m, n − i, d_out] (group i's writes to outputs i…n−1), b_dec [n, d_out]."""
+    """`groups[i]`: group i's latents (W_enc [d_in, m], W_dec [m, (n − i)·d_out]: its writes to
+    outputs i…n−1, side by side), with its own b_dec held at zero; outputs share `b_dec` [n, d_out].
+    The stacked views `W_enc` [n, d_in, m], `b_enc`, `theta` [n, m] and `W_dec` (block i
+    [m, n − i, d_out]) are Gemma Scope 2's layout."""
 
     def __init__(self, cfg: MultiLayerConfig):
         super().__init__()
         self.cfg = cfg
-        n, m = cfg.n_layers, cfg.d_sae
-        self.W_enc = nn.Parameter(torch.zeros(n, cfg.d_in, m))
-        self.b_enc = nn.Parameter(torch.zeros(n, m))
-        self.theta = nn.Parameter(torch.full((n, m), 0.001))
-        self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(m, n - i, cfg.d_out)) for i in range(n)])
-        self.b_dec = nn.Parameter(torch.zeros(n, cfg.d_out))
-        self.register_buffer("scale_in", torch.ones(n))    # C of each input site: group i sees x_i / C_i
-        self.register_buffer("scale_out", torch.ones(n))   # C of each output site: ŷ_j is C_j × the decode
+        self.groups = nn.ModuleList([build_sae(cfg.group(i)) for i in range(cfg.n_layers)])
+        for g in self.groups:
+            g.b_dec.requires_grad_(False)
+        self.b_dec = nn.Parameter(torch.zeros(cfg.n_layers, cfg.d_out))
+        self.register_buffer("scale_in", torch.ones(cfg.n_layers))    # C of each input site: group i sees x_i / C_i
+        self.register_buffer("scale_out", torch.ones(cfg.n_layers))   # C of each output site: ŷ_j is C_j × the decode
+
+    # --- Gemma Scope 2's view of the weights -----------------------------------------------------
+    @property
+    def W_enc(self) -> torch.Tensor:
+        return torch.stack([g.W_enc for g in self.groups])
+
+    @property
+    def b_enc(self) -> torch.Tensor:
+        return torch.stack([g.b_enc for g in self.groups])
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return torch.stack([g.threshold for g in self.groups])
+
+    @property
+    def W_dec(self) -> list[torch.Tensor]:
+        return [g.W_dec.view(self.cfg.d_sae, -1, self.cfg.d_out) for g in self.groups]
+
+    @torch.no_grad()
+    def set_group(self, i: int, *, w_enc: torch.Tensor, b_enc: torch.Tensor, w_dec: torch.Tensor,
+                  threshold: torch.Tensor | None = None) -> None:
+        """Group i's weights from Gemma Scope 2's layout (w_dec [m, n − i, d_out])."""
+        g = self.groups[i]
+        g.W_enc.copy_(w_enc)
+        g.b_enc.copy_(b_enc)
+        g.W_dec.copy_(w_dec.reshape(g.W_dec.shape))
+        if threshold is not None:
+            g.set_threshold(threshold)
 
     @property
     def folded(self) -> bool:
@@ -91,36 +140,98 @@ class MultiLayerDictionary(nn.Module):
             raise SaescopeError(f"this {self.cfg.kind} reads {', '.join(self.cfg.sites_in)}; missing {', '.join(missing)}")
         return [acts[s] for s in self.cfg.sites_in]
 
+    # --- inference -----------------------------------------------------------------------------
     def encode(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each input site's latent activations, {site_in: [..., m]} from raw activations {site: [..., d_in]}."""
-        out = {}
-        for i, x in enumerate(self._inputs(acts)):
-            pre = (x / self.scale_in[i]) @ self.W_enc[i] + self.b_enc[i]
-            out[self.cfg.sites_in[i]] = pre * (pre > self.theta[i]).to(pre.dtype)
-        return out
+        return {s: g._activate(g.pre_acts(x / self.scale_in[i]))
+                for i, (s, g, x) in enumerate(zip(self.cfg.sites_in, self.groups, self._inputs(acts)))}
 
     def decode(self, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each output site's raw reconstruction {site_out: [..., d_out]}: output j sums the writes of
         groups 0…j, so a latent never reaches a site before its own."""
-        f = [codes[s] for s in self.cfg.sites_in]
-        out = {}
-        for j, site in enumerate(self.cfg.sites_out):
-            y = self.b_dec[j]
-            for i in range(j + 1):
-                y = y + f[i] @ self.W_dec[i][:, j - i]
-            out[site] = y * self.scale_out[j]
-        return out
+        n = self.cfg.n_layers
+        f = codes[self.cfg.sites_in[0]]
+        y = self.b_dec.expand(*f.shape[:-1], n, self.cfg.d_out)
+        for i, g in enumerate(self.groups):
+            y = y + nn.functional.pad((codes[self.cfg.sites_in[i]] @ g.W_dec).unflatten(-1, (n - i, -1)), (0, 0, i, 0))
+        y = y * self.scale_out[:, None]
+        return {site: y[..., j, :] for j, site in enumerate(self.cfg.sites_out)}
 
     def forward(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self.decode(self.encode(acts))
 
+    # --- training ------------------------------------------------------------------------------
+    def set_objective(self, objective: Objective) -> None:
+        """Every group trains under `objective` (a target L0 is each layer's)."""
+        for g in self.groups:
+            g.objective = objective
+
+    def training_loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor], sparsity_coeff, dead: torch.Tensor | None = None,
+                      path: str = "auto", variances: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The loss on normalised inputs `xs` and targets `ys` (one per site, in order): every output's
+        squared error, each over its own batch variance when `variances` are given (loss "fvu"),
+        plus each group's sparsity cost (over its own output's variance) and dead-latent loss
+        (on the residual of the outputs it writes). `dead` [n·m]; "fired" [n·m]; "l0" is the mean
+        over groups (per layer), "mse" the sum over outputs."""
+        n, batch = self.cfg.n_layers, xs[0].shape[0]
+        var = variances or [xs[0].new_ones(())] * n
+        codes = [g.training_code(x, None if dead is None else dead.view(n, -1)[i], path, Workspace(), None)
+                 for i, (g, x) in enumerate(zip(self.groups, xs))]
+        y_hat = self.b_dec.expand(batch, n, self.cfg.d_out).clone()
+        for i, (g, (enc, _)) in enumerate(zip(self.groups, codes)):
+            y_hat[:, i:] += enc.decode(g.W_dec).view(batch, n - i, -1)
+        loss, mse = 0.0, 0.0
+        norm_cap = self.groups[0].objective.norm_cap
+        for j, y in enumerate(ys):
+            err = row_errors(y_hat[:, j], y)
+            term = (err * capped_rows(y, norm_cap)).mean() if norm_cap else err.mean()
+            loss, mse = loss + term / var[j], mse + err.mean().detach()
+        residual = torch.stack(ys, 1) - y_hat.detach()
+        touched, aux = [], []
+        for i, (g, (enc, aux_fn)) in enumerate(zip(self.groups, codes)):
+            reported = {}
+            loss = loss + g.penalty(enc, sparsity_coeff, reported) / var[i]
+            if aux_fn is not None:
+                loss = loss + g.aux_term(aux_fn, residual[:, i:].flatten(1), enc, reported) / torch.stack(var[i:]).mean()
+                aux.append(reported["aux"])
+            touched.append(reported.get("touched", enc.fired))
+        out = {"loss": loss, "mse": mse, "l0": torch.stack([enc.l0.detach() for enc, _ in codes]).mean(),
+               "fired": torch.cat([enc.fired for enc, _ in codes]), "touched": torch.cat(touched)}
+        return {**out, "aux": sum(aux)} if aux else out
+
+    def encoder_weights(self) -> list[nn.Parameter]:
+        return [g.W_enc for g in self.groups]
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        for g in self.groups:
+            g.init_weights(generator)
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def remove_parallel_grad(self, rows=None) -> None:
+        for g in self.groups:
+            g.remove_parallel_grad()
+
+    @torch.no_grad()
+    def apply_constraints(self, rows=None) -> None:
+        for g in self.groups:
+            g.apply_constraints()
+
+    @torch.no_grad()
+    def unit_decoder_rows(self) -> None:
+        for g in self.groups:
+            g.unit_decoder_rows()
+
+    # --- folding -------------------------------------------------------------------------------
     @torch.no_grad()
     def fold(self) -> "MultiLayerDictionary":
         """A copy in the released form (raw activations in, scales 1) with identical outputs and codes."""
         out = copy.deepcopy(self)
-        out.W_enc.div_(self.scale_in[:, None, None])
-        for i, block in enumerate(out.W_dec):
-            block.mul_(self.scale_out[i:][None, :, None])
+        n = self.cfg.n_layers
+        for i, g in enumerate(out.groups):
+            g.W_enc.div_(self.scale_in[i])
+            g.W_dec.view(self.cfg.d_sae, n - i, -1).mul_(self.scale_out[i:][None, :, None])
         out.b_dec.mul_(self.scale_out[:, None])
         out.scale_in.fill_(1.0)
         out.scale_out.fill_(1.0)
@@ -129,4 +240,4 @@ class MultiLayerDictionary(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"{c.kind}, {c.n_layers} layers ({c.sites_in[0]} … {c.sites_in[-1]}), d_sae={c.d_sae} per layer"
+        return f"{c.kind}, {c.arch}, {c.n_layers} layers ({c.sites_in[0]} … {c.sites_in[-1]}), d_sae={c.d_sae} per layer"

@@ -6,7 +6,7 @@ import torch
 
 from .base import AUXK_COEFF, SAEConfig, SparseAutoencoder
 from .fast import Code, buffer
-from .objectives import Encoded, activation_frequency_penalty, reconstruction
+from .objectives import Encoded, activation_frequency_penalty
 
 
 class TopKSAE(SparseAutoencoder):
@@ -24,30 +24,26 @@ class TopKSAE(SparseAutoencoder):
         vals, idx = pre.topk(self.cfg.k, dim=-1)
         return Code.from_topk(vals, idx, self.cfg.d_sae)
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
+    aux_weight = AUXK_COEFF
+
+    def training_code(self, x, dead, path, workspace, pre):
         if path == "reference":
             pre = self.pre_acts(x)
-            f = self._select(pre)
-            enc = Encoded.of_dense(f)
-        else:
-            pre = self._fast_pre(x, workspace) if pre is None else pre
-            code = self._choose(pre)
-            if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
-                enc = self._sparse_encoded(x, code, None)
-            else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
-                chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
-                chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
-                enc = self._dense_encoded(x, chosen, None, workspace)
-        loss, mse, x_hat = reconstruction(enc, self.W_dec, self._decoder_base(x), target, self.objective)
-        loss = loss + activation_frequency_penalty(self.objective, enc)
-        residual = target - x_hat.detach()
-        out = {"mse": mse, "l0": enc.l0.detach(), "fired": enc.fired}
-        if path == "reference":
-            aux = self._aux_reference(pre, residual, dead)
-        else:
-            aux, aux_fired = self._aux_loss(x, self._aux_code(pre, dead), residual)
-            out["touched"] = enc.fired | aux_fired
-        return {"loss": loss + AUXK_COEFF * aux, "aux": aux.detach(), **out}
+            enc = Encoded.of_dense(self._select(pre))
+            return enc, lambda residual: (self._aux_reference(pre, residual, dead), None)
+        pre = self._fast_pre(x, workspace) if pre is None else pre
+        code = self._choose(pre)
+        aux_code = self._aux_code(pre, dead)  # before a dense step overwrites pre
+        if self._sparse_pays(self.cfg.k * x.shape[0], x.shape[0], path):
+            enc = self._sparse_encoded(x, code, None)
+        else:  # the chosen entries in an otherwise zero matrix: ReLU there is the TopK activation
+            chosen = buffer(workspace, "chosen", pre.shape, pre.dtype, pre.device)
+            chosen = (torch.zeros_like(pre) if chosen is None else chosen.zero_()).index_put_((code.rows, code.cols), code.pre)
+            enc = self._dense_encoded(x, chosen, None, workspace)
+        return enc, lambda residual: self._aux_loss(x, aux_code, residual)
+
+    def penalty(self, enc, sparsity_coeff, out):
+        return activation_frequency_penalty(self.objective, enc)
 
 
 class BatchTopKSAE(TopKSAE):
@@ -116,14 +112,13 @@ class ReLUSAE(SparseAutoencoder):
     def _activate(self, pre: torch.Tensor) -> torch.Tensor:
         return pre.relu()
 
-    def training_loss(self, x, target, sparsity_coeff, dead=None, path="auto", workspace=None, pre=None):
-        norms = self.W_dec.norm(dim=1)
+    def training_code(self, x, dead, path, workspace, pre):
         if path == "reference":
-            f = self._activate(self.pre_acts(x))
-            enc = Encoded.of_dense(f)
-        else:
-            pre = self._fast_pre(x, workspace) if pre is None else pre
-            enc = self._threshold_encoded(x, None, path, workspace, pre)
-        loss, mse, _ = reconstruction(enc, self.W_dec, self._decoder_base(x), target, self.objective)
-        l1 = enc.weighted(norms) / x.shape[0]
-        return {"loss": loss + sparsity_coeff * l1, "mse": mse, "l1": l1.detach(), "l0": enc.l0.detach(), "fired": enc.fired}
+            return Encoded.of_dense(self._activate(self.pre_acts(x))), None
+        pre = self._fast_pre(x, workspace) if pre is None else pre
+        return self._threshold_encoded(x, None, path, workspace, pre), None
+
+    def penalty(self, enc, sparsity_coeff, out):
+        l1 = enc.weighted(self.W_dec.norm(dim=1)) / enc.batch
+        out["l1"] = l1.detach()
+        return sparsity_coeff * l1

@@ -10,7 +10,7 @@ from ..config import TrainConfig
 from .distributed import Ranks, joined
 from .trainer import Trainer
 
-BACKENDS = {"torch": ("saescope.train.step_torch", "TorchStep"), "jax": ("saescope.jax.step", "JaxStep")}
+BACKENDS = {"torch": ("saescope.train.step_torch", "TorchStep"), "jax": ("saescope.jax.backend", "JaxStep")}
 
 
 def backend_for(cfg: TrainConfig):

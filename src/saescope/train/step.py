@@ -3,16 +3,18 @@ that both sides share (`Member`).
 
 The trainer owns the data, the suite, schedules, metrics and checkpoints; a backend owns how a
 step is computed and what optimizer state that needs. A backend is a module of its own
-(step_torch.py, jax/step.py), chosen by `launch.train`, so the trainer imports neither."""
+(step_torch.py, jax/backend.py), chosen by `launch.train`, so the trainer imports neither."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
 from ..sae import SparseAutoencoder
+from ..sae.multilayer import MultiLayerDictionary
 from .schedule import TargetL0, coeff_at
 
 
@@ -47,7 +49,7 @@ class Member:
     host reads it only when it logs or checkpoints."""
 
     name: str
-    sae: SparseAutoencoder
+    sae: SparseAutoencoder | MultiLayerDictionary
     site: str
     target: str
     scale: float                # C: the SAE sees activations / C
@@ -60,6 +62,20 @@ class Member:
     steps: int = 0                            # steps in `sums`
     bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)
     bad_loss: torch.Tensor | None = None
+
+    @property
+    def multi(self) -> bool:
+        """A cross-layer transcoder or crosscoder: it reads and writes several sites, each
+        normalised by the dictionary's own scales (`scale` is 1)."""
+        return isinstance(self.sae, MultiLayerDictionary)
+
+    @cached_property
+    def scales_in(self) -> list[float]:
+        return self.sae.scale_in.tolist()
+
+    @cached_property
+    def scales_out(self) -> list[float]:
+        return self.sae.scale_out.tolist()
 
     def coefficient(self, step: int, warmup: int):
         """The sparsity coefficient of this step: the controller's, or λ on its warm-up."""

@@ -10,6 +10,7 @@ import torch
 from schedulefree import ScheduleFreeWrapper
 
 from ..sae import SparseAutoencoder
+from ..sae.multilayer import MultiLayerDictionary
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
 from .distributed import average_step
 from .step import Backend, Member
@@ -38,6 +39,8 @@ class EncoderGroup:
             return []
         by_input: dict[tuple, list[Member]] = {}
         for m in members:
+            if m.multi:
+                continue
             by_input.setdefault((m.site, m.scale), []).append(m)
         groups = []
         for (site, scale), group in by_input.items():
@@ -71,7 +74,7 @@ class TorchStep(Backend):
         self.cfg = cfg
         self.groups: list[EncoderGroup] = []
         self.optimizers: dict[str, torch.optim.Adam] = {}
-        self.enc_rows: dict[str, torch.Tensor] = {}  # W_enc's contiguous transpose, the tensor Adam steps
+        self.enc_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # each W_enc with the tensor Adam steps
         self.workspace = Workspace()  # the SAEs step one after another, so they share buffers
 
     def setup(self, trainer) -> None:
@@ -79,10 +82,11 @@ class TorchStep(Backend):
         if self.cfg.kernels != "reference":
             self.groups = EncoderGroup.form(trainer.members, trainer.device)
         for m in trainer.members:  # after grouping, which gives some SAEs a new W_enc parameter
-            self.enc_rows[m.name] = m.sae.W_enc.detach().t()
+            self.enc_rows[m.name] = [(w, w.detach().t()) for w in m.sae.encoder_weights()]
             self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name], m.signum_steps)
 
-    def _optimizer(self, sae: SparseAutoencoder, enc_rows: torch.Tensor, signum_steps: dict[str, float]):
+    def _optimizer(self, sae: SparseAutoencoder | MultiLayerDictionary, enc_rows: list[tuple[torch.Tensor, torch.Tensor]],
+                   signum_steps: dict[str, float]):
         """The SAE's parameters, W_enc seen through its contiguous transpose `enc_rows` (it is
         stored latent-major, see SparseAutoencoder): torch's fused Adam copies a non-contiguous
         tensor in and out on every step. The alias shares the parameter's memory; `_update` hands
@@ -90,9 +94,11 @@ class TorchStep(Backend):
         but on the reference path. Signum is SGD on the gradient's sign (`_update` takes it)
         inside schedule-free averaging (`schedulefree`'s wrapper), sparsify's default."""
         cfg = self.cfg
-        params = [enc_rows if p is sae.W_enc else p for p in sae.parameters()]
+        alias = {id(w): rows for w, rows in enc_rows}
+        named = [(name, alias.get(id(p), p)) for name, p in sae.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         if cfg.optimizer == "signum":
-            factor = [signum_steps.get(name, 1.0) for name, _ in sae.named_parameters()]
+            factor = [signum_steps.get(name, 1.0) for name, _ in named]
             groups = [{"params": [p for p, f in zip(params, factor) if f == u], "unit": u} for u in sorted(set(factor))]
             optimizer = ScheduleFreeWrapper(torch.optim.SGD(groups, lr=cfg.lr), momentum=cfg.momentum)
             optimizer.train()
@@ -121,14 +127,19 @@ class TorchStep(Backend):
         # each target's variance over the whole batch, once per target: loss "fvu" divides by it,
         # and one process's metrics read it (data-parallel, average_step's one collective gives it)
         fvu = self.cfg.loss == "fvu"
-        targets = dict.fromkeys((m.target, m.scale) for m in t.members)  # in suite order: the same collectives on every rank
+        singles = [m for m in t.members if not m.multi]
+        targets = dict.fromkeys((m.target, m.scale) for m in singles)  # in suite order: the same collectives on every rank
         var = {key: self._variance(view(*key)) for key in targets} if fvu or t.split.solo else {}
-        outs = [self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name),
-                               var[m.target, m.scale] if fvu else None) for m in t.members]
+        outs = {m.name: self._backward(m, view(m.site, m.scale), view(m.target, m.scale), pre.get(m.name),
+                                       var[m.target, m.scale] if fvu else None) for m in singles}
         if not t.split.solo:
-            var = average_step(t.split, [m.sae for m in t.members], outs, scaled)
-        for m, out in zip(t.members, outs):
-            self._update(m, out, var[m.target, m.scale], lr)
+            var = average_step(t.split, [m.sae for m in singles], list(outs.values()), scaled)
+        for m in t.members:
+            if m.multi:  # one member at a time: its graph spans every layer
+                out = self._backward_multi(m, view)
+                self._update(m, out, out["var"], lr)
+            else:
+                self._update(m, outs[m.name], var[m.target, m.scale], lr)
 
     def _autocast(self):
         """bfloat16: the forward's products under autocast; the fast paths' hand-written backward
@@ -149,6 +160,23 @@ class TorchStep(Backend):
         out.update(loss=out["loss"].detach(), mse=out["mse"].detach(), coeff=coeff, batch=x.shape[0])
         return out
 
+    def _backward_multi(self, m: Member, view) -> dict:
+        """A cross-layer transcoder's or crosscoder's loss and gradient: each site scaled by its own
+        C, each output's error over its own variance (loss "fvu"); "var" is their sum, so the
+        logged FVU is the share of all outputs' variance left unexplained."""
+        t, d = self.trainer, m.sae
+        xs = [view(s, c) for s, c in zip(d.cfg.sites_in, m.scales_in)]
+        ys = [view(s, c) for s, c in zip(d.cfg.sites_out, m.scales_out)]
+        var = [self._variance(y) for y in ys]
+        coeff = m.coefficient(t.step, t.coeff_warmup)
+        with self._autocast():
+            out = d.training_loss(xs, ys, coeff, dead=m.since_fired >= t.dead_tokens, path=self.cfg.kernels,
+                                  variances=var if self.cfg.loss == "fvu" else None)
+        d.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        out.update(loss=out["loss"].detach(), coeff=coeff, batch=xs[0].shape[0], var=torch.stack(var).sum())
+        return out
+
     def _variance(self, y: torch.Tensor) -> torch.Tensor:
         """The whole batch's total variance of y (data-parallel: over every rank's rows), so that
         each rank's FVU gradient is its share of one process's."""
@@ -160,9 +188,10 @@ class TorchStep(Backend):
         lr = lr * m.lr_factor
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("unit", 1.0)
-        rows = self._decoder_rows(out)
+        rows = None if m.multi else self._decoder_rows(out)
         m.sae.remove_parallel_grad(rows)
-        self.enc_rows[m.name].grad = m.sae.W_enc.grad.t()
+        for w, alias in self.enc_rows[m.name]:
+            alias.grad = w.grad.t()
         if self.cfg.optimizer == "signum":
             for group in optimizer.param_groups:
                 for p in group["params"]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from ..config import SAESpec, TrainConfig
 from ..errors import SaescopeError
 from ..sae.formats import width_label
-from ..site import Site
+from ..sae.multilayer import KINDS
+from ..site import Site, layers_label
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Planned:
     target: str          # what it reconstructs (the site itself, or mlp.L for a transcoder)
     width: int
     value: float         # λ, k or the target L0, by the spec's kind
+    inputs: tuple[str, ...] = ()   # a multi-layer dictionary's sites (`site` is the first), in layer order
+    outputs: tuple[str, ...] = ()  # and what each writes (`target` is the first)
 
     @property
     def arch(self) -> str:
@@ -53,12 +56,17 @@ class Planned:
         return int(self.value) if self.arch in ("topk", "batchtopk") else None
 
     @property
+    def multi(self) -> bool:
+        return bool(self.inputs)
+
+    @property
     def sites(self) -> frozenset[str]:
-        return frozenset((self.site, self.target))
+        return frozenset((self.site, self.target, *self.inputs, *self.outputs))
 
 
 def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str:
-    kind = f"{spec.arch}-tc" if spec.transcoder else spec.arch
+    suffix = {"clt": "-clt", "crosscoder": "-xc"}.get(spec.multi_layer, "-tc" if spec.transcoder else "")
+    kind = spec.arch + suffix
     if spec.arch in ("topk", "batchtopk"):
         tag = f"k{value}"
     elif spec.target_l0:
@@ -82,6 +90,14 @@ def expand(cfg: TrainConfig) -> list[Planned]:
         values = spec.ks if spec.arch in ("topk", "batchtopk") else (spec.target_l0 or spec.lambdas)
         if spec.target_l0 and spec.arch != "jumprelu":
             raise SaescopeError(f"target_l0 is for jumprelu SAEs; {spec.arch} sets sparsity with ks or lambdas")
+        if spec.multi_layer:
+            inputs = tuple(spec.sites)
+            outputs = tuple(str(Site(KINDS[spec.multi_layer][1], Site.parse(s).layer)) for s in inputs)
+            for width in spec.widths:
+                for value in values:
+                    out.append(Planned(member_name(spec, layers_label(inputs), width, value), spec, inputs[0], outputs[0],
+                                       width, value, inputs, outputs))
+            continue
         for site in spec.sites:
             target = site
             if spec.transcoder:
@@ -100,4 +116,4 @@ def expand(cfg: TrainConfig) -> list[Planned]:
 
 def sites_read(plan: list[Planned]) -> list[str]:
     """The input and target sites a part of the suite reads."""
-    return sorted({p.site for p in plan} | {p.target for p in plan})
+    return sorted(set().union(*(p.sites for p in plan)))

@@ -27,10 +27,11 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..errors import SaescopeError, first_line
-from ..files import atomic_write, read_json, write_json
+from ..files import atomic_write, read_json, remove_temporaries, write_json
 from ..sae import SAEConfig, build_sae
-from ..sae.convert import batchtopk_to_jumprelu
-from ..sae.formats import save_sae
+from ..sae.convert import batchtopk_to_jumprelu, fit_groups
+from ..sae.formats import save_dictionary, save_sae
+from ..sae.multilayer import MultiLayerConfig, MultiLayerDictionary
 from .distributed import Ranks, assign, data_parts, local_parts, side_by_side
 from .schedule import TargetL0, lr_at, warmup_steps
 from .step import SIGNUM_UNITS, Backend, Member
@@ -65,6 +66,10 @@ class Trainer:
         missing = [s for s in self.plan_sites if s not in self.source.sites]
         if missing:
             raise SaescopeError(f"the activation source has no {', '.join(missing)}; it holds {', '.join(self.source.sites)}")
+        multi = [p.name for p in self.plan if p.multi]
+        if multi and not self.ranks.solo:
+            raise SaescopeError(f"{multi[0]}: cross-layer transcoders and crosscoders train in one process for now; "
+                                "run them without torchrun")
         self.model_name = model_name or getattr(self.source, "model_name", None)
         self.steps = cfg.tokens // cfg.batch_size
         if self.steps < 1:
@@ -97,6 +102,9 @@ class Trainer:
         scalars = self.norm_scalars
         for p in self.plan:
             if p.name not in self.own:
+                continue
+            if p.multi:
+                self.members.append(self._multi_member(p, first_batch))
                 continue
             spec = p.spec
             d_in = first_batch[p.site].shape[1]
@@ -134,6 +142,41 @@ class Trainer:
                                        bad_step=torch.tensor(-1, device=self.device),
                                        bad_loss=torch.tensor(0.0, device=self.device)))
         self.backend.setup(self)
+
+    def _multi_member(self, p, first_batch: dict[str, torch.Tensor]) -> Member:
+        """A cross-layer transcoder or crosscoder: each site normalised on its own (SPEC §8), b_dec
+        at each output's mean, thresholds (JumpReLU with a target) at each group's quantiles, and
+        each group's biases stepped by its own input's scales under signum."""
+        spec, n = p.spec, len(p.inputs)
+        d = MultiLayerDictionary(MultiLayerConfig(
+            kind=spec.multi_layer, sites_in=list(p.inputs), sites_out=list(p.outputs), d_in=first_batch[p.site].shape[1],
+            d_out=first_batch[p.target].shape[1], d_sae=p.width, model=self.model_name, arch=p.arch, k=p.k,
+            bandwidth=spec.bandwidth))
+        d.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(p.name.encode())))
+        scalars = self.norm_scalars
+        d.scale_in.copy_(torch.tensor([scalars[s] for s in p.inputs]))
+        d.scale_out.copy_(torch.tensor([scalars[s] for s in p.outputs]))
+        xs = [first_batch[s].to(self.device) / c for s, c in zip(p.inputs, d.scale_in.tolist())]
+        if spec.b_dec_init == "mean":
+            with torch.no_grad():
+                for j, (s, c) in enumerate(zip(p.outputs, d.scale_out.tolist())):
+                    d.b_dec[j].copy_(self.split.mean_rows(first_batch[s].to(self.device) / c))
+        d.set_objective(spec.objective(p.target_l0))
+        d = d.to(self.device)
+        if spec.threshold_init == "quantile":
+            for g, x in zip(d.groups, xs):
+                self._quantile_thresholds(g, x, p.target_l0)
+        steps = {"b_dec": self._signum_steps(torch.cat(xs, 1))["b_dec"]}
+        for i, x in enumerate(xs):
+            steps.update({f"groups.{i}.{k}": v for k, v in self._signum_steps(x).items()})
+        controller = None
+        if p.controlled:
+            controller = TargetL0(target=p.target_l0, log_lambda=math.log(spec.lambdas[0]),
+                                  gain=self.cfg.target_l0_gain, device=self.device)
+        return Member(p.name, d, p.site, p.target, 1.0, p.coeff, torch.zeros(n * p.width, dtype=torch.long, device=self.device),
+                      controller, lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
+                      signum_steps=steps, bad_step=torch.tensor(-1, device=self.device),
+                      bad_loss=torch.tensor(0.0, device=self.device))
 
     def _signum_steps(self, x: torch.Tensor) -> dict[str, float]:
         """How far each bias or threshold moves per unit of signum's lr, from the centred input (the
@@ -179,7 +222,8 @@ class Trainer:
         """C per input site. A store's (or memory's) is exact and the same on every rank; a harvest
         estimates it from its first rows (so `run` asks before the first batch fills the shuffle
         buffer), and every rank takes data part 0's (rank 0's) estimate."""
-        sites = sorted({p.site for p in self.plan if not p.spec.transcoder})
+        sites = sorted({p.site for p in self.plan if not p.spec.transcoder and not p.multi}
+                       | {s for p in self.plan if p.multi for s in p.inputs + p.outputs})
         if not self.source.produced:
             return {s: self.source.norm_scalar(s) for s in sites if s in self.sites}
         view = self.views[self.local_parts[0]]
@@ -246,6 +290,8 @@ class Trainer:
             for old in root.glob("step-*"):
                 if old.name != folder:
                     shutil.rmtree(old, ignore_errors=True)
+            for place in (root, root / folder):  # a killed run's unfinished writes
+                remove_temporaries(place)
 
     def _load_checkpoint(self) -> bool:
         if not self.saved:
@@ -284,6 +330,7 @@ class Trainer:
         lead = self.ranks.lead
         self.out.mkdir(parents=True, exist_ok=True)
         if lead:
+            remove_temporaries(self.out)
             write_json(self.out / "train_config.json", self.cfg.model_dump(mode="json"))
         stream = self._batches()
         self.norm_scalars  # noqa: B018 — estimated from a harvest's first rows, before the buffer takes them
@@ -327,10 +374,10 @@ class Trainer:
         return self._write_saes(list(recent))
 
     @cached_property
-    def _fitted(self) -> dict[str, str]:
+    def _fitted(self) -> dict[str, tuple[str, ...]]:
         """The members whose saved thresholds are fitted on training rows, by name, with their
-        sites: BatchTopK's shared cut, and a JumpReLU trained as BatchTopK (one θ per latent)."""
-        return {p.name: p.site for p in self.plan if p.name in self.own and p.arch == "batchtopk"}
+        input sites: BatchTopK's shared cut, and a JumpReLU trained as BatchTopK (one θ per latent)."""
+        return {p.name: p.inputs or (p.site,) for p in self.plan if p.name in self.own and p.arch == "batchtopk"}
 
     @cached_property
     def _converted(self) -> frozenset[str]:
@@ -343,7 +390,7 @@ class Trainer:
 
     @cached_property
     def _fit_sites(self) -> tuple[str, ...]:
-        return tuple(sorted(set(self._fitted.values())))
+        return tuple(sorted(set().union(*self._fitted.values())))
 
     def _for_fitting(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {site: batch[site] for site in self._fit_sites}
@@ -402,22 +449,29 @@ class Trainer:
         self.ranks.barrier()  # rank 0 has written the last metrics lines
         final = _last_metrics(self.out / METRICS)
 
-        def whole(batches, name):
-            return torch.cat([torch.cat(self.split.gather_rows(b[self._fitted[name]].to(self.device))) for b in batches])
+        def whole(batches, site):
+            return torch.cat([torch.cat(self.split.gather_rows(b[site].to(self.device))) for b in batches])
 
-        rows = {name: whole(recent if name in self._converted else recent[-1:], name) for name in self._fitted}
+        rows = {name: [whole(recent if name in self._converted else recent[-1:], site) for site in sites]
+                for name, sites in self._fitted.items()}
         planned = {p.name: p for p in self.plan}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
             sae = m.sae
-            if m.name in self._converted:
-                sae = batchtopk_to_jumprelu(sae, rows[m.name], batch_size=self.cfg.batch_size)
+            if isinstance(sae, MultiLayerDictionary):
+                if m.name in rows:
+                    sae = fit_groups(sae, rows[m.name], convert=m.name in self._converted, batch_size=self.cfg.batch_size)
+            elif m.name in self._converted:
+                sae = batchtopk_to_jumprelu(sae, rows[m.name][0], batch_size=self.cfg.batch_size)
             elif m.name in rows:
-                sae.fit_threshold(rows[m.name] / m.scale)
+                sae.fit_threshold(rows[m.name][0] / m.scale)
             sae.cfg.extra = {**sae.cfg.extra, "training": json.loads(self.cfg.model_dump_json()),
                              "final_metrics": final.get(m.name, {}), "steps": self.step,
                              "target_l0": planned[m.name].target_l0}
-            save_sae(sae.cpu(), self.out / "saes" / m.name, format="native")
+            if isinstance(sae, MultiLayerDictionary):
+                save_dictionary(sae.cpu(), self.out / "saes" / m.name, format="native")
+            else:
+                save_sae(sae.cpu(), self.out / "saes" / m.name, format="native")
         self.ranks.barrier()
         return [self.out / "saes" / p.name for p in self.plan]
 

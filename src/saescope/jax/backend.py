@@ -34,6 +34,8 @@ class JaxStep(Backend):
         if any(s.train_as == "batchtopk" for s in cfg.saes):
             raise SaescopeError("the JAX backend trains JumpReLU SAEs as themselves: set train_as 'jumprelu' "
                                 "(a target L0 trains as BatchTopK unless told), or use backend 'torch'")
+        if any(s.multi_layer for s in cfg.saes):
+            raise SaescopeError("the JAX backend trains single-layer dictionaries: use backend 'torch' for clt or crosscoder entries")
         if any(s.skip for s in cfg.saes):
             raise SaescopeError("the JAX backend trains transcoders without a skip connection: use backend 'torch' for skip = true")
         if cfg.precision != "float32":
