@@ -17,7 +17,7 @@ import torch
 
 from conftest import interrupt_training
 from saescope import SaescopeError, load_sae
-from saescope.config import ParallelConfig, SAESpec, TrainConfig
+from saescope.config import ParallelConfig, SAESpec, TrainConfig, config_from_file
 from saescope.data import ActivationStore, StoreWriter, TensorSource
 from saescope.train import Trainer, train, trainer_for
 from saescope.train.distributed import Ranks, assign
@@ -112,8 +112,6 @@ def _torchrun(*args: str, wait: bool = True, timeout: float = 300, command: str 
 
 def _single(config: Path, out: Path, **overrides) -> None:
     """The same suite in this process, as one rank with the data parts of a 2-rank job."""
-    from saescope.config import config_from_file
-
     cfg = config_from_file(TrainConfig, config, **{"parallel": {"data_parts": 2}, **overrides})
     train(cfg, out, progress=False)
 
@@ -347,3 +345,90 @@ def test_the_whole_pipeline_under_torchrun(run_config, tmp_path):
     state = json.loads((tmp_path / "out" / "train" / "checkpoint" / "state.json").read_text())
     assert (state["ranks"], state["mode"]) == (2, "sae")
     assert ActivationStore(tmp_path / "out" / "activations").n_shards >= 2  # a shard per rank, had they been data-parallel
+
+
+MULTI = """
+store = "{store}"
+tokens = 10240
+batch_size = 256
+optimizer = "adam"      # signum's sign of a near-zero gradient tips with the ranks' summation order
+lr_scale = "none"
+lr = 1e-3
+checkpoint_every = 10
+log_every = 5
+dead_tokens = 512
+
+[[saes]]                # trained as BatchTopK over every rank's latents, converted per group
+sites = ["mlp_in.0", "mlp_in.1", "mlp_in.2"]
+clt = true
+widths = [16]
+target_l0 = [3]
+
+[[saes]]                # JumpReLU as itself: the quadratic penalty reads the summed firing count
+sites = ["mlp_in.0", "mlp_in.1", "mlp_in.2"]
+clt = true
+widths = [16]
+target_l0 = [3]
+train_as = "jumprelu"
+dead_aux = 0.03
+threshold_init = "constant"  # a quantile θ sits on a pre-activation, where rounding decides
+
+[[saes]]                # TopK per token over every rank's latents, AuxK over every rank's dead ones
+sites = ["resid.0", "resid.2"]
+crosscoder = true
+arch = "topk"
+widths = [16]
+ks = [3]
+
+[[saes]]                # a single-layer SAE beside them, on one rank
+sites = ["resid.0"]
+widths = [16]
+lambdas = [1e-2]
+"""
+
+
+@pytest.fixture(scope="module")
+def layered_store(tmp_path_factory) -> Path:
+    """Three layers' MLP inputs and outputs and two residual sites, 3,000 rows."""
+    root = tmp_path_factory.mktemp("layered") / "store"
+    g = torch.Generator().manual_seed(5)
+    sites = {f"mlp_in.{i}": 8 for i in range(3)} | {f"mlp.{i}": 6 for i in range(3)} | {"resid.0": 8, "resid.2": 8}
+    writer = StoreWriter(root, model="toy", sites=sites, dtype="float32", seq_len=50, corpus={"source": "toy"},
+                         special_ids=[0])
+    for _ in range(6):
+        writer.begin_shard(torch.randint(1, 100, (10, 50), generator=g))
+        x = [torch.randn(500, 8, generator=g) * (i + 1) + i for i in range(3)]
+        writer.append({**{f"mlp_in.{i}": x[i] for i in range(3)},
+                       **{f"mlp.{i}": (x[i][:, :6] + x[0][:, 2:] * (i > 0)).tanh() * 3 for i in range(3)},
+                       "resid.0": x[0] * 2, "resid.2": x[0] + x[2]})
+        writer.commit_shard()
+    writer.finish()
+    return root
+
+
+def test_multi_layer_dictionaries_split_over_ranks_train_as_one_process(layered_store, tmp_path):
+    """Each rank holds half of every group's latents; the two ranks' run equals one process's within
+    float rounding (the writes are summed across ranks in another order), its checkpoint holds
+    each whole dictionary once, and a data-parallel job is refused in one line."""
+    from saescope import load_dictionary
+
+    config = tmp_path / "multi.toml"
+    config.write_text(MULTI.format(store=layered_store))
+    train(config_from_file(TrainConfig, config), tmp_path / "one", progress=False)
+    done = _torchrun("--config", str(config), "--parallel", "sae", "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = sorted(p.name for p in (tmp_path / "one" / "saes").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two" / "saes").iterdir()) and len(names) == 4
+    for name in names:
+        one, two = load_dictionary(tmp_path / "one" / "saes" / name), load_dictionary(tmp_path / "two" / "saes" / name)
+        assert one.cfg.d_sae == two.cfg.d_sae == 16
+        for key, value in one.state_dict().items():
+            torch.testing.assert_close(two.state_dict()[key], value, rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+    assert sorted(p.stem for p in (tmp_path / "two" / "checkpoint").glob("step-*/*.pt")) == names
+    lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["sae"], r["step"]) for r in lines] == [(r["sae"], r["step"]) for r in ones]
+    for a, b in zip(lines, ones):
+        assert a["l0"] == pytest.approx(b["l0"], rel=1e-4) and a["dead_fraction"] == pytest.approx(b["dead_fraction"])
+    done = _torchrun("--config", str(config), "--out", str(tmp_path / "dp"), timeout=120)
+    assert done.returncode != 0 and "set parallel.mode = 'sae'" in done.stderr

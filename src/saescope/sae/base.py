@@ -215,15 +215,18 @@ class SparseAutoencoder(nn.Module):
             return None
         k_aux = min(max(1, self.cfg.d_in // 2), len(dead_idx))
         vals, idx = pre[:, dead_idx].topk(k_aux, dim=-1)
-        return Code.from_topk(vals, dead_idx[idx], self.cfg.d_sae)
+        return Code.from_topk(vals, dead_idx[idx], pre.shape[-1])
 
-    def _aux_loss(self, x: torch.Tensor, code: Code | None, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _aux_loss(self, x: torch.Tensor, code: Code | None, residual: torch.Tensor,
+                  whole: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """How well the dead latents' ReLU activations of `code` reconstruct the residual error,
-        and the latents it decoded with a non-zero value."""
+        and the latents it decoded with a non-zero value. `whole` turns this slice's decode into
+        every slice's (a dictionary whose latents are split over ranks)."""
         if code is None:
             return x.new_zeros(()), torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
         aux_vals = self._sparse_encoded(x, code, None).values
-        return squared_error(code.decode(aux_vals, self.W_dec), residual), code.fired(aux_vals)
+        rec = code.decode(aux_vals, self.W_dec)
+        return squared_error(whole(rec) if whole else rec, residual), code.fired(aux_vals)
 
     def _aux_reference(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """`_aux_loss` written plainly with autograd. Live latents are zeroed rather than removed,

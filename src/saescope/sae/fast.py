@@ -82,6 +82,12 @@ class Code:
         rows = self.rows[index]
         return Code(rows, self.cols[index], self.pre[index], _offsets(rows, len(self.offsets)), self.width)
 
+    def latents(self, lo: int, hi: int) -> "Code":
+        """The entries of latents lo ≤ i < hi, as a code of that slice (latent i becomes i − lo)."""
+        inside = ((self.cols >= lo) & (self.cols < hi)).nonzero().squeeze(1)
+        c = self.select(inside)
+        return Code(c.rows, c.cols - lo, c.pre, c.offsets, hi - lo)
+
     @cached_property
     def by_latent(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(order of the entries grouped by latent, offsets of each latent's group): the layout of

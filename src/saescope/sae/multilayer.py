@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import SaescopeError
 from ..site import Site
 from . import build_sae
-from .base import SAEConfig
+from .base import SAEConfig, SparseAutoencoder
 from .fast import Workspace
 from .objectives import Objective, capped_rows, row_errors
 
@@ -101,6 +101,7 @@ class MultiLayerDictionary(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_layers, cfg.d_out))
         self.register_buffer("scale_in", torch.ones(cfg.n_layers))    # C of each input site: group i sees x_i / C_i
         self.register_buffer("scale_out", torch.ones(cfg.n_layers))   # C of each output site: ŷ_j is C_j × the decode
+        self.shard = None  # while training with its latents split over ranks: a train.distributed.LatentShard
 
     # --- Gemma Scope 2's view of the weights -----------------------------------------------------
     @property
@@ -175,11 +176,12 @@ class MultiLayerDictionary(nn.Module):
         over groups (per layer), "mse" the sum over outputs."""
         n, batch = self.cfg.n_layers, xs[0].shape[0]
         var = variances or [xs[0].new_ones(())] * n
-        codes = [g.training_code(x, None if dead is None else dead.view(n, -1)[i], path, Workspace(), None)
-                 for i, (g, x) in enumerate(zip(self.groups, xs))]
-        y_hat = self.b_dec.expand(batch, n, self.cfg.d_out).clone()
+        code = self._shard_code if self.shard is not None else (lambda g, x, d, p: g.training_code(x, d, p, Workspace(), None))
+        codes = [code(g, x, None if dead is None else dead.view(n, -1)[i], path) for i, (g, x) in enumerate(zip(self.groups, xs))]
+        writes = self.b_dec.new_zeros(batch, n, self.cfg.d_out)
         for i, (g, (enc, _)) in enumerate(zip(self.groups, codes)):
-            y_hat[:, i:] += enc.decode(g.W_dec).view(batch, n - i, -1)
+            writes[:, i:] += enc.decode(g.W_dec).view(batch, n - i, -1)
+        y_hat = self.b_dec + (writes if self.shard is None else self.shard.summed(writes))
         loss, mse = 0.0, 0.0
         norm_cap = self.groups[0].objective.norm_cap
         for j, y in enumerate(ys):
@@ -201,6 +203,68 @@ class MultiLayerDictionary(nn.Module):
 
     def encoder_weights(self) -> list[nn.Parameter]:
         return [g.W_enc for g in self.groups]
+
+    def _shard_code(self, g: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, path: str):
+        """Group g's training code when its latents are split over ranks (`shard`), with its
+        dead-latent loss: the same code as one process's. A JumpReLU's thresholds are per latent,
+        so each rank codes its own slice; TopK and BatchTopK choose among every rank's latents,
+        and AuxK among every rank's dead ones, on the gathered pre-activations, each rank then
+        keeping its slice's entries. Firing counts and the decodes of the dead are summed over
+        the ranks, so every loss term is the whole group's."""
+        if path == "reference":
+            raise SaescopeError("a dictionary whose latents are split over ranks trains on the fast paths; set kernels "
+                                "to auto, dense or sparse")
+        s, obj = self.shard, g.objective
+        lo, hi = s.bounds(self.full_width)
+        pre = g._fast_pre(x, None)
+        aux = g.aux_weight > 0
+        full = s.gather_latents(pre.detach()) if aux or g.cfg.arch != "jumprelu" else None
+        aux_code = g._aux_code(full, s.gather_latents(dead)) if aux and dead is not None else None
+        aux_code = aux_code.latents(lo, hi) if aux_code is not None else None
+        if g.cfg.arch == "jumprelu":
+            enc = g._threshold_encoded(x, g.threshold, path, None, pre)
+        else:
+            enc = g._sparse_encoded(x, g._choose(full).latents(lo, hi), None)
+        enc.count = s.summed(enc.count)
+        if obj.per_token:
+            enc.tokens = s.summed(enc.tokens)
+        return enc, (lambda residual: g._aux_loss(x, aux_code, residual, whole=s.summed)) if aux else None
+
+    @property
+    def full_width(self) -> int:
+        """Latents per group over every rank (cfg.d_sae is this rank's slice when sharded)."""
+        return self.cfg.d_sae * (self.shard.world if self.shard is not None else 1)
+
+    @torch.no_grad()
+    def sliced(self, shard) -> "MultiLayerDictionary":
+        """This rank's slice of every group's latents, as a dictionary that trains as `shard`'s part."""
+        lo, hi = shard.bounds(self.cfg.d_sae)
+        out = MultiLayerDictionary(replace(self.cfg, d_sae=hi - lo)).to(self.b_dec.device)
+        out.shard = shard
+        out.load_state_dict(out.slice_state(self.state_dict()))
+        out.set_objective(self.groups[0].objective)
+        return out
+
+    @torch.no_grad()
+    def gathered(self) -> "MultiLayerDictionary":
+        """The whole dictionary from every rank's slice (a collective: every rank calls it)."""
+        s = self.shard
+        out = MultiLayerDictionary(replace(self.cfg, d_sae=self.full_width)).to(self.b_dec.device)
+        out.load_state_dict({k: v if axis is None else s.gather_latents(v, dim=axis) for k, v, axis in self.latent_axes()})
+        out.set_objective(self.groups[0].objective)
+        return out
+
+    def slice_state(self, whole: dict) -> dict:
+        """This rank's slice of the whole dictionary's state `whole`."""
+        lo, hi = self.shard.bounds(self.full_width)
+        axes = {k: axis for k, _, axis in self.latent_axes()}
+        return {k: v if axes[k] is None else v[lo:hi] if axes[k] == 0 else v[..., lo:hi] for k, v in whole.items()}
+
+    def latent_axes(self) -> list[tuple[str, torch.Tensor, int | None]]:
+        """Each state entry with the axis its latents run along (None: the same on every rank)."""
+        axes = {"W_enc": -1, "b_enc": 0, "theta": 0, "W_dec": 0}
+        return [(k, v, axes.get(k.rsplit(".", 1)[-1]) if k.startswith("groups.") else None)
+                for k, v in self.state_dict().items()]
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -22,7 +22,7 @@ class TopKSAE(SparseAutoencoder):
     def _choose(self, pre: torch.Tensor) -> Code:
         """The training step's chosen entries of graph-free pre-activations (ReLU comes after)."""
         vals, idx = pre.topk(self.cfg.k, dim=-1)
-        return Code.from_topk(vals, idx, self.cfg.d_sae)
+        return Code.from_topk(vals, idx, pre.shape[-1])
 
     aux_weight = AUXK_COEFF
 

@@ -17,6 +17,8 @@ messages. Two modes (ParallelConfig.mode):
   would move as many bytes and tie the ranks to one pace; a suite spread by site reads each site
   once. From a harvest a model forward makes the rows, so each rank makes its parts of each batch
   and an all-gather gives every rank all of it: the forward, the costly step, is done once.
+  A cross-layer transcoder or crosscoder is not placed on one rank but split: every rank holds a
+  slice of each group's latents (`LatentShard`), and its step has a few collectives of its own.
 
 Either way a global batch is the union of `parts` independently shuffled data parts (part p
 reads shards, or corpus rows, p, p + parts, …), so the batches do not depend on how many ranks
@@ -170,6 +172,41 @@ class Ranks:
             self.barrier(patient=True)
 
 
+@dataclass
+class LatentShard:
+    """A multi-layer dictionary whose every group's latents are split over the ranks in contiguous
+    slices, every rank seeing whole batches (SAE-sharded mode): what its training step needs of
+    the others. The decoder is the large part, and each latent's rows stay on one rank."""
+
+    ranks: Ranks
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
+    @property
+    def world(self) -> int:
+        return self.ranks.world
+
+    def bounds(self, width: int) -> tuple[int, int]:
+        """This rank's slice [lo, hi) of `width` latents (the whole group's)."""
+        if width % self.world:
+            raise SaescopeError(f"{width} latents per layer do not split evenly over {self.world} ranks")
+        share = width // self.world
+        return self.rank * share, (self.rank + 1) * share
+
+    def gather_latents(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's slice of `t` along its latent dimension, joined in rank order."""
+        return torch.cat(self.ranks.gather_rows(t.contiguous()), dim=dim)
+
+    def summed(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of `partial` (this rank's latents' part of a reconstruction or a
+        count), whose gradient reaches this rank's part as the sum's own: the sum is the same
+        on every rank, so is every loss term that reads it, and so its gradient."""
+        whole = self.ranks.sum_(partial.detach().clone())
+        return partial + (whole - partial.detach())
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -203,11 +240,12 @@ def joined(parallel: ParallelConfig, device: str):
         dist.destroy_process_group()
 
 
-def assign(members: list[tuple[str, frozenset, int]], world: int) -> list[list[str]]:
+def assign(members: list[tuple[str, frozenset, int]], world: int, idle: bool = False) -> list[list[str]]:
     """Sharded mode: SAEs (name, sites read, size) spread over `world` ranks, largest first, each
     to the least-loaded rank (a tie goes to a rank that already reads its sites). Every rank
-    computes the same answer from the suite alone."""
-    if len(members) < world:
+    computes the same answer from the suite alone. `idle`: ranks may get none (they hold slices
+    of multi-layer dictionaries)."""
+    if len(members) < world and not idle:
         raise SaescopeError(f"SAE-sharded training of {len(members)} SAEs cannot use {world} ranks; "
                             "use at most that many, or data-parallel mode")
     loads, reads = [0] * world, [set() for _ in range(world)]

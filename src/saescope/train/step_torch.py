@@ -212,13 +212,37 @@ class TorchStep(Backend):
         return few_touched(out)
 
     def state(self, m: Member) -> dict:
-        return self.optimizers[m.name].state_dict()
+        """Of a dictionary whose latents are split over ranks, the whole's (every rank's slices
+        gathered), so that its checkpoint is one process's and resumes on any rank count."""
+        saved = self.optimizers[m.name].state_dict()
+        shard = getattr(m.sae, "shard", None)
+        return saved if shard is None else self._per_latent(m, saved, lambda t, axis: shard.gather_latents(t, dim=axis))
 
     def load_state(self, m: Member, saved: dict) -> None:
         optimizer = self.optimizers[m.name]
+        shard = getattr(m.sae, "shard", None)
+        if shard is not None:
+            lo, hi = shard.bounds(m.sae.full_width)
+            saved = self._per_latent(m, saved, lambda t, axis: t[lo:hi] if axis == 0 else t[..., lo:hi])
         optimizer.load_state_dict(saved)
         if self.cfg.optimizer == "signum":
             optimizer.train_mode = True  # the checkpoint holds the training point y, not the average
+
+    def _per_latent(self, m: Member, saved: dict, fn) -> dict:
+        """`saved` (an optimizer state) with fn(tensor, latent axis) applied to each per-latent
+        state tensor: those of the groups' encoders (stepped as latent-major rows), biases,
+        thresholds and decoders; the rest (b_dec, step counts) is the same on every rank."""
+        names = {id(p): name for name, p in m.sae.named_parameters()}
+        names.update({id(alias): name for name, p in m.sae.named_parameters()
+                      for w, alias in self.enc_rows[m.name] if w is p})
+        axes = {"W_enc": 0, "b_enc": 0, "theta": 0, "W_dec": 0}
+        state = dict(saved["state"])
+        for group, saved_group in zip(self.optimizers[m.name].param_groups, saved["param_groups"]):
+            for p, index in zip(group["params"], saved_group["params"]):
+                axis = axes.get(names[id(p)].rsplit(".", 1)[-1])
+                if axis is not None and index in state:
+                    state[index] = {k: fn(v, axis) if torch.is_tensor(v) and v.dim() else v for k, v in state[index].items()}
+        return {**saved, "state": state}
 
     def sync(self, m: Member) -> None:
         """Signum: the run is over and the SAE becomes the schedule-free average (what its

@@ -32,7 +32,7 @@ from ..sae import SAEConfig, build_sae
 from ..sae.convert import batchtopk_to_jumprelu, fit_groups
 from ..sae.formats import save_dictionary, save_sae
 from ..sae.multilayer import MultiLayerConfig, MultiLayerDictionary
-from .distributed import Ranks, assign, data_parts, local_parts, side_by_side
+from .distributed import LatentShard, Ranks, assign, data_parts, local_parts, side_by_side
 from .schedule import TargetL0, lr_at, warmup_steps
 from .step import SIGNUM_UNITS, Backend, Member
 from .suite import expand, sites_read
@@ -66,10 +66,16 @@ class Trainer:
         missing = [s for s in self.plan_sites if s not in self.source.sites]
         if missing:
             raise SaescopeError(f"the activation source has no {', '.join(missing)}; it holds {', '.join(self.source.sites)}")
-        multi = [p.name for p in self.plan if p.multi]
-        if multi and not self.ranks.solo:
-            raise SaescopeError(f"{multi[0]}: cross-layer transcoders and crosscoders train in one process for now; "
-                                "run them without torchrun")
+        multi = [p for p in self.plan if p.multi]
+        if multi and not self.ranks.solo and not self.sharded:
+            raise SaescopeError(f"{multi[0].name}: a cross-layer transcoder's or crosscoder's latents are split over "
+                                "the ranks, each seeing whole batches: set parallel.mode = 'sae'")
+        self.latent_shard = LatentShard(self.ranks) if multi and not self.ranks.solo else None
+        if self.latent_shard and cfg.kernels == "reference":
+            raise SaescopeError(f"{multi[0].name}: latents split over ranks train on the fast paths; set kernels to "
+                                "auto, dense or sparse")
+        for p in multi if self.latent_shard else ():
+            self.latent_shard.bounds(p.width)  # a width the ranks cannot share is an error now, not at the first step
         self.model_name = model_name or getattr(self.source, "model_name", None)
         self.steps = cfg.tokens // cfg.batch_size
         if self.steps < 1:
@@ -92,10 +98,13 @@ class Trainer:
 
     # --- who does what -------------------------------------------------------------------------
     def _owned(self) -> list[str]:
+        """Every SAE (data-parallel), or this rank's share of them (sharded), and every multi-layer
+        dictionary: sharded, each rank holds a slice of its latents."""
         if not self.sharded:
             return [p.name for p in self.plan]
-        sizes = [(p.name, p.sites, p.width * (2 * self.source.d_in(p.site))) for p in self.plan]
-        return assign(sizes, self.ranks.world)[self.ranks.rank]
+        sizes = [(p.name, p.sites, p.width * (2 * self.source.d_in(p.site))) for p in self.plan if not p.multi]
+        mine = assign(sizes, self.ranks.world, idle=len(sizes) < len(self.plan))[self.ranks.rank] if sizes else []
+        return mine + [p.name for p in self.plan if p.multi]
 
     # --- set-up --------------------------------------------------------------------------------
     def build(self, first_batch: dict[str, torch.Tensor]) -> None:
@@ -169,11 +178,13 @@ class Trainer:
         steps = {"b_dec": self._signum_steps(torch.cat(xs, 1))["b_dec"]}
         for i, x in enumerate(xs):
             steps.update({f"groups.{i}.{k}": v for k, v in self._signum_steps(x).items()})
+        if self.latent_shard:
+            d = d.sliced(self.latent_shard)
         controller = None
         if p.controlled:
             controller = TargetL0(target=p.target_l0, log_lambda=math.log(spec.lambdas[0]),
                                   gain=self.cfg.target_l0_gain, device=self.device)
-        return Member(p.name, d, p.site, p.target, 1.0, p.coeff, torch.zeros(n * p.width, dtype=torch.long, device=self.device),
+        return Member(p.name, d, p.site, p.target, 1.0, p.coeff, torch.zeros(n * d.cfg.d_sae, dtype=torch.long, device=self.device),
                       controller, lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
                       signum_steps=steps, bad_step=torch.tensor(-1, device=self.device),
                       bad_loss=torch.tensor(0.0, device=self.device))
@@ -273,9 +284,11 @@ class Trainer:
         folder = f"step-{self.step:08d}"
         try:
             for m in self.members if self.sharded or self.ranks.lead else ():
-                buf = io.BytesIO()
-                torch.save(self._member_state(m), buf)
-                atomic_write(root / folder / f"{m.name}.pt", buf.getvalue())
+                state = self._member_state(m)  # a dictionary split over ranks: gathered by all, written by rank 0
+                if self.ranks.lead or not _split(m):
+                    buf = io.BytesIO()
+                    torch.save(state, buf)
+                    atomic_write(root / folder / f"{m.name}.pt", buf.getvalue())
         except OSError as exc:  # a full disk: the last committed checkpoint is untouched
             shutil.rmtree(root / folder, ignore_errors=True)
             kept = self.saved["step"] if self.saved else None
@@ -311,16 +324,26 @@ class Trainer:
         return True
 
     def _member_state(self, m: Member) -> dict:
-        """What a checkpoint holds of one SAE (tensors and strings only: loaded with weights_only)."""
+        """What a checkpoint holds of one SAE (tensors and strings only: loaded with weights_only);
+        of a dictionary whose latents are split over ranks, the whole's, as one process holds it."""
         optimizer = self.backend.state(m)  # first: it brings m.sae up to date
-        return {"sae": m.sae.state_dict(), "sae_config": json.dumps(m.sae.cfg.to_dict()),
-                "optimizer": optimizer, "since_fired": m.since_fired,
+        sae, since_fired = m.sae, m.since_fired
+        if _split(m):
+            sae = m.sae.gathered()
+            since_fired = self.latent_shard.gather_latents(m.since_fired.view(len(sae.groups), -1)).flatten()
+        return {"sae": sae.state_dict(), "sae_config": json.dumps(sae.cfg.to_dict()),
+                "optimizer": optimizer, "since_fired": since_fired,
                 "controller": json.dumps(m.controller.state() if m.controller else None)}
 
     def _restore_member(self, m: Member, s: dict) -> None:
+        since_fired = s["since_fired"]
+        if _split(m):  # this rank's slice of the whole
+            lo, hi = self.latent_shard.bounds(m.sae.full_width)
+            s = {**s, "sae": m.sae.slice_state(s["sae"])}
+            since_fired = since_fired.view(len(m.sae.groups), -1)[:, lo:hi].flatten()
         m.sae.load_state_dict(s["sae"])
         self.backend.load_state(m, s["optimizer"])
-        m.since_fired.copy_(s["since_fired"])
+        m.since_fired.copy_(since_fired)
         ctl = json.loads(s["controller"])
         if ctl:
             m.controller = TargetL0(**ctl, device=self.device)
@@ -426,9 +449,12 @@ class Trainer:
     def _log(self, log, rate: float, bar) -> None:
         lines, shown = [], None
         for m in self.members:
+            dead = (m.since_fired >= self.dead_tokens).float().mean()
+            if _split(m):  # every rank holds an equal slice
+                dead = self.ranks.sum_(dead.clone()) / self.ranks.world
             line = {"sae": m.name, "step": self.step, "tokens": self.step * self.cfg.batch_size,
                     **{k: float(v) / max(m.steps, 1) for k, v in m.sums.items()},
-                    "dead_fraction": float((m.since_fired >= self.dead_tokens).float().mean()), "tokens_per_s": rate}
+                    "dead_fraction": float(dead), "tokens_per_s": rate}
             lines.append(json.dumps(line) + "\n")
             m.sums.clear()
             m.steps = 0
@@ -457,7 +483,9 @@ class Trainer:
         planned = {p.name: p for p in self.plan}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
-            sae = m.sae
+            sae = m.sae.gathered() if _split(m) else m.sae
+            if _split(m) and not self.ranks.lead:  # rank 0 saves the whole
+                continue
             if isinstance(sae, MultiLayerDictionary):
                 if m.name in rows:
                     sae = fit_groups(sae, rows[m.name], convert=m.name in self._converted, batch_size=self.cfg.batch_size)
@@ -474,6 +502,11 @@ class Trainer:
                 save_sae(sae.cpu(), self.out / "saes" / m.name, format="native")
         self.ranks.barrier()
         return [self.out / "saes" / p.name for p in self.plan]
+
+
+def _split(m: Member) -> bool:
+    """A multi-layer dictionary whose latents are split over the ranks."""
+    return getattr(m.sae, "shard", None) is not None
 
 
 def _kept(last_good: int | None) -> str:
