@@ -51,9 +51,11 @@ bench-quality: $(STAMP) $(PEERS)/.installed
 	@test -d /usr/share/games/fortunes || apt-get install -y -q fortunes >/dev/null
 	$(BIN)/python bench/quality.py --peers $(PEERS)/bin/python $(QUALITY_ARGS)
 
-# Transcoders at equal L0 and budget on Gemma 3 270M (bench/multilayer.py): plain against skip.
+# Transcoders at equal L0 and budget on Gemma 3 270M (bench/multilayer.py): plain against skip at
+# one layer, then a cross-layer transcoder against plain and skip transcoder sets over all 18 layers.
 bench-multilayer: $(STAMP)
 	$(BIN)/python bench/multilayer.py
+	$(BIN)/python bench/multilayer.py --all-layers --width 2048 --tokens 400K
 
 $(PEERS)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(PEERS)

@@ -42,11 +42,12 @@ def train_one(name: str, specs: list, a, store: Path) -> tuple[list[Path], float
     folder = a.out / name.replace(" ", "-")
     seconds = folder / "seconds"
     if not seconds.is_file():
-        cfg = TrainConfig(store=str(store), saes=specs, tokens=a.tokens, batch_size=4096, checkpoint_every=0, log_every=10)
+        cfg = TrainConfig(store=str(store), saes=specs, tokens=a.train_tokens, batch_size=4096, checkpoint_every=0,
+                          log_every=10)
         start = time.perf_counter()
         train(cfg, folder, source=ActivationStore(store))
         seconds.write_text(f"{time.perf_counter() - start:.1f}")
-    return sorted((folder / "saes").iterdir()), a.tokens / float(seconds.read_text())
+    return sorted((folder / "saes").iterdir()), a.train_tokens / float(seconds.read_text())
 
 
 def one_layer(a, corpus: Path) -> tuple[list[dict], str]:
@@ -66,7 +67,7 @@ def one_layer(a, corpus: Path) -> tuple[list[dict], str]:
     results = evaluate({name: load_sae(paths[0]) for name, (paths, _) in trained.items()}, lm, rows, batch_size=2)
     table = [{"variant": name, "l0": r["l0"], "fvu": r["fvu"], "delta_loss": r["delta_loss"], "delta_loss_se": r["delta_loss_se"],
               "kl": r["kl"], "kl_se": r["kl_se"], "tokens_per_s": trained[name][1]} for name, r in results.items()]
-    lines = [f"Gemma 3 270M, mlp_in.{a.layer} → mlp.{a.layer}, width {a.width}, target L0 {a.l0}, {a.tokens:,} training "
+    lines = [f"Gemma 3 270M, mlp_in.{a.layer} → mlp.{a.layer}, width {a.width}, target L0 {a.l0}, {a.train_tokens:,} training "
              f"tokens, {rows.numel():,} held-out tokens", "",
              "| transcoder | L0 | FVU | Δ loss | KL | training tokens/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['delta_loss']:.4f} ± {r['delta_loss_se']:.4f} | "
@@ -101,7 +102,7 @@ def all_layers(a, corpus: Path) -> tuple[list[dict], str]:
               "kl": r["kl_all_replaced"], "kl_se": r["kl_all_replaced_se"], "tokens_per_s": trained[name][1],
               "layers": r["layers"]} for name, r in results.items()]
     lines = [f"Gemma 3 270M, mlp_in.L → mlp.L at all {n} layers, width {a.width} per layer, target L0 {a.l0} per layer, "
-             f"{a.tokens:,} training tokens, {rows.numel():,} held-out tokens", "",
+             f"{a.train_tokens:,} training tokens, {rows.numel():,} held-out tokens", "",
              "| dictionary | L0 per layer | FVU (mean of layers) | Δ loss, one layer (mean) | Δ loss, all replaced | "
              "KL, all replaced | training tokens/s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['l0']:.1f} | {r['fvu']:.4f} | {r['delta_loss_one']:.4f} | {r['delta_loss']:.4f} ± "
@@ -115,6 +116,7 @@ def main() -> int:
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--width", type=int, default=None, help="latents (per layer); default 4096, 1024 with --all-layers")
     p.add_argument("--tokens", default=None, help="training tokens (the store holds as many); default 250K, 100K with --all-layers")
+    p.add_argument("--train-tokens", default=None, help="training tokens, at most --tokens (default: all of them)")
     p.add_argument("--l0", type=int, default=None, help="the target L0 (per layer); default 40, 20 with --all-layers")
     p.add_argument("--eval-tokens", default=None, help="default 16K, 4K with --all-layers")
     p.add_argument("--out", default="runs/multilayer")
@@ -123,6 +125,7 @@ def main() -> int:
     a.width, a.tokens, a.l0, a.eval_tokens = (v if v is not None else d for v, d in
                                               zip((a.width, a.tokens, a.l0, a.eval_tokens), defaults))
     a.out, a.tokens = Path(a.out), token_count(a.tokens)
+    a.train_tokens = min(a.tokens, token_count(a.train_tokens)) if a.train_tokens else a.tokens
     from quality_data import docstring_corpus
 
     corpus = docstring_corpus(a.out / "corpus" / "docstrings.jsonl")

@@ -4,6 +4,7 @@ killed run resumed exactly, causality kept through training and the files, and b
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -244,3 +245,64 @@ def test_export_writes_every_layout_and_refuses_what_it_cannot_hold(tmp_path, ca
     clt = load_dictionary(next((tmp_path / "gs2" / "clt").iterdir()))
     assert clt.cfg.kind == "clt" and (tmp_path / "gs2" / "clt" / "width_16_l0_3").is_dir()
     assert len(list((tmp_path / "gs2" / "transcoder").iterdir())) == 3
+
+
+def test_a_clt_starts_from_single_layer_transcoders_and_decays_their_l0(tmp_path):
+    """init_from: at the start each output is its layer's transcoder's reconstruction (no
+    cross-layer writes yet, unit decoder rows; a CLT as wide as the transcoders has no random
+    latents left); k then falls from the transcoders' L0 to the target."""
+    from saescope import load_sae
+    from saescope.train import trainer_for
+
+    acts, _ = planted_layers(n=12_000)
+    source = TensorSource(acts)
+    single = TrainConfig(saes=[SAESpec(sites=CLT_SITES, transcoder=True, widths=[24], target_l0=[6])], tokens=20 * 512,
+                         batch_size=512, checkpoint_every=0)
+    paths = train(single, tmp_path / "single", source=source, progress=False)
+    entry = dict(sites=CLT_SITES, clt=True, widths=[24], target_l0=[2], init_from=[str(p) for p in paths])
+    cfg = TrainConfig(saes=[entry], tokens=20 * 512, batch_size=512, checkpoint_every=0, log_every=1)
+    # the starting point, on a JumpReLU trained as itself: thresholds carried over exactly
+    itself = TrainConfig(saes=[{**entry, "train_as": "jumprelu"}], tokens=20 * 512, batch_size=512, checkpoint_every=0)
+    trainer = trainer_for(itself, tmp_path / "itself", source=source)
+    batches = iter(trainer._batches())
+    trainer.build(next(batches))
+    [m] = trainer.members
+    clt, saes = m.sae, [load_sae(p) for p in paths]
+    x = {s: v[:64] for s, v in acts.items()}
+    with torch.no_grad():
+        out = clt(x)
+        for j, sae in enumerate(saes):
+            torch.testing.assert_close(out[f"mlp.{j}"], sae(x[f"mlp_in.{j}"]), rtol=1e-4, atol=1e-4)
+        for i, g in enumerate(clt.groups):
+            rows = g.W_dec.view(24, 3 - i, -1)
+            assert torch.allclose(rows.flatten(1).norm(dim=1), torch.ones(24))
+            assert not rows[:, 1:].any()  # the cross-layer writes start at zero
+    assert [round(v) for v in m.l0_from] == [6, 6, 6]
+    # trained as BatchTopK (the default), k itself decays: the logged L0 is k at each step
+    [path] = train(cfg, tmp_path / "clt", source=source, progress=False)
+    assert path.name.endswith("-init-btk")
+    log = [json.loads(line) for line in (tmp_path / "clt" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["l0"] == pytest.approx(6, abs=0.5) and log[-1]["l0"] == pytest.approx(2, abs=0.1)
+    with pytest.raises(SaescopeError, match="maps mlp_in.0 → mlp.0 .* the dictionary given for it maps mlp_in.2 → mlp.2"):
+        MultiLayerDictionary(MultiLayerConfig(kind="clt", sites_in=CLT_SITES, sites_out=[f"mlp.{i}" for i in range(3)],
+                                              d_in=D, d_out=D, d_sae=8)).init_from(saes[::-1])
+
+
+def test_a_crosscoder_skips_a_later_latent_that_reads_an_earlier_ones_direction():
+    from saescope import JumpReLUSAE, SAEConfig
+
+    g = torch.Generator().manual_seed(0)
+    saes = []
+    for site in ("resid.0", "resid.2"):
+        sae = JumpReLUSAE(SAEConfig(d_in=8, d_sae=4, site=site))
+        sae.init_weights(g)
+        saes.append(sae)
+    with torch.no_grad():
+        saes[1].W_enc[:, 1] = saes[0].W_dec[3] * 2  # layer 2's latent 1 reads what layer 0's latent 3 wrote
+    d = MultiLayerDictionary(MultiLayerConfig(kind="crosscoder", sites_in=["resid.0", "resid.2"],
+                                              sites_out=["resid.0", "resid.2"], d_in=8, d_out=8, d_sae=4))
+    assert d.init_from(saes) == [4, 3]
+    with torch.no_grad():
+        kept = torch.nn.functional.normalize(d.groups[1].W_enc[:, :3].T, dim=1)
+        want = torch.nn.functional.normalize(saes[1].W_enc[:, [0, 2, 3]].T, dim=1)
+    torch.testing.assert_close(kept, want)

@@ -127,3 +127,21 @@ def test_an_exact_crosscoder_replaces_without_loss_and_a_wrong_later_write_shows
     out = evaluate_replacement({"leaky": d}, tiny_lm, rows, batch_size=4, progress=False)["leaky"]
     assert out["layers"][0]["fvu"] < 1e-8 and out["layers"][1]["fvu"] > 1e-4
     assert out["kl_all_replaced"] > 0
+
+
+def test_saescope_eval_reports_a_clt_as_the_replacement_model(model_dir, doc_folder, tmp_path, capsys):
+    """A folder with a CLT and no single-layer SAE: the CLI prints the replacement table; evaluating
+    other dictionaries into the same file drops the stale replacement results."""
+    from saescope import save_dictionary, save_sae
+    from saescope.cli import main
+
+    save_dictionary(_clt([0, 1]), tmp_path / "dicts" / "clt", format="native")
+    args = ["--model", str(model_dir), "--tokens", "192", "--seq-len", "32", "--corpus", str(doc_folder),
+            "--holdout-fraction", "0.5", "--out", str(tmp_path / "eval.json")]
+    assert main(["-q", "eval", "--sae", str(tmp_path / "dicts"), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "delta loss, all replaced" in printed and "| clt | clt | 2 |" in printed
+    assert (tmp_path / "eval_replacement.json").is_file()
+    save_sae(JumpReLUSAE(SAEConfig(d_in=D, d_sae=8, site="resid.1")), tmp_path / "sae", format="native")
+    assert main(["-q", "eval", "--sae", str(tmp_path / "sae"), *args]) == 0
+    assert not (tmp_path / "eval_replacement.json").exists()

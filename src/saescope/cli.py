@@ -220,13 +220,17 @@ def _dispatch(args) -> int:
         if _lead():
             print(f"{len(paths)} SAEs in {Path(args.out) / 'saes'}; metrics in {Path(args.out) / 'metrics.jsonl'}")
     elif args.command == "eval":
-        from .evals.report import evaluate_paths
+        from .evals.report import evaluate_paths, replacement_path
 
         corpus = validated(CorpusConfig, **{"split": "heldout", **_corpus_values(args)})
         records = evaluate_paths(args.sae, args.model, corpus, args.tokens, args.out, batch_size=args.batch_size,
                                  device=args.device, site=args.site, progress=not args.quiet)
         print(Path(args.out).with_suffix(".md").read_text())
-        print(f"{len(records)} SAEs evaluated; results in {args.out}")
+        replaced = replacement_path(args.out)
+        if replaced.is_file():
+            print(replaced.with_suffix(".md").read_text())
+        print(f"{len(records)} SAEs evaluated; results in {args.out}" +
+              (f", the replacement model in {replaced}" if replaced.is_file() else ""))
     elif args.command == "explore" and args.explore_command == "neuronpedia":
         from .explore.neuronpedia import export_neuronpedia
 

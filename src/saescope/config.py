@@ -101,6 +101,11 @@ class SAESpec(_Config):
     crosscoder: bool = Field(False, description="one weakly causal crosscoder over the sites (resid.L; unless listed, "
                                                 "Gemma Scope 2's for Gemma 3 270M, layers 5, 9, 12, 15): latents read "
                                                 "one layer and write it and the later listed ones")
+    init_from: list[str] = Field(default_factory=list, description="clt, crosscoder: a single-layer dictionary per site "
+                                                                   "(paths, in the sites' order) each group starts from")
+    init_decay_steps: int | None = Field(None, ge=0, description="with init_from: steps over which each layer's k or "
+                                                                 "target L0 falls from its dictionary's L0 to the entry's; "
+                                                                 "default min(50,000, 20% of the run)")
     theta_param: Literal["theta", "log"] = Field("theta", description="train θ directly or as log θ (the paper)")
     bandwidth: float = Field(0.001, gt=0, description="ε of the rectangle kernel")
     b_dec_init: Literal["mean", "zeros"] = Field("mean", description="the first batch's mean (measured better, see README) or zeros (the paper)")
@@ -168,6 +173,9 @@ class SAESpec(_Config):
             raise ValueError(f"{', '.join(jumprelu_only)} {'is' if len(jumprelu_only) == 1 else 'are'} for jumprelu SAEs, not {self.arch}")
         if self.multi_layer:
             self._multi_layer_fits()
+        elif self.init_from:
+            raise ValueError("init_from starts a clt's or crosscoder's groups from single-layer dictionaries; "
+                             "set clt or crosscoder")
         if self.skip and not self.transcoder:
             raise ValueError("skip is for transcoders (an SAE's skip would copy its input): set transcoder = true")
         if self.arch == "relu" and self.frequency_penalty:
@@ -206,6 +214,8 @@ class SAESpec(_Config):
         layers = [s.layer for s in sites]
         if layers != sorted(set(layers)):
             raise ValueError(f"a {kind}'s sites must be distinct layers in increasing order, got {', '.join(self.sites)}")
+        if self.init_from and len(self.init_from) != len(self.sites):
+            raise ValueError(f"init_from lists one dictionary per site: {len(self.sites)} sites, {len(self.init_from)} given")
 
     def _trains_as_batchtopk(self) -> None:
         if self.arch != "jumprelu" or not self.target_l0:

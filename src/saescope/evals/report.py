@@ -36,10 +36,14 @@ def evaluate_paths(paths: list[str], model, corpus: CorpusConfig, tokens: int, o
     write_results(result, Path(out))
     layered = {k: v.to(lm.device) for k, v in loaded.items() if isinstance(v, MultiLayerDictionary)}
     layered.update({name: [saes[n].to(lm.device) for n in members] for name, members in transcoder_sets(saes).items()})
+    where = replacement_path(out)
     if layered:
         replaced = evaluate_replacement(layered, lm, rows, batch_size=batch_size, progress=progress)
-        write_json(replacement_path(out), [{**rec, "path": str(found.get(name, ""))} for name, rec in replaced.items()])
-        atomic_write(replacement_path(out).with_suffix(".md"), replacement_table(list(replaced.values())).encode())
+        write_json(where, [{**rec, "path": str(found.get(name, ""))} for name, rec in replaced.items()])
+        atomic_write(where.with_suffix(".md"), replacement_table(list(replaced.values())).encode())
+    else:  # an earlier evaluation's, of other dictionaries
+        where.unlink(missing_ok=True)
+        where.with_suffix(".md").unlink(missing_ok=True)
     return result
 
 

@@ -225,8 +225,16 @@ class SparseAutoencoder(nn.Module):
         if code is None:
             return x.new_zeros(()), torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
         aux_vals = self._sparse_encoded(x, code, None).values
-        rec = code.decode(aux_vals, self.W_dec)
+        rec = code.decode(aux_vals, self._aux_decoder)
         return squared_error(whole(rec) if whole else rec, residual), code.fired(aux_vals)
+
+    # AuxK reconstructs the residual's first `aux_columns` coordinates (None: all of it); a
+    # multi-layer dictionary's group sets its own layer's width (multilayer.py)
+    aux_columns: int | None = None
+
+    @property
+    def _aux_decoder(self) -> torch.Tensor:
+        return self.W_dec if self.aux_columns is None else self.W_dec[:, :self.aux_columns]
 
     def _aux_reference(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """`_aux_loss` written plainly with autograd. Live latents are zeroed rather than removed,
@@ -236,7 +244,7 @@ class SparseAutoencoder(nn.Module):
             return pre.new_zeros(())
         k_aux = min(max(1, self.cfg.d_in // 2), self.cfg.d_sae)
         vals, idx = pre.relu().masked_fill(~dead, 0.0).topk(k_aux, dim=-1)
-        rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec
+        rec = torch.zeros_like(pre).scatter(-1, idx, vals) @ self._aux_decoder
         return squared_error(rec, residual) * dead.any()
 
     @torch.no_grad()

@@ -98,6 +98,9 @@ class MultiLayerDictionary(nn.Module):
         self.groups = nn.ModuleList([build_sae(cfg.group(i)) for i in range(cfg.n_layers)])
         for g in self.groups:
             g.b_dec.requires_grad_(False)
+            # AuxK revives a dead latent on its own layer's residual: through its whole row (every
+            # later layer) a CLT's k_aux = d/2 entries a token would cost more than the step
+            g.aux_columns = cfg.d_out
         self.b_dec = nn.Parameter(torch.zeros(cfg.n_layers, cfg.d_out))
         self.register_buffer("scale_in", torch.ones(cfg.n_layers))    # C of each input site: group i sees x_i / C_i
         self.register_buffer("scale_out", torch.ones(cfg.n_layers))   # C of each output site: ŷ_j is C_j × the decode
@@ -171,8 +174,8 @@ class MultiLayerDictionary(nn.Module):
                       path: str = "auto", variances: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The loss on normalised inputs `xs` and targets `ys` (one per site, in order): every output's
         squared error, each over its own batch variance when `variances` are given (loss "fvu"),
-        plus each group's sparsity cost (over its own output's variance) and dead-latent loss
-        (on the residual of the outputs it writes). `dead` [n·m]; "fired" [n·m]; "l0" is the mean
+        plus each group's sparsity cost and dead-latent loss (on its own output's residual),
+        each over that output's variance. `dead` [n·m]; "fired" [n·m]; "l0" is the mean
         over groups (per layer), "mse" the sum over outputs."""
         n, batch = self.cfg.n_layers, xs[0].shape[0]
         var = variances or [xs[0].new_ones(())] * n
@@ -194,7 +197,7 @@ class MultiLayerDictionary(nn.Module):
             reported = {}
             loss = loss + g.penalty(enc, sparsity_coeff, reported) / var[i]
             if aux_fn is not None:
-                loss = loss + g.aux_term(aux_fn, residual[:, i:].flatten(1), enc, reported) / torch.stack(var[i:]).mean()
+                loss = loss + g.aux_term(aux_fn, residual[:, i], enc, reported) / var[i]
                 aux.append(reported["aux"])
             touched.append(reported.get("touched", enc.fired))
         out = {"loss": loss, "mse": mse, "l0": torch.stack([enc.l0.detach() for enc, _ in codes]).mean(),
@@ -265,6 +268,58 @@ class MultiLayerDictionary(nn.Module):
         axes = {"W_enc": -1, "b_enc": 0, "theta": 0, "W_dec": 0}
         return [(k, v, axes.get(k.rsplit(".", 1)[-1]) if k.startswith("groups.") else None)
                 for k, v in self.state_dict().items()]
+
+    @torch.no_grad()
+    def init_from(self, saes: list[SparseAutoencoder], duplicate_cos: float = 0.9) -> list[int]:
+        """Start each group from the single-layer dictionary of its layer (SPEC §8: Gemma Scope 2's
+        multi-layer models began as their single-layer Matryoshka SAEs): its leading latents in
+        order (a Matryoshka prefix carries the general ones), each writing only its own layer, so
+        that every output starts as that dictionary's reconstruction; groups stay random past the
+        latents a dictionary has. A crosscoder's residual carries a feature on to later layers, so
+        there a later layer's latent whose encoder reads an earlier one's decoder direction (cosine
+        above `duplicate_cos`) is skipped. Call after the scales are set; returns the latents taken
+        per group. Each latent is rescaled to a unit decoder row, which leaves a JumpReLU's code
+        unchanged up to that factor (TopK's ranking may move: it starts near, not at, the dictionary)."""
+        cfg, taken, placed = self.cfg, [], []
+        if len(saes) != cfg.n_layers:
+            raise SaescopeError(f"a {cfg.kind} over {cfg.n_layers} layers starts from {cfg.n_layers} dictionaries, got {len(saes)}")
+        for i, (g, sae) in enumerate(zip(self.groups, saes)):
+            want = (cfg.sites_in[i], cfg.sites_out[i])
+            got = (sae.cfg.site, sae.cfg.target_site or sae.cfg.site)
+            if got != want or sae.cfg.skip or (sae.cfg.d_in, sae.cfg.width_out) != (cfg.d_in, cfg.d_out):
+                raise SaescopeError(f"group {i} of this {cfg.kind} maps {want[0]} → {want[1]} ({cfg.d_in} → {cfg.d_out}); "
+                                    f"the dictionary given for it maps {got[0]} → {got[1]} ({sae.cfg.d_in} → {sae.cfg.width_out})"
+                                    + (" with a skip, which a multi-layer dictionary has no place for" if sae.cfg.skip else ""))
+            f = sae.fold()
+            order = torch.arange(f.cfg.d_sae)
+            if cfg.kind == "crosscoder" and placed:
+                earlier = torch.nn.functional.normalize(torch.cat(placed), dim=1)
+                reads = torch.nn.functional.normalize(f.W_enc.T, dim=1) @ earlier.T
+                order = order[reads.max(1).values <= duplicate_cos]
+            order = order[:cfg.d_sae]
+            k = len(order)
+            norm = f.W_dec[order].norm(dim=1).clamp_min(1e-12)
+            a = self.scale_out[i] / norm  # codes f / a: unit decoder rows, the same output
+            g.W_enc[:, :k] = f.W_enc[:, order] * self.scale_in[i] / a
+            g.b_enc[:k] = f.b_enc[order] / a
+            if g.cfg.arch == "jumprelu":
+                g.theta[:k] = f.threshold[order] / a
+            block = g.W_dec.view(cfg.d_sae, cfg.n_layers - i, cfg.d_out)
+            block[:k] = 0
+            block[:k, 0] = f.W_dec[order] / norm[:, None]
+            self.b_dec[i] = f.b_dec / self.scale_out[i]
+            placed.append(f.W_dec[order])
+            taken.append(k)
+        return taken
+
+    def set_l0(self, values: list[float]) -> None:
+        """Each group's L0 from this step on: TopK's and BatchTopK's k, or the target of a
+        JumpReLU's quadratic penalty (a target decaying from the starting dictionaries' L0)."""
+        for g, v in zip(self.groups, values):
+            if g.cfg.arch in ("topk", "batchtopk"):
+                g.cfg.k = max(1, round(v))
+            elif g.objective.target_l0 is not None:
+                g.objective = replace(g.objective, target_l0=float(v))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -19,6 +19,11 @@ def lr_at(step: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 - math.cos(math.pi * step / warmup)))
 
 
+def decayed(step: int, start: float, end: float, steps: int) -> float:
+    """Linear from `start` to `end` over `steps` steps, then `end`."""
+    return end if step >= steps else start + (end - start) * step / steps
+
+
 def coeff_at(step: int, coeff: float, warmup: int) -> float:
     """λ warmed up linearly from 0 over `warmup` steps."""
     return coeff if step >= warmup else coeff * step / warmup

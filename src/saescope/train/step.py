@@ -62,6 +62,8 @@ class Member:
     steps: int = 0                            # steps in `sums`
     bad_step: torch.Tensor | None = None     # first step with a non-finite loss (−1: none)
     bad_loss: torch.Tensor | None = None
+    l0_from: list[float] | None = None       # a multi-layer dictionary started from single-layer ones: their L0s,
+    l0_decay: int = 0                        # from which each group's k or target falls over this many steps
 
     @property
     def multi(self) -> bool:

@@ -13,6 +13,7 @@ from ..sae import SparseAutoencoder
 from ..sae.multilayer import MultiLayerDictionary
 from ..sae.fast import Workspace, compute_dtype, few_touched, product
 from .distributed import average_step
+from .schedule import decayed
 from .step import Backend, Member
 
 
@@ -169,6 +170,9 @@ class TorchStep(Backend):
         ys = [view(s, c) for s, c in zip(d.cfg.sites_out, m.scales_out)]
         var = [self._variance(y) for y in ys]
         coeff = m.coefficient(t.step, t.coeff_warmup)
+        if m.l0_from is not None:
+            target = t.plan_by_name[m.name].value
+            d.set_l0([decayed(t.step, start, target, m.l0_decay) for start in m.l0_from])
         with self._autocast():
             out = d.training_loss(xs, ys, coeff, dead=m.since_fired >= t.dead_tokens, path=self.cfg.kernels,
                                   variances=var if self.cfg.loss == "fvu" else None)

@@ -73,7 +73,7 @@ def member_name(spec: SAESpec, site: str, width: int, value: float | int) -> str
         tag = f"l0_{value:g}"
     else:
         tag = f"lam{value:g}"
-    options = [("skip", spec.skip), ("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"),
+    options = [("skip", spec.skip), ("init", bool(spec.init_from)), ("logtheta", spec.arch == "jumprelu" and spec.theta_param == "log"),
                ("bzeros", spec.b_dec_init == "zeros"),
                (spec.sparsity, not spec.is_default("sparsity")),
                ("tok", spec.sparsity == "quadratic" and spec.quadratic_form == "token"),

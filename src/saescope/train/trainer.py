@@ -30,7 +30,7 @@ from ..errors import SaescopeError, first_line
 from ..files import atomic_write, read_json, remove_temporaries, write_json
 from ..sae import SAEConfig, build_sae
 from ..sae.convert import batchtopk_to_jumprelu, fit_groups
-from ..sae.formats import save_dictionary, save_sae
+from ..sae.formats import load_sae, save_dictionary, save_sae
 from ..sae.multilayer import MultiLayerConfig, MultiLayerDictionary
 from .distributed import LatentShard, Ranks, assign, data_parts, local_parts, side_by_side
 from .schedule import TargetL0, lr_at, warmup_steps
@@ -171,8 +171,9 @@ class Trainer:
                 for j, (s, c) in enumerate(zip(p.outputs, d.scale_out.tolist())):
                     d.b_dec[j].copy_(self.split.mean_rows(first_batch[s].to(self.device) / c))
         d.set_objective(spec.objective(p.target_l0))
+        l0_from = self._init_from(d, spec, first_batch) if spec.init_from else None
         d = d.to(self.device)
-        if spec.threshold_init == "quantile":
+        if spec.threshold_init == "quantile" and not spec.init_from:
             for g, x in zip(d.groups, xs):
                 self._quantile_thresholds(g, x, p.target_l0)
         steps = {"b_dec": self._signum_steps(torch.cat(xs, 1))["b_dec"]}
@@ -187,7 +188,20 @@ class Trainer:
         return Member(p.name, d, p.site, p.target, 1.0, p.coeff, torch.zeros(n * d.cfg.d_sae, dtype=torch.long, device=self.device),
                       controller, lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
                       signum_steps=steps, bad_step=torch.tensor(-1, device=self.device),
-                      bad_loss=torch.tensor(0.0, device=self.device))
+                      bad_loss=torch.tensor(0.0, device=self.device), l0_from=l0_from,
+                      l0_decay=warmup_steps(spec.init_decay_steps, self.steps, 50_000, 0.2))
+
+    def _init_from(self, d: MultiLayerDictionary, spec, first_batch: dict[str, torch.Tensor]) -> list[float] | None:
+        """Groups started from the entry's single-layer dictionaries (MultiLayerDictionary.init_from);
+        their L0s on the first batch, from which each group's k or target L0 decays (None: the
+        entry has neither)."""
+        saes = [load_sae(path) for path in spec.init_from]
+        d.init_from(saes)
+        if d.cfg.arch == "jumprelu" and spec.sparsity != "quadratic":
+            return None
+        with torch.no_grad():
+            return [float((sae.encode(first_batch[s].float()) != 0).sum(1).float().mean())
+                    for sae, s in zip(saes, d.cfg.sites_in)]
 
     def _signum_steps(self, x: torch.Tensor) -> dict[str, float]:
         """How far each bias or threshold moves per unit of signum's lr, from the centred input (the
@@ -397,6 +411,10 @@ class Trainer:
         return self._write_saes(list(recent))
 
     @cached_property
+    def plan_by_name(self) -> dict:
+        return {p.name: p for p in self.plan}
+
+    @cached_property
     def _fitted(self) -> dict[str, tuple[str, ...]]:
         """The members whose saved thresholds are fitted on training rows, by name, with their
         input sites: BatchTopK's shared cut, and a JumpReLU trained as BatchTopK (one θ per latent)."""
@@ -480,9 +498,10 @@ class Trainer:
 
         rows = {name: [whole(recent if name in self._converted else recent[-1:], site) for site in sites]
                 for name, sites in self._fitted.items()}
-        planned = {p.name: p for p in self.plan}
         for m in self.members if self.sharded or self.ranks.lead else ():
             self.backend.sync(m)
+            if m.l0_from is not None:  # the run's end is the target's, however short the run
+                m.sae.set_l0([self.plan_by_name[m.name].value] * len(m.l0_from))
             sae = m.sae.gathered() if _split(m) else m.sae
             if _split(m) and not self.ranks.lead:  # rank 0 saves the whole
                 continue
@@ -495,7 +514,7 @@ class Trainer:
                 sae.fit_threshold(rows[m.name][0] / m.scale)
             sae.cfg.extra = {**sae.cfg.extra, "training": json.loads(self.cfg.model_dump_json()),
                              "final_metrics": final.get(m.name, {}), "steps": self.step,
-                             "target_l0": planned[m.name].target_l0}
+                             "target_l0": self.plan_by_name[m.name].target_l0}
             if isinstance(sae, MultiLayerDictionary):
                 save_dictionary(sae.cpu(), self.out / "saes" / m.name, format="native")
             else:
