@@ -23,6 +23,7 @@ replaced (per-sequence standard errors). Prints one table; writes multilayer[-al
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -94,6 +95,7 @@ def all_layers(a, corpus: Path) -> tuple[list[dict], str]:
         "skip transcoders": [SAESpec(sites=sites, transcoder=True, skip=True, widths=[a.width], target_l0=[a.l0])],
     }
     trained = {name: train_one(f"all-{name}", specs, a, store) for name, specs in families.items()}
+    gc.collect()  # the trainings' shuffle buffers (GBs at 36 sites): the first evaluation ran out of memory beside them
     rows = token_tensor(lm, CorpusConfig(source=str(corpus), split="heldout"), token_count(a.eval_tokens))
     loaded = {name: [load_dictionary(p) for p in paths] for name, (paths, _) in trained.items()}
     results = evaluate_replacement({name: d[0] if name == "CLT" else d for name, d in loaded.items()}, lm, rows, batch_size=2)
