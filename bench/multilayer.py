@@ -98,7 +98,8 @@ def all_layers(a, corpus: Path) -> tuple[list[dict], str]:
     gc.collect()  # the trainings' shuffle buffers (GBs at 36 sites): the first evaluation ran out of memory beside them
     rows = token_tensor(lm, CorpusConfig(source=str(corpus), split="heldout"), token_count(a.eval_tokens))
     loaded = {name: [load_dictionary(p) for p in paths] for name, (paths, _) in trained.items()}
-    results = evaluate_replacement({name: d[0] if name == "CLT" else d for name, d in loaded.items()}, lm, rows, batch_size=2)
+    results = evaluate_replacement({name: d[0] if name == "CLT" else d for name, d in loaded.items()}, lm, rows,
+                                   batch_size=1, layers_alone=a.layers_alone)
     table = [{"variant": name, "l0": r["l0_per_layer"], "fvu": r["fvu_mean"], "delta_loss_one": r["delta_loss_one_at_a_time_mean"],
               "delta_loss": r["delta_loss_all_replaced"], "delta_loss_se": r["delta_loss_all_replaced_se"],
               "kl": r["kl_all_replaced"], "kl_se": r["kl_all_replaced_se"], "tokens_per_s": trained[name][1],
@@ -122,6 +123,8 @@ def main() -> int:
     p.add_argument("--l0", type=int, default=None, help="the target L0 (per layer); default 40, 20 with --all-layers")
     p.add_argument("--eval-tokens", default=None, help="default 16K, 4K with --all-layers")
     p.add_argument("--out", default="runs/multilayer")
+    p.add_argument("--no-layers-alone", dest="layers_alone", action="store_false",
+                   help="--all-layers: leave out each layer replaced alone (a model forward per layer and dictionary)")
     a = p.parse_args()
     defaults = (1024, "100K", 20, "4K") if a.all_layers else (4096, "250K", 40, "16K")
     a.width, a.tokens, a.l0, a.eval_tokens = (v if v is not None else d for v, d in

@@ -5,6 +5,7 @@ MLPs by hand, a transcoder set against the CLT with the same diagonal, and exact
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 import pytest
@@ -85,6 +86,9 @@ def test_a_silent_clt_is_every_mlp_zero_ablated(tiny_lm, rows):
     for j, layer in enumerate(ours["layers"]):
         assert layer["delta_loss"] == pytest.approx(ce([f"mlp.{j}"]) - clean, rel=1e-4)
         assert layer["fvu"] == pytest.approx(1.0, abs=0.2) and layer["l0"] > 0
+    quick = evaluate_replacement({"silent": d}, tiny_lm, rows, batch_size=3, progress=False, layers_alone=False)["silent"]
+    assert quick["delta_loss_all_replaced"] == ours["delta_loss_all_replaced"] and math.isnan(quick["layers"][0]["delta_loss"])
+    assert [x["fvu"] for x in quick["layers"]] == [x["fvu"] for x in ours["layers"]]
 
 
 def test_a_transcoder_set_equals_the_clt_with_the_same_diagonal(tiny_lm, rows):

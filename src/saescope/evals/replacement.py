@@ -10,6 +10,7 @@ replaces there (the sum of the writes so far). That is the model circuit tracing
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 
 import torch
@@ -53,9 +54,12 @@ class Layers:
 
 
 def evaluate_replacement(dictionaries: dict[str, MultiLayerDictionary | list[SparseAutoencoder]], lm: LanguageModel,
-                         rows: torch.Tensor, *, batch_size: int = 1, progress: bool = True) -> dict[str, dict]:
+                         rows: torch.Tensor, *, batch_size: int = 1, progress: bool = True,
+                         layers_alone: bool = True) -> dict[str, dict]:
     """Per layer: L0, FVU, delta loss and KL with that output alone replaced; and the same delta
-    loss and KL with every output replaced at once. Real tokens only, as evaluate()."""
+    loss and KL with every output replaced at once. Real tokens only, as evaluate().
+    `layers_alone=False` leaves out the one-layer splices (a model forward per layer and
+    dictionary; their delta loss and KL are then NaN)."""
     layered = {name: Layers(d) for name, d in dictionaries.items()}
     sites = {s for L in layered.values() for s in (*L.sites_in, *L.sites_out)}
     for s in sites:
@@ -89,6 +93,8 @@ def evaluate_replacement(dictionaries: dict[str, MultiLayerDictionary | list[Spa
                 for j, site in enumerate(L.sites_out):
                     y = seen[site]
                     s.add_error(j, ((y_hat[j] - y).double() * m).pow(2).sum(), y.double()[keep])
+                    if not layers_alone:
+                        continue
                     with splice(lm, site, lambda v, r=torch.where(m, y_hat[j].to(y.dtype), y): r):
                         delta, kl = score(lm(ids))
                     s.layer_delta[j] += delta.tolist()
@@ -153,9 +159,10 @@ class _LayerSums:
             dead, dense = dead_dense(self.fired[j] / max(self.tokens, 1))
             layers.append({"site_in": L.sites_in[j], "site_out": site, "l0": self.active[j] / max(self.tokens, 1),
                            "fvu": self.sse[j] / var if var > 0 else float("nan"),
-                           "delta_loss": sum(self.layer_delta[j]) / n_pred,
-                           "delta_loss_se": per_sequence_se(self.layer_delta[j], seq),
-                           "kl": sum(self.layer_kl[j]) / n_pred, "kl_se": per_sequence_se(self.layer_kl[j], seq),
+                           "delta_loss": sum(self.layer_delta[j]) / n_pred if self.layer_delta[j] else math.nan,
+                           "delta_loss_se": per_sequence_se(self.layer_delta[j], seq) if self.layer_delta[j] else math.nan,
+                           "kl": sum(self.layer_kl[j]) / n_pred if self.layer_kl[j] else math.nan,
+                           "kl_se": per_sequence_se(self.layer_kl[j], seq) if self.layer_kl[j] else math.nan,
                            "dead_fraction": dead, "dense_fraction": dense})
         mean = {k: sum(layer[k] for layer in layers) / len(layers) for k in ("l0", "fvu", "delta_loss", "kl")}
         return {"sae": name, "kind": L.d.cfg.kind if isinstance(L.d, MultiLayerDictionary) else "transcoders",
