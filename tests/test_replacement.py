@@ -149,3 +149,35 @@ def test_saescope_eval_reports_a_clt_as_the_replacement_model(model_dir, doc_fol
     save_sae(JumpReLUSAE(SAEConfig(d_in=D, d_sae=8, site="resid.1")), tmp_path / "sae", format="native")
     assert main(["-q", "eval", "--sae", str(tmp_path / "sae"), *args]) == 0
     assert not (tmp_path / "eval_replacement.json").exists()
+
+
+def test_every_mlp_replaced_at_once_equals_a_hand_rolled_sequential_splice(tiny_lm, rows):
+    """A CLT with cross-layer writes: the all-at-once delta loss against hooks written here from the
+    dictionary's public encode/decode (later groups' codes zero: causality), read live."""
+    d = _clt([0, 1, 2])
+    ids = rows.long()
+    keep = keep_mask(ids, SpecialTokens.of(tiny_lm.tokenizer).ids)
+    pred = (keep[:, :-1] & keep[:, 1:]).double()
+    codes = {}
+
+    def read(site):
+        return lambda v: codes.__setitem__(site, d.encode({s: v if s == site else v * 0 for s in d.cfg.sites_in})[site]) or v
+
+    def write(j):
+        def fn(v):
+            full = {s: codes.get(s, torch.zeros(*v.shape[:-1], 16)) for s in d.cfg.sites_in}
+            return torch.where(keep[..., None], d.decode(full)[f"mlp.{j}"].to(v.dtype), v)
+        return fn
+
+    def ce(replace: bool) -> float:
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for j in range(3) if replace else ():
+                stack.enter_context(splice(tiny_lm, f"mlp_in.{j}", read(f"mlp_in.{j}")))
+                stack.enter_context(splice(tiny_lm, f"mlp.{j}", write(j)))
+            logits = tiny_lm(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        return float((loss.view(ids.shape[0], -1).double() * pred).sum() / pred.sum())
+
+    assert any(block[:, 1:].abs().sum() > 0 for block in d.W_dec[:2])  # cross-layer writes in play
+    ours = evaluate_replacement({"clt": d}, tiny_lm, rows, batch_size=len(rows), progress=False)["clt"]
+    assert ours["delta_loss_all_replaced"] == pytest.approx(ce(True) - ce(False), rel=1e-4, abs=1e-6)
