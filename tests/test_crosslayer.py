@@ -306,3 +306,19 @@ def test_a_crosscoder_skips_a_later_latent_that_reads_an_earlier_ones_direction(
         kept = torch.nn.functional.normalize(d.groups[1].W_enc[:, :3].T, dim=1)
         want = torch.nn.functional.normalize(saes[1].W_enc[:, [0, 2, 3]].T, dim=1)
     torch.testing.assert_close(kept, want)
+
+
+def test_the_decoder_norm_step_reaches_only_the_rows_a_step_touched():
+    """Rows given over every group ([n·m], as a step's "touched") reach each group as its own."""
+    d = _random_dictionary("clt", "jumprelu")
+    with torch.no_grad():
+        for g in d.groups:
+            g.W_dec.mul_(3)
+    before = [g.W_dec.detach().clone() for g in d.groups]
+    d.apply_constraints(torch.tensor([1, 40 + 2, 80 + 39]))
+    for i, (g, old) in enumerate(zip(d.groups, before)):
+        own = [1, 2, 39][i]
+        norms = g.W_dec.detach().norm(dim=1)
+        assert norms[own] == pytest.approx(1.0)
+        rest = torch.arange(40) != own
+        assert torch.equal(g.W_dec.detach()[rest], old[rest])

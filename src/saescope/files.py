@@ -49,6 +49,15 @@ def read_json(path: Path):
         raise SaescopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
+def write_safetensors(path: Path, tensors: dict) -> str:
+    """Write tensors as one safetensors file (atomically); its sha256, for the config beside it."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()})
+    atomic_write(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def read_safetensors(path: Path, sha256: str | None = None) -> dict:
     """The tensors of a safetensors file; when its config records a sha256 (ours do), checked first."""
     from safetensors import SafetensorError

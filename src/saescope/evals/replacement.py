@@ -28,29 +28,27 @@ class Layers:
     each output's bias; a multi-layer dictionary, or transcoders by layer (each writing its own)."""
 
     def __init__(self, d: MultiLayerDictionary | list[SparseAutoencoder]):
-        self.d = d
         if isinstance(d, MultiLayerDictionary):
+            self.d = d
             self.sites_in, self.sites_out, self.width = d.cfg.sites_in, d.cfg.sites_out, d.cfg.d_sae
         else:
-            d = sorted(d, key=lambda sae: Site.parse(sae.cfg.site).layer)
-            self.d = d
-            self.sites_in, self.sites_out = [s.cfg.site for s in d], [s.cfg.target_site or s.cfg.site for s in d]
-            self.width = max(s.cfg.d_sae for s in d)
+            self.d = sorted(d, key=lambda sae: Site.parse(sae.cfg.site).layer)
+            self.sites_in = [s.cfg.site for s in self.d]
+            self.sites_out = [s.cfg.target_site or s.cfg.site for s in self.d]
+            self.width = max(s.cfg.d_sae for s in self.d)
 
     def code_and_writes(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         d = self.d
         if isinstance(d, MultiLayerDictionary):
-            g = d.groups[i]
-            f = g._activate(g.pre_acts(x / d.scale_in[i]))
-            w = (f @ d.groups[i].W_dec).unflatten(-1, (d.cfg.n_layers - i, -1)) * d.scale_out[i:, None]
-            return f, {i + k: w[..., k, :] for k in range(d.cfg.n_layers - i)}
+            f = d.encode_group(i, x)
+            w = d.writes(i, f)
+            return f, {i + k: w[..., k, :] for k in range(w.shape[-2])}
         sae = d[i]
         f = sae.encode(x)
         return f, {i: sae.decode(f) + sae.skip_output(x)}
 
     def bias(self, j: int) -> torch.Tensor | float:
-        d = self.d
-        return d.b_dec[j] * d.scale_out[j] if isinstance(d, MultiLayerDictionary) else 0.0
+        return self.d.output_bias()[j] if isinstance(self.d, MultiLayerDictionary) else 0.0
 
 
 def evaluate_replacement(dictionaries: dict[str, MultiLayerDictionary | list[SparseAutoencoder]], lm: LanguageModel,

@@ -9,17 +9,16 @@ pre-feed-forward norm (our mlp_in.L) and output after the post-feed-forward norm
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save as st_save
 
 from ..errors import SaescopeError
-from ..files import atomic_write, read_safetensors
+from ..files import atomic_write, read_safetensors, write_safetensors
 from ..site import Site
+from . import build_sae
 from .base import SAEConfig, SparseAutoencoder
 from .jumprelu import JumpReLUSAE
 from .multilayer import MultiLayerConfig, MultiLayerDictionary
@@ -36,9 +35,7 @@ def _check_layers(sites: list[str], what: str) -> None:
 
 
 def _write(path: Path, name: str, tensors: dict[str, torch.Tensor]) -> str:
-    data = st_save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
-    atomic_write(path / name, data)
-    return hashlib.sha256(data).hexdigest()
+    return write_safetensors(path / name, {k: v.float().cpu() for k, v in tensors.items()})
 
 
 def check_circuit_tracer(d: MultiLayerDictionary | list[SparseAutoencoder]) -> None:
@@ -94,8 +91,6 @@ def is_circuit_tracer(path: str | os.PathLike) -> bool:
 def load_circuit_tracer(path: str | os.PathLike) -> MultiLayerDictionary | list[SparseAutoencoder]:
     """A circuit-tracer folder back: a CLT as a MultiLayerDictionary, a transcoder set as its
     transcoders in layer order (sites mlp_in.L → mlp.L)."""
-    from . import build_sae
-
     path = Path(path)
     try:
         config = yaml.safe_load((path / CONFIG).read_text())

@@ -4,7 +4,6 @@ native folder. `load_sae` tells them apart by their files."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -13,10 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 
 from ..errors import SaescopeError
-from ..files import atomic_write, read_json, read_safetensors, write_json
+from ..files import atomic_write, read_json, read_safetensors, write_json, write_safetensors
 from ..site import Site
 from .base import SAEConfig, SparseAutoencoder
 from .circuit_tracer import is_circuit_tracer, load_circuit_tracer
@@ -90,11 +88,8 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
     if config:
         (path / config).unlink(missing_ok=True)
     if format == "native":
-        state = {k: v.detach().contiguous() for k, v in sae.state_dict().items()}
-        data = st_save(state)
-        atomic_write(path / NATIVE_WEIGHTS, data)
         meta = {"format": "saescope-sae", "version": 1, "config": sae.cfg.to_dict(),
-                "sha256": hashlib.sha256(data).hexdigest()}
+                "sha256": write_safetensors(path / NATIVE_WEIGHTS, sae.state_dict())}
         write_json(path / NATIVE_CONFIG, meta)
         return path
     if format not in FORMATS:
@@ -134,16 +129,13 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
     }
     if cfg.transcoder:
         saelens.update(d_out=cfg.width_out, hook_name_out=Site.parse(cfg.target_site).tl_name)
-    data = st_save(arrays)
-    saelens["saescope"]["sha256"] = hashlib.sha256(data).hexdigest()
-    atomic_write(path / SAELENS_WEIGHTS, data)
+    saelens["saescope"]["sha256"] = write_safetensors(path / SAELENS_WEIGHTS, arrays)
     write_json(path / SAELENS_CONFIG, saelens)
     return path
 
 
 def _save_gemmascope2(cfg: SAEConfig, arrays: dict[str, torch.Tensor], path: Path) -> Path:
-    data = st_save({_GS2_NAMES[k]: v for k, v in arrays.items()})
-    atomic_write(path / GS2_PARAMS, data)
+    sha256 = write_safetensors(path / GS2_PARAMS, {_GS2_NAMES[k]: v for k, v in arrays.items()})
     site = Site.parse(cfg.site)
     final = cfg.extra.get("final_metrics", {}).get("l0")
     config = {"width": cfg.d_sae, "model_name": cfg.model, "architecture": "jump_relu",
@@ -151,7 +143,7 @@ def _save_gemmascope2(cfg: SAEConfig, arrays: dict[str, torch.Tensor], path: Pat
               "hf_hook_point_in": site.hf_point,
               "hf_hook_point_out": Site.parse(cfg.target_site).hf_point if cfg.transcoder else site.hf_point,
               "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "k": cfg.k,
-                           "sha256": hashlib.sha256(data).hexdigest()}}
+                           "sha256": sha256}}
     if cfg.transcoder:
         config["affine_connection"] = cfg.skip
     write_json(path / GS2_CONFIG, config)
@@ -176,13 +168,18 @@ def detect_format(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _multilayer_meta(path: Path) -> dict | None:
+    """The config of a folder holding a cross-layer transcoder or crosscoder (native or Gemma Scope 2's)."""
+    config = path / GS2_CONFIG
+    if not (path.is_dir() and config.is_file()):
+        return None
+    meta = read_json(config)
+    return meta if meta.get("format") == "saescope-multilayer" or meta.get("type") in ("clt", "crosscoder") else None
+
+
 def is_multilayer(path: str | os.PathLike) -> bool:
     """Whether the folder holds a cross-layer transcoder or crosscoder (read by load_dictionary)."""
-    config = Path(path) / GS2_CONFIG
-    if not (Path(path).is_dir() and config.is_file()):
-        return False
-    meta = read_json(config)
-    return meta.get("format") == "saescope-multilayer" or meta.get("type") in ("clt", "crosscoder")
+    return _multilayer_meta(Path(path)) is not None
 
 
 def resolve_sae_path(path: str | os.PathLike) -> Path:
@@ -380,10 +377,8 @@ def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: st
     path, cfg = Path(path), d.cfg
     (path / GS2_CONFIG).unlink(missing_ok=True)
     if format == "native":
-        data = st_save({k: v.detach().contiguous() for k, v in d.state_dict().items()})
-        atomic_write(path / NATIVE_MULTI_WEIGHTS, data)
         write_json(path / GS2_CONFIG, {"format": "saescope-multilayer", "version": 1, "config": cfg.to_dict(),
-                                       "sha256": hashlib.sha256(data).hexdigest()})
+                                       "sha256": write_safetensors(path / NATIVE_MULTI_WEIGHTS, d.state_dict())})
         return path
     if format != "gemmascope2":
         raise SaescopeError(f"a multi-layer dictionary saves as gemmascope2 or native, not '{format}'")
@@ -394,9 +389,8 @@ def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: st
     for i in range(cfg.n_layers):
         w_dec = torch.cat([f.W_dec[i].new_zeros(cfg.d_sae, i, cfg.d_out), f.W_dec[i]], dim=1)
         tensors = {"w_enc": f.W_enc[i], "b_enc": f.b_enc[i], "threshold": f.theta[i], "w_dec": w_dec, "b_dec": f.b_dec[i]}
-        data = st_save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
-        atomic_write(path / GS2_LAYER.format(i), data)
-        hashes[GS2_LAYER.format(i)] = hashlib.sha256(data).hexdigest()
+        hashes[GS2_LAYER.format(i)] = write_safetensors(path / GS2_LAYER.format(i),
+                                                        {k: v.float().cpu() for k, v in tensors.items()})
     write_json(path / GS2_CONFIG, {
         "type": cfg.kind, "architecture": "jump_relu", "width": cfg.d_sae, "model_name": cfg.model,
         "l0": cfg.extra.get("target_l0"), "affine_connection": False,
@@ -410,13 +404,10 @@ def load_dictionary(path: str | os.PathLike) -> SparseAutoencoder | MultiLayerDi
     """Any dictionary: a multi-layer one (Gemma Scope 2's `clt` / `crosscoder` folder, native, or
     circuit-tracer's cross-layer transcoder), else whatever `load_sae` reads."""
     path = Path(path)
-    config = path / GS2_CONFIG
-    if path.is_dir() and config.is_file():
-        meta = read_json(config)
-        if meta.get("format") == "saescope-multilayer":
-            return _load_native_multi(path, meta)
-        if meta.get("type") in ("clt", "crosscoder"):
-            return _load_gemmascope2_multi(path, meta)
+    meta = _multilayer_meta(path)
+    if meta is not None:
+        load = _load_native_multi if meta.get("format") == "saescope-multilayer" else _load_gemmascope2_multi
+        return load(path, meta)
     if is_circuit_tracer(path):
         found = load_circuit_tracer(path)
         if isinstance(found, list):

@@ -147,18 +147,28 @@ class MultiLayerDictionary(nn.Module):
     # --- inference -----------------------------------------------------------------------------
     def encode(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each input site's latent activations, {site_in: [..., m]} from raw activations {site: [..., d_in]}."""
-        return {s: g._activate(g.pre_acts(x / self.scale_in[i]))
-                for i, (s, g, x) in enumerate(zip(self.cfg.sites_in, self.groups, self._inputs(acts)))}
+        return {s: self.encode_group(i, x) for i, (s, x) in enumerate(zip(self.cfg.sites_in, self._inputs(acts)))}
+
+    def encode_group(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Group i's latent activations [..., m] from raw input site i's activations."""
+        g = self.groups[i]
+        return g._activate(g.pre_acts(x / self.scale_in[i]))
+
+    def writes(self, i: int, f: torch.Tensor) -> torch.Tensor:
+        """Group i's raw writes [..., n − i, d_out] to outputs i…n−1, from its codes f [..., m]."""
+        return (f @ self.groups[i].W_dec).unflatten(-1, (self.cfg.n_layers - i, -1)) * self.scale_out[i:, None]
+
+    def output_bias(self) -> torch.Tensor:
+        """Each output's raw bias [n, d_out]: what it holds when no latent fires."""
+        return self.b_dec * self.scale_out[:, None]
 
     def decode(self, codes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each output site's raw reconstruction {site_out: [..., d_out]}: output j sums the writes of
         groups 0…j, so a latent never reaches a site before its own."""
-        n = self.cfg.n_layers
         f = codes[self.cfg.sites_in[0]]
-        y = self.b_dec.expand(*f.shape[:-1], n, self.cfg.d_out)
-        for i, g in enumerate(self.groups):
-            y = y + nn.functional.pad((codes[self.cfg.sites_in[i]] @ g.W_dec).unflatten(-1, (n - i, -1)), (0, 0, i, 0))
-        y = y * self.scale_out[:, None]
+        y = self.output_bias().expand(*f.shape[:-1], self.cfg.n_layers, self.cfg.d_out)
+        for i, site in enumerate(self.cfg.sites_in):
+            y = y + nn.functional.pad(self.writes(i, codes[site]), (0, 0, i, 0))
         return {site: y[..., j, :] for j, site in enumerate(self.cfg.sites_out)}
 
     def forward(self, acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,16 +181,20 @@ class MultiLayerDictionary(nn.Module):
             g.objective = objective
 
     def training_loss(self, xs: list[torch.Tensor], ys: list[torch.Tensor], sparsity_coeff, dead: torch.Tensor | None = None,
-                      path: str = "auto", variances: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                      path: str = "auto", variances: list[torch.Tensor] | None = None,
+                      workspaces: list[Workspace] | None = None) -> dict[str, torch.Tensor]:
         """The loss on normalised inputs `xs` and targets `ys` (one per site, in order): every output's
         squared error, each over its own batch variance when `variances` are given (loss "fvu"),
         plus each group's sparsity cost and dead-latent loss (on its own output's residual),
         each over that output's variance. `dead` [n·m]; "fired" [n·m]; "l0" is the mean
-        over groups (per layer), "mse" the sum over outputs."""
+        over groups (per layer), "mse" the sum over outputs. `workspaces`: one per group, lent as
+        a single-layer step's (every group's graph is alive until the backward)."""
         n, batch = self.cfg.n_layers, xs[0].shape[0]
         var = variances or [xs[0].new_ones(())] * n
-        code = self._shard_code if self.shard is not None else (lambda g, x, d, p: g.training_code(x, d, p, Workspace(), None))
-        codes = [code(g, x, None if dead is None else dead.view(n, -1)[i], path) for i, (g, x) in enumerate(zip(self.groups, xs))]
+        workspaces = workspaces or [Workspace() for _ in self.groups]
+        code = self._shard_code if self.shard is not None else (lambda g, x, d, p, w: g.training_code(x, d, p, w, None))
+        codes = [code(g, x, None if dead is None else dead.view(n, -1)[i], path, w)
+                 for i, (g, x, w) in enumerate(zip(self.groups, xs, workspaces))]
         writes = self.b_dec.new_zeros(batch, n, self.cfg.d_out)
         for i, (g, (enc, _)) in enumerate(zip(self.groups, codes)):
             writes[:, i:] += enc.decode(g.W_dec).view(batch, n - i, -1)
@@ -191,13 +205,12 @@ class MultiLayerDictionary(nn.Module):
             err = row_errors(y_hat[:, j], y)
             term = (err * capped_rows(y, norm_cap)).mean() if norm_cap else err.mean()
             loss, mse = loss + term / var[j], mse + err.mean().detach()
-        residual = torch.stack(ys, 1) - y_hat.detach()
         touched, aux = [], []
         for i, (g, (enc, aux_fn)) in enumerate(zip(self.groups, codes)):
             reported = {}
             loss = loss + g.penalty(enc, sparsity_coeff, reported) / var[i]
             if aux_fn is not None:
-                loss = loss + g.aux_term(aux_fn, residual[:, i], enc, reported) / var[i]
+                loss = loss + g.aux_term(aux_fn, ys[i] - y_hat[:, i].detach(), enc, reported) / var[i]
                 aux.append(reported["aux"])
             touched.append(reported.get("touched", enc.fired))
         out = {"loss": loss, "mse": mse, "l0": torch.stack([enc.l0.detach() for enc, _ in codes]).mean(),
@@ -207,7 +220,8 @@ class MultiLayerDictionary(nn.Module):
     def encoder_weights(self) -> list[nn.Parameter]:
         return [g.W_enc for g in self.groups]
 
-    def _shard_code(self, g: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, path: str):
+    def _shard_code(self, g: SparseAutoencoder, x: torch.Tensor, dead: torch.Tensor | None, path: str,
+                    workspace: Workspace):
         """Group g's training code when its latents are split over ranks (`shard`), with its
         dead-latent loss: the same code as one process's. A JumpReLU's thresholds are per latent,
         so each rank codes its own slice; TopK and BatchTopK choose among every rank's latents,
@@ -219,13 +233,13 @@ class MultiLayerDictionary(nn.Module):
                                 "to auto, dense or sparse")
         s, obj = self.shard, g.objective
         lo, hi = s.bounds(self.full_width)
-        pre = g._fast_pre(x, None)
+        pre = g._fast_pre(x, workspace)
         aux = g.aux_weight > 0
         full = s.gather_latents(pre.detach()) if aux or g.cfg.arch != "jumprelu" else None
         aux_code = g._aux_code(full, s.gather_latents(dead)) if aux and dead is not None else None
         aux_code = aux_code.latents(lo, hi) if aux_code is not None else None
         if g.cfg.arch == "jumprelu":
-            enc = g._threshold_encoded(x, g.threshold, path, None, pre)
+            enc = g._threshold_encoded(x, g.threshold, path, workspace, pre)
         else:
             enc = g._sparse_encoded(x, g._choose(full).latents(lo, hi), None)
         enc.count = s.summed(enc.count)
@@ -327,15 +341,21 @@ class MultiLayerDictionary(nn.Module):
             g.init_weights(generator)
         self.b_dec.zero_()
 
-    @torch.no_grad()
-    def remove_parallel_grad(self, rows=None) -> None:
-        for g in self.groups:
-            g.remove_parallel_grad()
+    def _by_group(self, rows: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """Latent indices over every group ([n·m], as "fired" and "touched"), as each group's own."""
+        m = self.cfg.d_sae
+        return [None if rows is None else rows[(rows >= i * m) & (rows < (i + 1) * m)] - i * m
+                for i in range(self.cfg.n_layers)]
 
     @torch.no_grad()
-    def apply_constraints(self, rows=None) -> None:
-        for g in self.groups:
-            g.apply_constraints()
+    def remove_parallel_grad(self, rows: torch.Tensor | None = None) -> None:
+        for g, own in zip(self.groups, self._by_group(rows)):
+            g.remove_parallel_grad(own)
+
+    @torch.no_grad()
+    def apply_constraints(self, rows: torch.Tensor | None = None) -> None:
+        for g, own in zip(self.groups, self._by_group(rows)):
+            g.apply_constraints(own)
 
     @torch.no_grad()
     def unit_decoder_rows(self) -> None:

@@ -77,6 +77,7 @@ class TorchStep(Backend):
         self.optimizers: dict[str, torch.optim.Adam] = {}
         self.enc_rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # each W_enc with the tensor Adam steps
         self.workspace = Workspace()  # the SAEs step one after another, so they share buffers
+        self.group_workspaces: dict[str, list[Workspace]] = {}  # a multi-layer dictionary's: its groups' graphs live at once
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
@@ -84,6 +85,8 @@ class TorchStep(Backend):
             self.groups = EncoderGroup.form(trainer.members, trainer.device)
         for m in trainer.members:  # after grouping, which gives some SAEs a new W_enc parameter
             self.enc_rows[m.name] = [(w, w.detach().t()) for w in m.sae.encoder_weights()]
+            if m.multi:
+                self.group_workspaces[m.name] = [Workspace() for _ in m.sae.groups]
             self.optimizers[m.name] = self._optimizer(m.sae, self.enc_rows[m.name], m.signum_steps)
 
     def _optimizer(self, sae: SparseAutoencoder | MultiLayerDictionary, enc_rows: list[tuple[torch.Tensor, torch.Tensor]],
@@ -175,7 +178,8 @@ class TorchStep(Backend):
             d.set_l0([decayed(t.step, start, target, m.l0_decay) for start in m.l0_from])
         with self._autocast():
             out = d.training_loss(xs, ys, coeff, dead=m.since_fired >= t.dead_tokens, path=self.cfg.kernels,
-                                  variances=var if self.cfg.loss == "fvu" else None)
+                                  variances=var if self.cfg.loss == "fvu" else None,
+                                  workspaces=self.group_workspaces[m.name])
         d.zero_grad(set_to_none=True)
         out["loss"].backward()
         out.update(loss=out["loss"].detach(), coeff=coeff, batch=xs[0].shape[0], var=torch.stack(var).sum())
@@ -192,7 +196,7 @@ class TorchStep(Backend):
         lr = lr * m.lr_factor
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("unit", 1.0)
-        rows = None if m.multi else self._decoder_rows(out)
+        rows = self._decoder_rows(out)
         m.sae.remove_parallel_grad(rows)
         for w, alias in self.enc_rows[m.name]:
             alias.grad = w.grad.t()

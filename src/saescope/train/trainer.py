@@ -122,8 +122,7 @@ class Trainer:
                 site=p.site, target_site=p.target if spec.transcoder else None, model=self.model_name, k=p.k,
                 theta_param=spec.theta_param, bandwidth=spec.bandwidth, skip=spec.skip)
             sae = build_sae(sae_cfg)
-            # seeded by name: an SAE starts the same whether trained alone or within any suite
-            sae.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(p.name.encode())))
+            sae.init_weights(self._generator(p))
             # SPEC §2: SAEs see x / C with E‖x/C‖² = 1; transcoders divide input and target by √d_model
             c = math.sqrt(d_in) if spec.transcoder else scalars[p.site]
             sae.norm_scalar.fill_(c)
@@ -140,17 +139,23 @@ class Trainer:
                 self._quantile_thresholds(sae, first_batch[p.site].to(self.device) / c, p.target_l0)
             if p.arch == "batchtopk" and not self.split.solo:
                 sae.across = self.split  # the k·batch largest of the whole batch, not of this rank's share
-            controller = None
-            if p.controlled:  # λ starts at the first listed value and then follows L0
-                controller = TargetL0(target=p.target_l0, log_lambda=math.log(spec.lambdas[0]),
-                                      gain=self.cfg.target_l0_gain, device=self.device)
-            self.members.append(Member(p.name, sae, p.site, p.target, c, p.coeff,
-                                       torch.zeros(p.width, dtype=torch.long, device=self.device), controller,
-                                       lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
-                                       signum_steps=self._signum_steps(first_batch[p.site].to(self.device) / c),
-                                       bad_step=torch.tensor(-1, device=self.device),
-                                       bad_loss=torch.tensor(0.0, device=self.device)))
+            self.members.append(self._member(p, sae, c, p.width, self._signum_steps(first_batch[p.site].to(self.device) / c)))
         self.backend.setup(self)
+
+    def _generator(self, p) -> torch.Generator:
+        """Seeded by name: a dictionary starts the same whether trained alone or within any suite."""
+        return torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(p.name.encode()))
+
+    def _member(self, p, sae, scale: float, latents: int, signum_steps: dict[str, float], **extra) -> Member:
+        """The suite's record of one dictionary with `latents` latents on this rank (firing counters)."""
+        controller = None
+        if p.controlled:  # λ starts at the first listed value and then follows L0
+            controller = TargetL0(target=p.target_l0, log_lambda=math.log(p.spec.lambdas[0]),
+                                  gain=self.cfg.target_l0_gain, device=self.device)
+        return Member(p.name, sae, p.site, p.target, scale, p.coeff, torch.zeros(latents, dtype=torch.long, device=self.device),
+                      controller, lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
+                      signum_steps=signum_steps, bad_step=torch.tensor(-1, device=self.device),
+                      bad_loss=torch.tensor(0.0, device=self.device), **extra)
 
     def _multi_member(self, p, first_batch: dict[str, torch.Tensor]) -> Member:
         """A cross-layer transcoder or crosscoder: each site normalised on its own (SPEC §8), b_dec
@@ -161,7 +166,7 @@ class Trainer:
             kind=spec.multi_layer, sites_in=list(p.inputs), sites_out=list(p.outputs), d_in=first_batch[p.site].shape[1],
             d_out=first_batch[p.target].shape[1], d_sae=p.width, model=self.model_name, arch=p.arch, k=p.k,
             bandwidth=spec.bandwidth))
-        d.init_weights(torch.Generator().manual_seed(self.cfg.seed * 2**32 + zlib.crc32(p.name.encode())))
+        d.init_weights(self._generator(p))
         scalars = self.norm_scalars
         d.scale_in.copy_(torch.tensor([scalars[s] for s in p.inputs]))
         d.scale_out.copy_(torch.tensor([scalars[s] for s in p.outputs]))
@@ -181,15 +186,8 @@ class Trainer:
             steps.update({f"groups.{i}.{k}": v for k, v in self._signum_steps(x).items()})
         if self.latent_shard:
             d = d.sliced(self.latent_shard)
-        controller = None
-        if p.controlled:
-            controller = TargetL0(target=p.target_l0, log_lambda=math.log(spec.lambdas[0]),
-                                  gain=self.cfg.target_l0_gain, device=self.device)
-        return Member(p.name, d, p.site, p.target, 1.0, p.coeff, torch.zeros(n * d.cfg.d_sae, dtype=torch.long, device=self.device),
-                      controller, lr_factor=(2**14 / p.width) ** 0.5 if self.cfg.lr_scale == "width" else 1.0,
-                      signum_steps=steps, bad_step=torch.tensor(-1, device=self.device),
-                      bad_loss=torch.tensor(0.0, device=self.device), l0_from=l0_from,
-                      l0_decay=warmup_steps(spec.init_decay_steps, self.steps, 50_000, 0.2))
+        return self._member(p, d, 1.0, n * d.cfg.d_sae, steps, l0_from=l0_from,
+                            l0_decay=warmup_steps(spec.init_decay_steps, self.steps, 50_000, 0.2))
 
     def _init_from(self, d: MultiLayerDictionary, spec, first_batch: dict[str, torch.Tensor]) -> list[float] | None:
         """Groups started from the entry's single-layer dictionaries (MultiLayerDictionary.init_from);
