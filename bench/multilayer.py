@@ -4,8 +4,9 @@ One layer (default): a plain transcoder and a skip transcoder (SPEC §8: ŷ = f�
 of layer --layer's MLP, trained on the same batches of one store, evaluated on the same held-out
 text. With --all-layers: a cross-layer transcoder over all 18 layers (latents at layer l read
 mlp_in.l and write mlp.l … mlp.17) beside a set of plain and a set of skip transcoders, one per
-layer, each family trained alone on the same store (so its tokens/s is its own) and evaluated as
-the replacement model (evals/replacement.py): every MLP replaced at once, and each alone.
+layer, and a second CLT started from the plain set (SPEC §8's initialisation), each family trained
+alone on the same store (so its tokens/s is its own) and evaluated as the replacement model
+(evals/replacement.py): every MLP replaced at once, and each alone.
 
     python bench/multilayer.py [--layer 6] [--width 4096] [--tokens 250K] [--l0 40]
                                [--eval-tokens 16K] [--out runs/multilayer]
@@ -77,7 +78,7 @@ def one_layer(a, corpus: Path) -> tuple[list[dict], str]:
 
 
 def all_layers(a, corpus: Path) -> tuple[list[dict], str]:
-    """Three families over every layer, each evaluated as the replacement model."""
+    """Four families over every layer, each evaluated as the replacement model."""
     from saescope import CorpusConfig, HarvestConfig, harvest, load_dictionary, load_model
     from saescope.config import SAESpec
     from saescope.data.harvest import token_tensor
@@ -95,10 +96,14 @@ def all_layers(a, corpus: Path) -> tuple[list[dict], str]:
         "skip transcoders": [SAESpec(sites=sites, transcoder=True, skip=True, widths=[a.width], target_l0=[a.l0])],
     }
     trained = {name: train_one(f"all-{name}", specs, a, store) for name, specs in families.items()}
+    # SPEC §8's start: the CLT begins as the transcoder set just trained (its tokens/s counts its own training only)
+    start = sorted(trained["transcoders"][0], key=lambda p: int(p.name.split("-")[0].split(".")[1]))
+    trained["CLT from transcoders"] = train_one("all-CLT-from-transcoders", [SAESpec(
+        sites=sites, clt=True, widths=[a.width], target_l0=[a.l0], init_from=[str(p) for p in start])], a, store)
     gc.collect()  # the trainings' shuffle buffers (GBs at 36 sites): the first evaluation ran out of memory beside them
     rows = token_tensor(lm, CorpusConfig(source=str(corpus), split="heldout"), token_count(a.eval_tokens))
     loaded = {name: [load_dictionary(p) for p in paths] for name, (paths, _) in trained.items()}
-    results = evaluate_replacement({name: d[0] if name == "CLT" else d for name, d in loaded.items()}, lm, rows,
+    results = evaluate_replacement({name: d[0] if name.startswith("CLT") else d for name, d in loaded.items()}, lm, rows,
                                    batch_size=1, layers_alone=a.layers_alone)
     table = [{"variant": name, "l0": r["l0_per_layer"], "fvu": r["fvu_mean"], "delta_loss_one": r["delta_loss_one_at_a_time_mean"],
               "delta_loss": r["delta_loss_all_replaced"], "delta_loss_se": r["delta_loss_all_replaced_se"],

@@ -166,6 +166,26 @@ def _parser() -> argparse.ArgumentParser:
                          "transcoder and per transcoder set over layers 0…L−1")
     ex.add_argument("--out", required=True, help="the folder to write into")
 
+    c = sub.add_parser("circuit", help="the attribution graph of a prompt's next token through transcoders or a CLT")
+    c.add_argument("--transcoders", required=True,
+                   help="a cross-layer transcoder, a run or folder holding a transcoder set (one entry's transcoders at "
+                        "every layer), or a circuit-tracer folder")
+    c.add_argument("--set", default=None, help="which CLT or transcoder set, when the folder holds several")
+    c.add_argument("--prompt", required=True)
+    c.add_argument("--out", required=True,
+                   help="the graph's JSON (circuit-tracer's and Neuronpedia's schema); graph-metadata.json and the "
+                        "unpruned graph (.safetensors) go beside it")
+    c.add_argument("--model", default="gemma-3-270m")
+    c.add_argument("--targets", default=None,
+                   help="comma-separated next tokens to explain (default: the most likely, up to --logit-probability)")
+    c.add_argument("--max-logits", type=int, default=10)
+    c.add_argument("--logit-probability", type=float, default=0.95)
+    c.add_argument("--max-feature-nodes", type=int, default=4096, help="the node budget (memory grows with it)")
+    c.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
+    c.add_argument("--node-threshold", type=float, default=0.8)
+    c.add_argument("--edge-threshold", type=float, default=0.98)
+    c.add_argument("--device", default="cpu")
+
     s = sub.add_parser("sites", help="list a model's sites and their widths")
     s.add_argument("--model", default="gemma-3-270m")
 
@@ -231,6 +251,10 @@ def _dispatch(args) -> int:
             print(replaced.with_suffix(".md").read_text())
         print(f"{len(records)} SAEs evaluated; results in {args.out}" +
               (f", the replacement model in {replaced}" if replaced.is_file() else ""))
+    elif args.command == "circuit":
+        from .circuits.cli import circuit_command
+
+        print(circuit_command(args))
     elif args.command == "explore" and args.explore_command == "neuronpedia":
         from .explore.neuronpedia import export_neuronpedia
 

@@ -49,11 +49,11 @@ def read_json(path: Path):
         raise SaescopeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def write_safetensors(path: Path, tensors: dict) -> str:
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> str:
     """Write tensors as one safetensors file (atomically); its sha256, for the config beside it."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().contiguous() for k, v in tensors.items()})
+    data = save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata)
     atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
@@ -69,4 +69,15 @@ def read_safetensors(path: Path, sha256: str | None = None) -> dict:
     try:
         return load(data)
     except SafetensorError as exc:
+        raise SaescopeError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
         raise SaescopeError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None

@@ -18,37 +18,10 @@ from tqdm.auto import tqdm
 
 from ..lm import LanguageModel, splice
 from ..sae import SparseAutoencoder
+from ..sae.layers import Layers
 from ..sae.multilayer import MultiLayerDictionary
 from ..site import Site
 from .metrics import clean_passes, dead_dense, per_sequence_se
-
-
-class Layers:
-    """A dictionary as layers: input i's codes, its writes to outputs ({index: raw [..., d]}), and
-    each output's bias; a multi-layer dictionary, or transcoders by layer (each writing its own)."""
-
-    def __init__(self, d: MultiLayerDictionary | list[SparseAutoencoder]):
-        if isinstance(d, MultiLayerDictionary):
-            self.d = d
-            self.sites_in, self.sites_out, self.width = d.cfg.sites_in, d.cfg.sites_out, d.cfg.d_sae
-        else:
-            self.d = sorted(d, key=lambda sae: Site.parse(sae.cfg.site).layer)
-            self.sites_in = [s.cfg.site for s in self.d]
-            self.sites_out = [s.cfg.target_site or s.cfg.site for s in self.d]
-            self.width = max(s.cfg.d_sae for s in self.d)
-
-    def code_and_writes(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        d = self.d
-        if isinstance(d, MultiLayerDictionary):
-            f = d.encode_group(i, x)
-            w = d.writes(i, f)
-            return f, {i + k: w[..., k, :] for k in range(w.shape[-2])}
-        sae = d[i]
-        f = sae.encode(x)
-        return f, {i: sae.decode(f) + sae.skip_output(x)}
-
-    def bias(self, j: int) -> torch.Tensor | float:
-        return self.d.output_bias()[j] if isinstance(self.d, MultiLayerDictionary) else 0.0
 
 
 def evaluate_replacement(dictionaries: dict[str, MultiLayerDictionary | list[SparseAutoencoder]], lm: LanguageModel,
@@ -163,7 +136,7 @@ class _LayerSums:
                            "kl_se": per_sequence_se(self.layer_kl[j], seq) if self.layer_kl[j] else math.nan,
                            "dead_fraction": dead, "dense_fraction": dense})
         mean = {k: sum(layer[k] for layer in layers) / len(layers) for k in ("l0", "fvu", "delta_loss", "kl")}
-        return {"sae": name, "kind": L.d.cfg.kind if isinstance(L.d, MultiLayerDictionary) else "transcoders",
+        return {"sae": name, "kind": L.kind,
                 "sites_in": L.sites_in, "sites_out": L.sites_out, "n_tokens": int(rows.numel()), "n_scored": self.tokens,
                 "ce_loss_clean": totals["ce_clean"] / n_pred,
                 "l0_per_layer": mean["l0"], "fvu_mean": mean["fvu"], "delta_loss_one_at_a_time_mean": mean["delta_loss"],

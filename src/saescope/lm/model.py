@@ -20,12 +20,14 @@ class BlockMap:
     """Where, inside one decoder block, each site lives.
 
     `attn` is read at the *input* of the attention output projection (heads concatenated);
-    `mlp` and `mlp_in` at the *output* of the named submodule; `resid` is the block's output."""
+    `mlp` and `mlp_in` at the *output* of the named submodule; `resid` is the block's output.
+    `ffn` is the feed-forward network itself, between `mlp_in` and `mlp`."""
 
     style: str
     attn: str
     mlp: str
     mlp_in: str
+    ffn: str = "mlp"
 
 
 # Checked in order: the first whose submodules all exist in block 0 wins.

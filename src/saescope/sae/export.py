@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import SaescopeError
 from ..site import Site, layers_label
 from .base import SparseAutoencoder
-from .circuit_tracer import check_circuit_tracer, save_circuit_tracer
+from .circuit_tracer import check_circuit_tracer, is_circuit_tracer, load_circuit_tracer, save_circuit_tracer
 from .formats import gemmascope2_dir, load_dictionary, run_saes, save_dictionary, save_sae, unfit, width_label
 from .multilayer import MultiLayerDictionary
 
@@ -72,16 +72,27 @@ def export_saes(folder: str | os.PathLike, out: str | os.PathLike, format: str) 
             for name, d in found.items()]
 
 
-def _circuit_tracer(found: dict, out: Path) -> list[Path]:
-    """Each CLT and transcoder set as a circuit-tracer folder; crosscoders, SAEs and transcoders
-    without a set have no place in it and are named in the error when nothing else is there."""
+def replacement_units(folder: str | os.PathLike, found: dict | None = None) -> dict[str, MultiLayerDictionary | list[SparseAutoencoder]]:
+    """What can stand in for a model's MLPs, by name: each cross-layer transcoder and each
+    transcoder set of `folder` (a run, a folder of dictionaries, one, or a circuit-tracer
+    folder). Crosscoders, SAEs and transcoders without a set are not, and are named in the
+    error when nothing else is there."""
+    if found is None and is_circuit_tracer(folder):
+        return {Path(folder).name: load_circuit_tracer(folder)}
+    if found is None:
+        found = {name: load_dictionary(path) for name, path in run_saes(folder).items()}
     clts = {name: d for name, d in found.items() if isinstance(d, MultiLayerDictionary) and d.cfg.kind == "clt"}
     singles = {name: d for name, d in found.items() if not isinstance(d, MultiLayerDictionary)}
     sets = transcoder_sets(singles)
     if not clts and not sets:
-        raise SaescopeError("circuit-tracer reads cross-layer transcoders and transcoder sets (the same transcoder "
-                            f"entry at layers 0…L−1); none among {', '.join(found) or 'nothing'}")
-    units = {**clts, **{name: [singles[n] for n in names] for name, names in sets.items()}}
+        raise SaescopeError("cross-layer transcoders or transcoder sets (the same transcoder entry at every layer) "
+                            f"stand in for MLPs; none among {', '.join(found) or 'nothing'} in {folder}")
+    return {**clts, **{name: [singles[n] for n in names] for name, names in sets.items()}}
+
+
+def _circuit_tracer(found: dict, out: Path) -> list[Path]:
+    """Each CLT and transcoder set as a circuit-tracer folder."""
+    units = replacement_units("the export", found)
     for d in units.values():  # every check before anything is written
         check_circuit_tracer(d)
     return [save_circuit_tracer(d, out / name, scan=name) for name, d in units.items()]
