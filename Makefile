@@ -8,7 +8,7 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-gpu bench-quality bench-multilayer setup clean
+.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-gpu bench-quality bench-multilayer bench-circuit setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -57,6 +57,17 @@ bench-multilayer: $(STAMP)
 	$(BIN)/python bench/multilayer.py
 	$(BIN)/python bench/multilayer.py --all-layers --width 2048 --tokens 400K
 
+# our attribution graphs against circuit-tracer's on the same transcoders and prompts (its own venv: it pins transformers ≤ 4.57)
+CIRCUIT ?= .venv-circuit
+bench-circuit: $(STAMP) $(CIRCUIT)/.installed
+	$(BIN)/python bench/circuit.py --peer-python $(CIRCUIT)/bin/python
+
+$(CIRCUIT)/.installed:
+	$(PYTHON) -m venv $(CIRCUIT)
+	$(CIRCUIT)/bin/pip install --quiet torch==2.13.0
+	$(CIRCUIT)/bin/pip install --quiet circuit-tracer==0.5.0
+	touch $@
+
 $(PEERS)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/pip install --quiet torch==2.13.0
@@ -76,4 +87,4 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) $(PEERS) runs build src/*.egg-info
+	rm -rf $(VENV) $(PEERS) $(CIRCUIT) runs build src/*.egg-info

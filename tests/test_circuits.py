@@ -71,7 +71,7 @@ def _fixed_terms(lm: LanguageModel, layers: Layers, ids: torch.Tensor):
     n = lm.n_layers
     real = capture(lm, ids[None], [f"mlp.{i}" for i in range(n)] + [f"mlp_in.{i}" for i in range(n)])
     constants = Constants()
-    trace(lm, layers, ids, 1, constants)
+    trace(lm, layers, ids, constants)
     seen = {}
 
     def out(layer):
@@ -332,3 +332,39 @@ def test_cli_writes_a_graph_from_a_run_folder(tmp_path, model_dir, tokenizer, ca
                  "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
+
+
+def test_intervention_adds_the_decoder_change_and_nothing_else(tokenizer):
+    from saescope.circuits import Intervention, intervene
+    from saescope.circuits.intervene import _steered
+
+    lm = LanguageModel(tiny_model("gemma3"), tokenizer=tokenizer, name="tiny")
+    clt = _clt(lm)
+    layers = Layers(clt)
+    prompt = "The quick brown fox jumps"
+    same = intervene(lm, clt, prompt, [], new_tokens=4)
+    assert same["clean"] == same["intervened"]
+    ids = torch.tensor(tokenizer(prompt)["input_ids"])
+    ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids]) if int(ids[0]) != tokenizer.bos_token_id else ids
+    x = capture(lm, ids[None], ["mlp_in.0"])["mlp_in.0"]
+    f = layers.code(0, x)[0].detach()
+    pos = 3
+    latent = int(f[pos].argmax())
+    act = float(f[pos, latent])
+    assert act > 0
+    sites = [f"mlp.{i}" for i in range(lm.n_layers)]
+    clean = capture(lm, ids[None], sites)
+    with _steered(lm, layers, [Intervention(0, pos, latent, 0.0)], []):
+        changed = capture(lm, ids[None], ["mlp.0"])["mlp.0"]
+    want = -act * layers.decoder(0)[latent, 0]
+    assert torch.allclose((changed - clean["mlp.0"])[0, pos], want, atol=1e-5)
+    assert torch.allclose(changed[0, :pos], clean["mlp.0"][0, :pos], atol=1e-6)
+    out = intervene(lm, clt, prompt, [(0, pos, latent, 5 * act)], new_tokens=4)
+    assert out["features"][0]["activation"] == pytest.approx(act, rel=1e-5)
+    assert out["clean"]["top"] == same["clean"]["top"]
+    assert out["intervened"]["top"] != out["clean"]["top"]
+    free = intervene(lm, clt, prompt, [(0, pos, latent, 5 * act)], new_tokens=0, freeze_attention=False)
+    assert free["intervened"]["top"] != out["intervened"]["top"]  # attention responds when not frozen
+    for bad, match in [((0, 99, latent, 0.0), "position"), ((9, pos, latent, 0.0), "layer"), ((0, pos, 10**6, 0.0), "latent")]:
+        with pytest.raises(SaescopeError, match=match):
+            intervene(lm, clt, prompt, [bad])

@@ -2,7 +2,7 @@
 transcoders by the Gemma Scope recipe, and explore their features."""
 
 from .checks import check_sae
-from .circuits import Graph, attribute, prune, scores
+from .circuits import Graph, Intervention, attribute, intervene, prune, scores
 from .circuits.files import load_graph, save_graph, write_graph_files
 from .config import CorpusConfig, HarvestConfig
 from .data import ActivationStore, HarvestStream, harvest, iter_documents, pack
@@ -19,8 +19,8 @@ from .site import Site
 __version__ = "0.1.0"
 
 __all__ = ["DEFAULT_MODEL", "ActivationStore", "BatchTopKSAE", "CorpusConfig", "Graph", "HarvestConfig", "HarvestStream",
-           "JumpReLUSAE", "LanguageModel", "MultiLayerConfig", "MultiLayerDictionary", "Objective", "ReLUSAE", "SAEConfig",
+           "Intervention", "JumpReLUSAE", "LanguageModel", "MultiLayerConfig", "MultiLayerDictionary", "Objective", "ReLUSAE", "SAEConfig",
            "SaescopeError", "Site", "SparseAutoencoder", "TopKSAE", "attribute", "batchtopk_to_jumprelu", "build_sae",
-           "capture", "check_sae", "harvest", "iter_documents", "load_circuit_tracer", "load_dictionary", "load_graph",
+           "capture", "check_sae", "harvest", "intervene", "iter_documents", "load_circuit_tracer", "load_dictionary", "load_graph",
            "load_model", "load_sae", "pack", "prune", "save_circuit_tracer", "save_dictionary", "save_graph", "save_sae",
            "scores", "splice", "write_graph_files"]

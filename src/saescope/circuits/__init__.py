@@ -3,5 +3,6 @@ pruning and scores, and interventions on their features."""
 
 from .attribute import attribute
 from .graph import Graph, prune, scores
+from .intervene import Intervention, intervene
 
-__all__ = ["Graph", "attribute", "prune", "scores"]
+__all__ = ["Graph", "Intervention", "attribute", "intervene", "prune", "scores"]

@@ -15,12 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import SaescopeError
-from ..lm import LanguageModel, capture
+from ..lm import LanguageModel
 from ..sae import SparseAutoencoder
 from ..sae.layers import Layers
 from ..sae.multilayer import MultiLayerDictionary
 from .graph import Graph, normalised
-from .local import trace
+from .local import Trace, trace
 
 
 @dataclass
@@ -78,15 +78,15 @@ def prompt_ids(lm: LanguageModel, prompt: str | list[int] | torch.Tensor) -> tor
     return ids
 
 
-def _active(lm: LanguageModel, layers: Layers, ids: torch.Tensor) -> Active:
-    n = lm.n_layers
-    sites = [f"mlp_in.{i}" for i in range(n)] + [f"mlp.{i}" for i in range(n)]
-    seen = {k: v[0].float() for k, v in capture(lm, ids[None], sites).items()}
+def _active(layers: Layers, t: Trace) -> Active:
+    """The active features, their vectors and the error nodes, from the traced forward's values."""
+    n = len(layers.sites_in)
     index, values, group, encoders, writes, pre, errors = [], [], [], [], [], [], []
-    recon = [layers.bias(j) + torch.zeros_like(seen[f"mlp.{j}"]) for j in range(n)]
     with torch.no_grad():
+        seen_in = [t.mlp_in[i][0].detach().float() for i in range(n)]
+        recon = [layers.bias(j) + torch.zeros_like(seen_in[j]) for j in range(n)]
         for i in range(n):
-            x = seen[f"mlp_in.{i}"]
+            x = seen_in[i]
             f = layers.code(i, x)
             f[0] = 0
             for j, w in layers.writes(i, f, x).items():
@@ -101,7 +101,7 @@ def _active(lm: LanguageModel, layers: Layers, ids: torch.Tensor) -> Active:
             writes.append(layers.decoder(i)[latent] * act[:, None, None])
             pre.append((enc * x[pos]).sum(1) + layers.encoder_bias(i)[latent])
         for j in range(n):
-            e = seen[f"mlp.{j}"] - recon[j]
+            e = t.mlp_out[j][0].detach().float() - recon[j]
             e[0] = 0
             errors.append(e)
     return Active(torch.cat(index), torch.cat(values), torch.cat(group), torch.cat(encoders), writes,
@@ -132,40 +132,42 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
     """The attribution graph of `prompt`'s next token through `transcoders` (a transcoder per
     layer, skip transcoders, or a CLT), unpruned: every edge among the selected features (at most
     `max_feature_nodes`, the most influential first), the error nodes, the token embeddings and
-    the target logits. `batch_size` targets per backward pass, each on its own copy of the prompt."""
+    the target logits. `batch_size` targets per (vectorised) backward pass."""
     start = time.perf_counter()
     layers = as_layers(transcoders, lm)
     ids = prompt_ids(lm, prompt)
     n, n_pos = lm.n_layers, len(ids)
-    act = _active(lm, layers, ids)
-    with torch.no_grad():
-        logits = lm(ids[None])[0, -1]
+    t = trace(lm, layers, ids)
+    act = _active(layers, t)
+    with torch.no_grad():  # the last position's logits from the traced final residual: no second forward
+        logits = lm.model.get_output_embeddings()(t.final[0, -1].detach())
+        cap = getattr(getattr(lm.config, "text_config", None) or lm.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
     logit_ids, logit_p, logit_vecs = _targets(lm, logits, targets, max_logits, logit_probability)
     n_active, n_logits = len(act.values), len(logit_ids)
     budget = n_active if max_feature_nodes is None else min(max_feature_nodes, n_active)
     n_cols = n_active + (n + 1) * n_pos          # features, errors, tokens: every possible source
-    t = trace(lm, layers, ids, min(batch_size, max(budget, n_logits)))
     embed = t.embed[0].detach().float()
-    positions = act.index[:, 1]
+    # per group and position: the features there and their writes to the group's outputs, flattened
+    # so that one product with the gradients at that position gives their edges
+    blocks = []
+    for i in range(n):
+        mine = torch.nonzero(act.group == i).squeeze(1)
+        for p in act.index[mine, 1].unique().tolist():
+            cols = mine[act.index[mine, 1] == p]
+            blocks.append((i, i + act.writes[i].shape[1], p, cols, act.writes[i][cols - mine[0]].flatten(1).T.contiguous()))
 
     def rows(at_layers: torch.Tensor, at_pos: torch.Tensor, vectors: torch.Tensor, retain: bool) -> torch.Tensor:
         grads, g_embed = t.gradients(at_layers, at_pos, vectors, n, retain)
         b = len(at_layers)
+        zero = g_embed.new_zeros(b, n_pos, g_embed.shape[-1])
+        full = torch.stack([grads.get(layer, zero) for layer in range(n)], 1).float()  # [b, layer, pos, d]
         out = torch.zeros(b, n_cols)
-        for i in range(n):  # features: through every output their group writes
-            mine = act.group == i
-            if not mine.any():
-                continue
-            cols = torch.nonzero(mine).squeeze(1)
-            w = act.writes[i]
-            for k in range(w.shape[1]):
-                g = grads.get(layers.layers_out[i + k])
-                if g is not None:
-                    out[:, cols] += torch.einsum("bnd,nd->bn", g[:b, positions[cols]].float(), w[:, k])
-        for layer, g in grads.items():
-            lo = n_active + layer * n_pos
-            out[:, lo:lo + n_pos] = torch.einsum("bpd,pd->bp", g[:b].float(), act.errors[layer])
-        out[:, n_active + n * n_pos:] = torch.einsum("bpd,pd->bp", g_embed[:b].float(), embed)
+        for i, j, p, cols, w in blocks:  # a feature's edge: its writes to outputs i…j−1 against their gradients
+            out[:, cols] = full[:, i:j, p].reshape(b, -1) @ w
+        out[:, n_active:n_active + n * n_pos] = torch.einsum("blpd,lpd->blp", full, act.errors).reshape(b, -1)
+        out[:, n_active + n * n_pos:] = torch.einsum("bpd,pd->bp", g_embed.float(), embed)
         return out
 
     edges = torch.zeros(budget + n_logits, n_cols)
@@ -184,10 +186,12 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
             ranks = _running_influence(edges[:filled], logit_p, node_of_row[:filled], n_cols + n_logits)[:n_active]
             order = ranks.argsort(descending=True)
             pending = order[~visited[order]][:min(update_interval * batch_size, budget - int(visited.sum()))]
+            # the same queue in layer order: a batch's backward pass runs only below its highest target
+            pending = pending[act.index[pending, 0].argsort(stable=True)]
         for lo in range(0, len(pending), batch_size):
             chunk = pending[lo:lo + batch_size]
             last = int(visited.sum()) + len(chunk) >= budget
-            edges[filled:filled + len(chunk)] = rows(act.index[chunk, 0], positions[chunk], act.encoders[chunk], not last)
+            edges[filled:filled + len(chunk)] = rows(act.index[chunk, 0], act.index[chunk, 1], act.encoders[chunk], not last)
             node_of_row[filled:filled + len(chunk)] = chunk
             visited[chunk] = True
             filled += len(chunk)

@@ -7,7 +7,7 @@ residual stream is a linear function of the token embeddings and the MLP outputs
 values are the model's own. An MLP output then splits into the dictionary's writes and an error
 node that holds the rest, so the gradient of a target (a feature's pre-activation, a logit) at an
 MLP output, dotted with a source's write, is the source's direct effect on the target: one
-backward pass per target, many targets in a batch of copies of the prompt."""
+backward pass per target, many targets vectorised over one forward."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Constants:
             if key not in self.values:
                 raise SaescopeError(f"no frozen value of {type(module).__name__} to replay: record the prompt first")
             return self.values[key]
-        self.values[key] = value.detach()[:1]  # every row of a batch is a copy of the prompt
+        self.values[key] = value.detach()
         return self.values[key]
 
 
@@ -108,11 +108,12 @@ def _detach_inputs(_module, args, kwargs):
 
 
 @contextlib.contextmanager
-def frozen(lm: LanguageModel, constants: Constants | None = None):
+def frozen(lm: LanguageModel, constants: Constants | None = None, attention_only: bool = False):
     """The model with attention patterns and norm scales frozen and MLPs cut from their inputs, and
     no parameter gradients; restored on exit. With `constants` recorded by an earlier forward
     (`Constants()` filled inside a first `frozen`), the patterns and scales are those, whatever
-    the input: the prompt's linear model."""
+    the input: the prompt's linear model. `attention_only`: the patterns alone (interventions
+    that keep where each token looks, the rest of the model live)."""
     model = lm.model
     constants = constants if constants is not None else Constants()
     before = model.config._attn_implementation
@@ -123,10 +124,10 @@ def frozen(lm: LanguageModel, constants: Constants | None = None):
         model.set_attn_implementation(FROZEN)
         for p in model.parameters():
             p.requires_grad_(False)
-        for module in model.modules():
+        for module in () if attention_only else model.modules():
             if _norm_kind(module) is not None:
                 handles.append(module.register_forward_hook(_freeze_norm))
-        for block in lm.layers:
+        for block in () if attention_only else lm.layers:
             handles.append(_get(block, lm.block_map.ffn).register_forward_pre_hook(_detach_inputs, with_kwargs=True))
         yield
     finally:
@@ -145,7 +146,7 @@ class _Stop(Exception):
 
 @dataclass
 class Trace:
-    """The forward pass of `copies` copies of the prompt: per model layer, the MLP input (where a
+    """The forward pass of the prompt: per model layer, the MLP input (where a
     feature's encoder reads) and the MLP output leaf (where writes land), the token embeddings
     and the final normed residual (where logits read)."""
 
@@ -156,31 +157,31 @@ class Trace:
 
     def gradients(self, layers: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, n_layers: int,
                   retain: bool = True) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """One backward pass for targets b = 0… (copy b holds target b): each reads `vectors[b]`
-        at model layer `layers[b]`'s MLP input (`n_layers`: the final residual, for logits),
-        position `positions[b]`. Returns the gradients [copies, n, d] at every MLP output below
-        the highest target and at the embeddings."""
-        top = int(layers.max())
+        """One batched backward pass for targets b = 0…: each reads `vectors[b]` at model layer
+        `layers[b]`'s MLP input (`n_layers`: the final residual, for logits), position
+        `positions[b]`. Returns the gradients [targets, n, d] at every MLP output below the highest
+        target and at the embeddings. The targets share the one forward: autograd runs the backward
+        once per target, vectorised (is_grads_batched), not the model once per target."""
+        top, b = int(layers.max()), len(layers)
         outputs, grads = [], []
         for layer in layers.unique().tolist():
             at = layers == layer
             where = self.final if layer == n_layers else self.mlp_in[layer]
-            g = torch.zeros_like(where)
-            b = torch.nonzero(at).squeeze(1)
-            g[b, positions[at]] = vectors[at].to(g.dtype)
+            g = where.new_zeros(b, *where.shape)
+            g[torch.nonzero(at).squeeze(1), 0, positions[at]] = vectors[at].to(g.dtype)
             outputs.append(where)
             grads.append(g)
         below = [layer for layer in sorted(self.mlp_out) if layer < top]
         got = torch.autograd.grad(outputs, [self.mlp_out[layer] for layer in below] + [self.embed], grads,
-                                  retain_graph=retain, allow_unused=True)
-        zero = torch.zeros_like(self.embed)
-        return ({layer: zero if g is None else g for layer, g in zip(below, got[:-1])},
-                zero if got[-1] is None else got[-1])
+                                  retain_graph=retain, allow_unused=True, is_grads_batched=True)
+        zero = self.embed.new_zeros(b, *self.embed.shape[1:])
+        return ({layer: zero if g is None else g[:, 0] for layer, g in zip(below, got[:-1])},
+                zero if got[-1] is None else got[-1][:, 0])
 
 
-def trace(lm: LanguageModel, layers: Layers, ids: torch.Tensor, copies: int, constants: Constants | None = None) -> Trace:
-    """Run the local replacement model on `copies` copies of ids [n] (a skip's x·A stays live);
-    `constants`, when given, records its patterns and scales."""
+def trace(lm: LanguageModel, layers: Layers, ids: torch.Tensor, constants: Constants | None = None) -> Trace:
+    """Run the local replacement model on ids [n] (a skip's x·A stays live); `constants`, when
+    given, records its patterns and scales."""
     mlp_in, mlp_out, held = {}, {}, {}
     by_out = {lo: i for i, lo in enumerate(layers.layers_out)}
 
@@ -218,7 +219,7 @@ def trace(lm: LanguageModel, layers: Layers, ids: torch.Tensor, copies: int, con
                 handles.append(_attach(lm, Site("mlp_in", layer), read_in(layer)))
                 handles.append(_attach(lm, Site("mlp", layer), replace_out(layer)))
             with torch.enable_grad(), contextlib.suppress(_Stop):
-                model(input_ids=ids.reshape(1, -1).expand(copies, -1).to(lm.device), use_cache=False)
+                model(input_ids=ids.reshape(1, -1).to(lm.device), use_cache=False)
         finally:
             for h in handles:
                 h.remove()
