@@ -313,17 +313,39 @@ def test_bad_input(tiny_lm):
         attribute(tiny_lm, saes, "The quick brown fox", targets=[10**6], progress=False)
 
 
-def test_cli_writes_a_graph_from_a_run_folder(tmp_path, model_dir, tokenizer, capsys):
+def test_cli_writes_a_graph_and_its_feature_pages(tmp_path, model_dir, tokenizer, doc_folder, capsys):
+    import numpy as np
+
+    from saescope import CorpusConfig
+    from saescope.data import token_rows
+    from saescope.explore import build
+
     lm = LanguageModel(tiny_model("gemma3"), tokenizer=tokenizer, name="tiny")
+    saes = {}
     for sae in _transcoders(lm):
-        save_sae(sae, tmp_path / "saes" / f"{sae.cfg.site}-jumprelu-tc-24")
+        name = f"{sae.cfg.site}-jumprelu-tc-24"
+        saes[name] = (sae, save_sae(sae, tmp_path / "saes" / name))
+    rows = torch.from_numpy(np.stack(list(token_rows(lm, CorpusConfig(source=str(doc_folder), seq_len=32, split="all")))[:8]))
+    build(saes, lm, rows, tmp_path / "features.db", batch_size=4, top_k=3, sample=8, bands=2, per_band=1, progress=False)
     out = tmp_path / "graphs" / "fox.json"
     code = main(["--quiet", "circuit", "--transcoders", str(tmp_path / "saes"), "--prompt", "The quick brown fox", "--model",
-                 str(model_dir), "--out", str(out), "--batch-size", "8"])
+                 str(model_dir), "--out", str(out), "--batch-size", "8", "--features", str(tmp_path / "features.db")])
     assert code == 0, capsys.readouterr().err
     assert "replacement score" in capsys.readouterr().out
-    GraphFile.model_validate(json.loads(out.read_text()))
+    data = json.loads(out.read_text())
+    GraphFile.model_validate(data)
     assert load_graph(out.with_suffix(".safetensors")).prompt == "The quick brown fox"
+    features = [n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder"]
+    assert features and all(n["clerp"] for n in features)
+    scan = data["metadata"]["scan"]
+    for n in features:  # the page the frontend fetches for each node: features/<scan>/<feature>.json
+        page = json.loads((out.parent / "features" / scan / f"{n['feature']}.json").read_text())
+        layer, latent = int(n["layer"]), int(n["node_id"].split("_")[1])
+        assert page["index"] == feature_index(layer, latent) == n["feature"]
+        assert page["act_max"] > 0 and page["examples_quantiles"][0]["quantile_name"] == "Top activations"
+        example = page["examples_quantiles"][0]["examples"][0]
+        assert len(example["tokens"]) == len(example["tokens_acts_list"]) > example["train_token_ind"] >= 0
+        assert len(page["top_logits"]) > 0
     code = main(["--quiet", "circuit", "--transcoders", str(tmp_path / "saes"), "--set", "nope", "--prompt", "x", "--model",
                  str(model_dir), "--out", str(out)])
     err = capsys.readouterr().err

@@ -184,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64, help="targets per backward pass")
     c.add_argument("--node-threshold", type=float, default=0.8)
     c.add_argument("--edge-threshold", type=float, default=0.98)
+    c.add_argument("--features", default=None,
+                   help="a feature database (saescope explore build) of the transcoders: each node's page goes to "
+                        "features/<set>/<index>.json beside the graph and its top tokens label the node")
     c.add_argument("--device", default="cpu")
 
     s = sub.add_parser("sites", help="list a model's sites and their widths")

@@ -7,8 +7,10 @@ from pathlib import Path
 from ..errors import SaescopeError
 from ..lm import load_model
 from ..sae.export import replacement_units
+from ..sae.multilayer import MultiLayerDictionary
+from ..site import layers_label
 from .attribute import attribute
-from .files import save_graph, write_graph_files
+from .files import feature_files, save_graph, write_graph_files
 from .graph import prune, scores
 
 
@@ -45,7 +47,12 @@ def circuit_command(args) -> str:
     graph = attribute(lm, unit, args.prompt, targets=target_ids(lm, args.targets), max_logits=args.max_logits,
                       logit_probability=args.logit_probability, max_feature_nodes=args.max_feature_nodes,
                       batch_size=args.batch_size, progress=not args.quiet, dictionary=name)
-    path = write_graph_files(graph, out.parent, out.stem, args.node_threshold, args.edge_threshold)
+    labels = None
+    if args.features:  # a set "<its layers>-<rest>" holds transcoders named "mlp_in.L-<rest>" in a run's database
+        sites = unit.cfg.sites_in if isinstance(unit, MultiLayerDictionary) else [sae.cfg.site for sae in unit]
+        rest = name.removeprefix(layers_label(tuple(sites)) + "-")
+        labels = feature_files(graph, args.features, lambda layer: f"mlp_in.{layer}-{rest}", out.parent / "features", name)
+    path = write_graph_files(graph, out.parent, out.stem, args.node_threshold, args.edge_threshold, labels)
     save_graph(graph, out.with_suffix(".safetensors"))
     kept = prune(graph, args.node_threshold, args.edge_threshold)
     replacement, completeness = scores(graph)

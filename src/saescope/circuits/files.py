@@ -198,3 +198,54 @@ def load_graph(path: str | os.PathLike) -> Graph:
     return Graph(prompt=meta["prompt"], token_strings=meta["token_strings"], logit_strings=meta["logit_strings"],
                  n_layers=meta["n_layers"], model=meta["model"], dictionary=meta["dictionary"],
                  n_active=meta["n_active"], **{k: tensors[k] for k in _TENSORS})
+
+
+def feature_files(graph: Graph, db_path: str | os.PathLike, sae_of_layer, out: str | os.PathLike,
+                  scan: str) -> dict[tuple[int, int], str]:
+    """Each feature node's page as circuit-tracer's frontend and Neuronpedia's graph view load it
+    (`out/{scan}/{feature_index}.json`: activation range, examples by quantile, top and bottom
+    logits), from an explorer database holding the transcoders; `sae_of_layer(layer)` names the
+    database's dictionary of that layer. Returns each feature's label (its top tokens) for the
+    graph's clerps. A feature the database does not hold is a one-line error."""
+    import numpy as np
+
+    from ..explore.db import connect
+
+    db = Path(db_path)
+    if not db.is_file():
+        raise SaescopeError(f"no feature database at {db}")
+    con = connect(db, readonly=True)
+    folder = Path(out) / scan
+    vocab = {r["token"]: r["text"] for r in con.execute("SELECT token, text FROM vocab")}
+    labels = {}
+    try:
+        for layer, latent in sorted({(int(f[0]), int(f[2])) for f in graph.features}):
+            sae = sae_of_layer(layer)
+            stats = con.execute("SELECT * FROM latents WHERE sae = ? AND latent = ?", (sae, latent)).fetchone()
+            if stats is None:
+                raise SaescopeError(f"{db} holds no latent {latent} of {sae} (layer {layer}); build it from the "
+                                    "transcoders the graph used (saescope explore build)")
+            quantiles: dict[str, list] = {}
+            for ex in con.execute("SELECT * FROM examples WHERE sae = ? AND latent = ? ORDER BY kind DESC, band, rank",
+                                  (sae, latent)):
+                acts = np.frombuffer(ex["acts"], dtype=np.float32)
+                row = np.frombuffer(con.execute("SELECT tokens FROM sequences WHERE seq = ?", (ex["seq"],)).fetchone()[0],
+                                    dtype=np.int32)[ex["lo"]:ex["lo"] + len(acts)]
+                name = "Top activations" if ex["kind"] == "top" else f"Subsample interval {ex['band']}"
+                quantiles.setdefault(name, []).append({
+                    "tokens": [vocab.get(int(t), "") for t in row], "tokens_acts_list": acts.tolist(),
+                    "train_token_ind": ex["pos"] - ex["lo"], "is_repeated_datapoint": False})
+            logits = {sign: [vocab.get(r["token"], "") for r in con.execute(
+                "SELECT token FROM logits WHERE sae = ? AND latent = ? AND sign = ? ORDER BY rank", (sae, latent, sign))]
+                for sign in (1, -1)}
+            top_tokens = json.loads(stats["top_tokens"])
+            labels[(layer, latent)] = " ".join(top_tokens[:3])
+            write_json(folder / f"{feature_index(layer, latent)}.json", {
+                "index": feature_index(layer, latent), "layer": layer, "latent": latent, "act_min": 0.0,
+                "act_max": float(stats["max_act"]), "density": float(stats["density"]),
+                "examples_quantiles": [{"quantile_name": k, "examples": v} for k, v in quantiles.items()],
+                "top_logits": logits[1], "bottom_logits": logits[-1], "top_tokens": top_tokens})
+    finally:
+        con.close()
+    return labels
+
