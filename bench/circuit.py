@@ -87,7 +87,7 @@ def transcoder_set(a) -> Path:
 def ours(a) -> int:
     """Our side, in its own process: one JSON line per prompt, each graph saved beside --graphs."""
     from saescope import attribute, load_model, prune, save_graph, scores
-    from saescope.circuits.cli import pick_unit
+    from saescope.sae.export import pick_unit
 
     name, unit = pick_unit(a.transcoders, None)
     lm = load_model("gemma-3-270m")

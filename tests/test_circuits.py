@@ -390,3 +390,34 @@ def test_intervention_adds_the_decoder_change_and_nothing_else(tokenizer):
     for bad, match in [((0, 99, latent, 0.0), "position"), ((9, pos, latent, 0.0), "layer"), ((0, pos, 10**6, 0.0), "latent")]:
         with pytest.raises(SaescopeError, match=match):
             intervene(lm, clt, prompt, [bad])
+
+
+def test_server_makes_lists_serves_and_intervenes_on_graphs(feature_db, tiny_lm):
+    from fastapi.testclient import TestClient
+
+    from saescope.explore.server import create_app
+
+    db = feature_db[3]
+    saes = _transcoders(tiny_lm)
+    read_only = TestClient(create_app(db, tiny_lm))
+    assert read_only.get("/api/graphs").json() == {"graphs": [], "can_make": False}
+    assert read_only.post("/api/graphs", json={"prompt": "The quick brown fox"}).status_code == 409
+    client = TestClient(create_app(db, tiny_lm, transcoders=saes, transcoders_name="mlp_in.0-2-jumprelu-tc-24"))
+    made = client.post("/api/graphs", json={"prompt": "The quick brown fox", "max_feature_nodes": 64})
+    assert made.status_code == 200, made.text
+    slug = made.json()["slug"]
+    listed = client.get("/api/graphs").json()
+    assert listed["can_make"] and [g["slug"] for g in listed["graphs"]] == [slug]
+    data = client.get(f"/api/graphs/{slug}").json()
+    GraphFile.model_validate({k: v for k, v in data.items() if k != "feature_saes"})
+    assert data["metadata"]["prompt"] == "The quick brown fox" and data["feature_saes"] == {}
+    node = next(n for n in data["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, latent, pos = map(int, node["node_id"].split("_"))
+    out = client.post(f"/api/graphs/{slug}/intervene",
+                      json={"interventions": [{"layer": layer, "position": pos, "latent": latent, "value": 0.0}]}).json()
+    assert out["features"][0]["activation"] == pytest.approx(node["activation"], rel=1e-4)
+    assert out["clean"]["top"] != out["intervened"]["top"]
+    assert client.get("/api/graphs/..%2Ffeatures").status_code == 404
+    assert client.post("/api/graphs", json={"prompt": "x" * 5000}).status_code == 422
+    bad = client.post(f"/api/graphs/{slug}/intervene", json={"interventions": [{"layer": 0, "position": 99, "latent": 0}]})
+    assert bad.status_code == 422 and "position" in bad.json()["detail"]

@@ -59,7 +59,8 @@ def test_live_text_and_steering(client):
 def test_openapi_lists_every_route(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/api/run", "/api/saes", "/api/saes/{sae_id}/latents", "/api/saes/{sae_id}/latents/{latent}",
-            "/api/saes/{sae_id}/activations", "/api/saes/{sae_id}/steer"} == set(paths)
+            "/api/saes/{sae_id}/activations", "/api/saes/{sae_id}/steer", "/api/graphs", "/api/graphs/{slug}",
+            "/api/graphs/{slug}/intervene"} == set(paths)
 
 
 def test_latent_list_sorts_searches_and_pages(client):

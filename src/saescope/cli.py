@@ -153,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--model", default=None, help="the model for live text and steering (default: the run's own)")
     sv.add_argument("--device", default="cpu")
+    sv.add_argument("--transcoders", default=None,
+                    help="a CLT or transcoder set (as `saescope circuit` takes) to make attribution graphs and "
+                         "intervene from the pages; graphs live in DIR/graphs")
+    sv.add_argument("--set", default=None, help="which CLT or transcoder set, when --transcoders holds several")
 
     r = sub.add_parser("run", help="the whole pipeline on one configuration (default: the embedded Gemma 3 270M)")
     r.add_argument("--config", default=None, help="a .toml or .json run configuration")
@@ -292,7 +296,13 @@ def _dispatch(args) -> int:
         if not db.is_file():
             raise SaescopeError(f"no feature database at {db}; run `saescope explore build {args.dir}` first")
         model = args.model or connect(db, readonly=True).execute("SELECT value FROM meta WHERE key = 'model'").fetchone()[0]
-        uvicorn.run(create_app(db, load_model(model, device=args.device), run_dir=args.dir), host=args.host, port=args.port,
+        name, unit = None, None
+        if args.transcoders:
+            from .sae.export import pick_unit
+
+            name, unit = pick_unit(args.transcoders, args.set)
+        uvicorn.run(create_app(db, load_model(model, device=args.device), run_dir=args.dir, transcoders=unit,
+                               transcoders_name=name), host=args.host, port=args.port,
                     log_level="warning" if args.quiet else "info")
     elif args.command == "export":
         from .sae.export import export_saes

@@ -5,25 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SaescopeError
+from ..explore.graphs import feature_files
 from ..lm import load_model
-from ..sae.export import replacement_units
-from ..sae.multilayer import MultiLayerDictionary
-from ..site import layers_label
+from ..sae.export import member, pick_unit
 from .attribute import attribute
-from .files import feature_files, save_graph, write_graph_files
+from .files import save_graph, write_graph_files
 from .graph import prune, scores
-
-
-def pick_unit(folder: str, name: str | None):
-    """The CLT or transcoder set of `folder` to trace through, by name when there are several."""
-    units = replacement_units(folder)
-    if name is not None:
-        if name not in units:
-            raise SaescopeError(f"no CLT or transcoder set named {name!r} in {folder}; there: {', '.join(units)}")
-        return name, units[name]
-    if len(units) > 1:
-        raise SaescopeError(f"{folder} holds {len(units)} CLTs and transcoder sets ({', '.join(units)}): choose one with --set")
-    return next(iter(units.items()))
 
 
 def target_ids(lm, text: str | None) -> list[int] | None:
@@ -48,10 +35,9 @@ def circuit_command(args) -> str:
                       logit_probability=args.logit_probability, max_feature_nodes=args.max_feature_nodes,
                       batch_size=args.batch_size, progress=not args.quiet, dictionary=name)
     labels = None
-    if args.features:  # a set "<its layers>-<rest>" holds transcoders named "mlp_in.L-<rest>" in a run's database
-        sites = unit.cfg.sites_in if isinstance(unit, MultiLayerDictionary) else [sae.cfg.site for sae in unit]
-        rest = name.removeprefix(layers_label(tuple(sites)) + "-")
-        labels = feature_files(graph, args.features, lambda layer: f"mlp_in.{layer}-{rest}", out.parent / "features", name)
+    if args.features:
+        labels = feature_files(graph, args.features, lambda layer: member(name, lm.n_layers, layer),
+                               out.parent / "features", name)
     path = write_graph_files(graph, out.parent, out.stem, args.node_threshold, args.edge_threshold, labels)
     save_graph(graph, out.with_suffix(".safetensors"))
     kept = prune(graph, args.node_threshold, args.edge_threshold)

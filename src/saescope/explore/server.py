@@ -24,6 +24,7 @@ from ..files import read_json
 from ..lm import LanguageModel, capture, splice
 from ..sae.formats import load_sae
 from .db import connect
+from .graphs import add_graph_routes
 
 MAX_TEXT = 4000        # characters accepted by the live-text and steering routes
 MAX_BODY = 64 * 1024   # bytes of a request body: MAX_TEXT characters of JSON-escaped UTF-8 fit
@@ -45,9 +46,11 @@ class SteerRequest(BaseModel):
     max_new_tokens: int = Field(20, ge=1, le=MAX_NEW_TOKENS)
 
 
-def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: str | Path | None = None) -> FastAPI:
+def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: str | Path | None = None,
+               transcoders=None, transcoders_name: str | None = None) -> FastAPI:
     """The app for one database; live text and steering need the model (`lm`). `run_dir` (default:
-    the database's folder) is where the report's eval.json and plots are looked for."""
+    the database's folder) is where the report's eval.json and plots and the graphs/ folder are
+    looked for; `transcoders` (a set or CLT, named `transcoders_name`) make new graphs there."""
     db_path = Path(db_path)
     con = connect(db_path, readonly=True)
     saes = {r["id"]: dict(r) for r in con.execute("SELECT * FROM saes ORDER BY id")}
@@ -194,4 +197,6 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
         return {"prompt": req.prompt, "latent": req.latent, "alpha": req.alpha, "site": site,
                 "unsteered": plain, "steered": steered}
 
+    if lm is not None:
+        add_graph_routes(app, run_dir / "graphs", lm, transcoders, transcoders_name, set(saes), model_lock)
     return app

@@ -96,3 +96,22 @@ def _circuit_tracer(found: dict, out: Path) -> list[Path]:
     for d in units.values():  # every check before anything is written
         check_circuit_tracer(d)
     return [save_circuit_tracer(d, out / name, scan=name) for name, d in units.items()]
+
+
+def pick_unit(folder: str, name: str | None):
+    """The CLT or transcoder set of `folder` to trace through, by name when there are several."""
+    units = replacement_units(folder)
+    if name is not None:
+        if name not in units:
+            raise SaescopeError(f"no CLT or transcoder set named {name!r} in {folder}; there: {', '.join(units)}")
+        return name, units[name]
+    if len(units) > 1:
+        raise SaescopeError(f"{folder} holds {len(units)} CLTs and transcoder sets ({', '.join(units)}): choose one with --set")
+    return next(iter(units.items()))
+
+
+def member(unit_name: str, n_layers: int, layer: int) -> str:
+    """The name of layer `layer`'s transcoder in a run (and its feature database): a set named
+    "<its layers>-<rest>" holds "mlp_in.L-<rest>"."""
+    label = layers_label(tuple(f"mlp_in.{i}" for i in range(n_layers)))
+    return f"mlp_in.{layer}-{unit_name.removeprefix(label + '-')}"
