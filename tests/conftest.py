@@ -225,3 +225,24 @@ tokens = 256
 seq_len = 32
 """)
     return path
+
+
+def tiny_transcoders(lm, width: int = 24, skip: tuple[int, ...] = (1,), seed: int = 0) -> list:
+    """A random JumpReLU transcoder per layer of `lm` (a skip at the layers in `skip`), wide enough
+    encoders that a few dozen latents fire on a short prompt."""
+    from saescope import JumpReLUSAE, SAEConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    d, out = lm.d_model, []
+    for layer in range(lm.n_layers):
+        sae = JumpReLUSAE(SAEConfig(d_in=d, d_sae=width, d_out=d, site=f"mlp_in.{layer}", target_site=f"mlp.{layer}",
+                                    skip=layer in skip, model=lm.name))
+        sae.init_weights(gen)
+        with torch.no_grad():
+            sae.W_enc.mul_(3.0)
+            sae.b_enc.normal_(0, 0.1, generator=gen)
+            sae.b_dec.normal_(0, 0.1, generator=gen)
+            if sae.cfg.skip:
+                sae.W_skip.normal_(0, 0.1, generator=gen)
+        out.append(sae)
+    return out

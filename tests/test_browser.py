@@ -136,3 +136,87 @@ def test_explorer_pages_in_chromium(server, browser):
     assert "unknown SAE 'nope'" in find("#view .error")[0].text
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/api/saes/nope" not in e["message"]]
     assert not errors, errors
+
+
+@pytest.fixture
+def graph_server(tiny_lm, doc_folder, tmp_path):
+    """The explorer over a feature database of a tiny transcoder set, with that set to make graphs."""
+    import numpy as np
+    import torch
+    from conftest import tiny_transcoders
+
+    from saescope import CorpusConfig, save_sae
+    from saescope.data import token_rows
+    from saescope.explore import build
+
+    name = "mlp_in.0-2-jumprelu-tc-24"
+    saes = {}
+    for sae in tiny_transcoders(tiny_lm):
+        saes[f"{sae.cfg.site}-jumprelu-tc-24"] = (sae, save_sae(sae, tmp_path / "saes" / f"{sae.cfg.site}-jumprelu-tc-24"))
+    rows = torch.from_numpy(np.stack(list(token_rows(tiny_lm, CorpusConfig(source=str(doc_folder), seq_len=32, split="all")))[:8]))
+    build(saes, tiny_lm, rows, tmp_path / "features.db", batch_size=4, top_k=3, sample=8, bands=2, per_band=1, progress=False)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    app = create_app(tmp_path / "features.db", lm=tiny_lm, transcoders=[s for s, _ in saes.values()], transcoders_name=name)
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def test_graph_pages_in_chromium(graph_server, browser):
+    """A new prompt makes a graph; it draws; a pinned feature's node opens its feature page; an
+    intervention on it changes the shown logits."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
+
+    def find(css: str):
+        return browser.find_elements(By.CSS_SELECTOR, css)
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.get(graph_server + "/#/graphs")
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "#/graphs")
+    assert not find("a.graph-link")
+    find("#graph-prompt")[0].send_keys("The quick brown fox jumps")
+    find("#graph-make")[0].click()
+    wait.until(lambda d: (d.execute_script("return document.body.dataset.ready") or "").startswith("#/graph/"))
+    nodes = find("#graph .node.cross-layer-transcoder")
+    assert nodes and find("#graph .edge") and len(find("#graph .axis")) >= 5
+    assert find("#graph .logit") and find("#graph .embedding")
+    browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('mouseenter'))", nodes[0])
+    assert "act" in find("#graph-tip")[0].text
+    browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click'))", nodes[0])
+    pin = find("#pins .pin")
+    assert len(pin) == 1 and "pinned" in nodes[0].get_attribute("class")
+    browser.save_screenshot(str(ARTIFACTS / "explorer-graph.png"))
+
+    value = find("#pins .pin-value")[0]
+    value.clear()
+    value.send_keys("50")
+    find("#intervene-run")[0].click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#logits-intervened tr"))
+    clean = [r.text for r in find("#logits-clean tr")]
+    changed = [r.text for r in find("#logits-intervened tr")]
+    assert len(clean) > 1 and clean != changed
+    browser.save_screenshot(str(ARTIFACTS / "explorer-intervention.png"))
+
+    link = find("#pins .feature-link")[0]
+    node_id = find("#pins .pin")[0].get_attribute("data-node")
+    layer, latent, _ = node_id.split("_")
+    link.click()
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready")
+               == f"#/sae/mlp_in.{layer}-jumprelu-tc-24/latent/{latent}")
+    assert f"latent {latent}" in find("h1")[0].text
+
+    browser.get(graph_server + "/#/graphs")
+    wait.until(lambda d: d.execute_script("return document.body.dataset.ready") == "#/graphs")
+    assert len(find("a.graph-link")) == 1
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, tiny_transcoders
 
 from saescope import JumpReLUSAE, LanguageModel, SAEConfig, capture, save_sae
 from saescope.circuits import Graph, attribute, prune, scores
@@ -20,23 +20,6 @@ from saescope.errors import SaescopeError
 from saescope.lm import splice
 from saescope.sae.layers import Layers
 from saescope.sae.multilayer import MultiLayerConfig, MultiLayerDictionary
-
-
-def _transcoders(lm: LanguageModel, width: int = 24, skip: tuple[int, ...] = (1,), seed: int = 0) -> list[JumpReLUSAE]:
-    gen = torch.Generator().manual_seed(seed)
-    d, out = lm.d_model, []
-    for layer in range(lm.n_layers):
-        sae = JumpReLUSAE(SAEConfig(d_in=d, d_sae=width, d_out=d, site=f"mlp_in.{layer}", target_site=f"mlp.{layer}",
-                                    skip=layer in skip, model=lm.name))
-        sae.init_weights(gen)
-        with torch.no_grad():
-            sae.W_enc.mul_(3.0)
-            sae.b_enc.normal_(0, 0.1, generator=gen)
-            sae.b_dec.normal_(0, 0.1, generator=gen)
-            if sae.cfg.skip:
-                sae.W_skip.normal_(0, 0.1, generator=gen)
-        out.append(sae)
-    return out
 
 
 def _clt(lm: LanguageModel, width: int = 16) -> MultiLayerDictionary:
@@ -124,7 +107,7 @@ def test_sum_rule(kind, dictionary):
     """Every node's value (a feature's pre-activation; a logit against the mean logit) equals its
     incoming edges plus what stays when every source is zero."""
     lm = LanguageModel(tiny_model(kind), name=kind)
-    d = _transcoders(lm) if dictionary == "set" else _clt(lm)
+    d = tiny_transcoders(lm) if dictionary == "set" else _clt(lm)
     ids = torch.randint(3, 500, (9,), generator=torch.Generator().manual_seed(1))
     g = attribute(lm, d, ids, batch_size=16, max_logits=3, progress=False)
     assert g.n_features == g.n_active > 20
@@ -157,7 +140,7 @@ def test_exact_transcoders_leave_no_error():
     """A model whose MLPs are its transcoders: every error node is zero, all influence on the logits
     runs through features (replacement score 1), and the logits are the edges' sums plus fixed terms."""
     lm = LanguageModel(tiny_model("llama", n_layers=2), name="llama")
-    saes = _transcoders(lm, skip=())
+    saes = tiny_transcoders(lm, skip=())
     for block, sae in zip(lm.layers, saes):
         block.mlp = _TranscoderMLP(sae)
     ids = torch.randint(3, 500, (8,), generator=torch.Generator().manual_seed(2))
@@ -282,7 +265,7 @@ def test_graph_files_round_trip_and_schema(tmp_path):
 
 def test_budget_keeps_the_most_influential_features():
     lm = LanguageModel(tiny_model("gemma3"), name="gemma3")
-    saes = _transcoders(lm)
+    saes = tiny_transcoders(lm)
     ids = torch.randint(3, 500, (9,), generator=torch.Generator().manual_seed(1))
     full = attribute(lm, saes, ids, batch_size=16, max_logits=3, progress=False)
     part = attribute(lm, saes, ids, batch_size=8, update_interval=1, max_feature_nodes=24, max_logits=3, progress=False)
@@ -300,7 +283,7 @@ def test_budget_keeps_the_most_influential_features():
 
 
 def test_bad_input(tiny_lm):
-    saes = _transcoders(tiny_lm)
+    saes = tiny_transcoders(tiny_lm)
     with pytest.raises(SaescopeError, match="context"):
         attribute(tiny_lm, saes, torch.randint(3, 500, (tiny_lm.config.max_position_embeddings + 1,)), progress=False)
     with pytest.raises(SaescopeError, match="every layer"):
@@ -322,7 +305,7 @@ def test_cli_writes_a_graph_and_its_feature_pages(tmp_path, model_dir, tokenizer
 
     lm = LanguageModel(tiny_model("gemma3"), tokenizer=tokenizer, name="tiny")
     saes = {}
-    for sae in _transcoders(lm):
+    for sae in tiny_transcoders(lm):
         name = f"{sae.cfg.site}-jumprelu-tc-24"
         saes[name] = (sae, save_sae(sae, tmp_path / "saes" / name))
     rows = torch.from_numpy(np.stack(list(token_rows(lm, CorpusConfig(source=str(doc_folder), seq_len=32, split="all")))[:8]))
@@ -398,7 +381,7 @@ def test_server_makes_lists_serves_and_intervenes_on_graphs(feature_db, tiny_lm)
     from saescope.explore.server import create_app
 
     db = feature_db[3]
-    saes = _transcoders(tiny_lm)
+    saes = tiny_transcoders(tiny_lm)
     read_only = TestClient(create_app(db, tiny_lm))
     assert read_only.get("/api/graphs").json() == {"graphs": [], "can_make": False}
     assert read_only.post("/api/graphs", json={"prompt": "The quick brown fox"}).status_code == 409

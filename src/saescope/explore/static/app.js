@@ -208,7 +208,9 @@ async function route() {
   const [path, query] = (location.hash.slice(1) || "/").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   try {
-    if (parts[0] === "sae" && parts[2] === "latent") await latentPage(parts[1], Number(parts[3]));
+    if (parts[0] === "graphs") await graphsPage();
+    else if (parts[0] === "graph") await graphPage(parts[1]);
+    else if (parts[0] === "sae" && parts[2] === "latent") await latentPage(parts[1], Number(parts[3]));
     else if (parts[0] === "sae") await saePage(parts[1], new URLSearchParams(query));
     else await indexPage();
   } catch (err) { failure(view, err); }
@@ -219,4 +221,4 @@ async function route() {
 runInfo = api("/run");
 runInfo.then(r => { document.getElementById("model").textContent = r.model + (r.live ? "" : " (no model: live text off)"); });
 window.addEventListener("hashchange", route);
-route();
+window.addEventListener("DOMContentLoaded", route);  // after graph.js, which defines the graph pages
