@@ -404,3 +404,31 @@ def test_server_makes_lists_serves_and_intervenes_on_graphs(feature_db, tiny_lm)
     assert client.post("/api/graphs", json={"prompt": "x" * 5000}).status_code == 422
     bad = client.post(f"/api/graphs/{slug}/intervene", json={"interventions": [{"layer": 0, "position": 99, "latent": 0}]})
     assert bad.status_code == 422 and "position" in bad.json()["detail"]
+
+
+def test_clt_latents_get_feature_pages(tmp_path, model_dir, tokenizer, doc_folder):
+    """explore build lists a CLT's latents layer by layer under the names a graph's nodes look up;
+    their codes are the CLT's, and live text on them runs through the CLT."""
+    from fastapi.testclient import TestClient
+
+    from saescope import CorpusConfig, save_dictionary
+    from saescope.explore.build import build_dir
+    from saescope.explore.db import connect
+    from saescope.explore.server import create_app
+    from saescope.sae.export import member
+
+    lm = LanguageModel(tiny_model("gemma3"), tokenizer=tokenizer, name="tiny")
+    clt = _clt(lm)
+    name = "mlp_in.0-2-jumprelu-clt-16"
+    save_dictionary(clt, tmp_path / "saes" / name)
+    build_dir(tmp_path / "saes", CorpusConfig(source=str(doc_folder), seq_len=32, split="all"), 256, model=str(model_dir),
+              out=tmp_path / "features.db", progress=False)
+    con = connect(tmp_path / "features.db", readonly=True)
+    rows = {r["id"]: dict(r) for r in con.execute("SELECT * FROM saes")}
+    assert set(rows) == {f"mlp_in.{i}-jumprelu-clt-16" for i in range(3)} == {member(name, clt.cfg.sites_in, i) for i in range(3)}
+    assert rows["mlp_in.1-jumprelu-clt-16"]["site"] == "mlp_in.1" and rows["mlp_in.1-jumprelu-clt-16"]["d_sae"] == 16
+    x = torch.randn(5, lm.d_model) * 3
+    assert torch.equal(clt.layer_view(1).encode(x), clt.encode_group(1, x))
+    client = TestClient(create_app(tmp_path / "features.db", lm))
+    fired = client.post("/api/saes/mlp_in.1-jumprelu-clt-16/activations", json={"text": "The quick brown fox"})
+    assert fired.status_code == 200 and fired.json()["tokens"]

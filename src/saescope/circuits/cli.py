@@ -36,7 +36,7 @@ def circuit_command(args) -> str:
                       batch_size=args.batch_size, progress=not args.quiet, dictionary=name)
     labels = None
     if args.features:
-        labels = feature_files(graph, args.features, lambda layer: member(name, lm.n_layers, layer),
+        labels = feature_files(graph, args.features, lambda layer: member(name, [f"mlp_in.{i}" for i in range(lm.n_layers)], layer),
                                out.parent / "features", name)
     path = write_graph_files(graph, out.parent, out.stem, args.node_threshold, args.edge_threshold, labels)
     save_graph(graph, out.with_suffix(".safetensors"))

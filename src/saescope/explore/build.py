@@ -275,7 +275,9 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
     from ..errors import SaescopeError
     from ..data import token_tensor
     from ..lm import load_model
-    from ..sae.formats import is_multilayer, load_sae, run_saes
+    from ..sae.export import member
+    from ..sae.formats import is_multilayer, load_dictionary, load_sae, run_saes
+    from ..site import Site
 
     folder = Path(folder)
     store = folder / "activations" / "store.json"
@@ -283,12 +285,21 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
         if not store.is_file():
             raise SaescopeError(f"{folder} is not a `saescope run` folder; pass --model for a folder of SAEs")
         model = json.loads(store.read_text())["model"]
-    found = {name: path for name, path in run_saes(folder).items() if not is_multilayer(path)}
-    if not found:
-        raise SaescopeError(f"{folder} holds no single-layer SAE or transcoder; the explorer does not show "
-                            "cross-layer transcoders or crosscoders yet")
+    found = run_saes(folder)
+    saes = {}
+    for name, path in found.items():
+        if not is_multilayer(path):
+            saes[name] = (load_sae(path), path)
+            continue
+        d = load_dictionary(path)
+        if d.cfg.kind == "clt":  # each layer's latents as that layer's transcoder, named as a set's would be
+            saes.update({member(name, d.cfg.sites_in, Site.parse(s).layer): (d.layer_view(i), path)
+                         for i, s in enumerate(d.cfg.sites_in)})
+    if not saes:
+        raise SaescopeError(f"{folder} holds no SAE, transcoder or cross-layer transcoder; the explorer does not "
+                            "show crosscoders yet")
     lm = load_model(model, device=device)
-    saes = {name: (load_sae(path).to(lm.device), path) for name, path in found.items()}
+    saes = {name: (sae.to(lm.device), path) for name, (sae, path) in saes.items()}
     db = Path(out) if out else folder / "features.db"
     info = build(saes, lm, token_tensor(lm, corpus, tokens), db, batch_size=batch_size, progress=progress)
     return {**info, "path": str(db), "saes": len(saes)}

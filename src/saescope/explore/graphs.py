@@ -63,7 +63,8 @@ def add_graph_routes(app: FastAPI, folder: Path, lm, unit, unit_name: str | None
     def feature_saes(data: dict) -> dict[str, str]:
         """Each layer's transcoder in the feature database, where it holds the graph's set."""
         scan = data["metadata"].get("scan", "")
-        named = {layer: member(scan, lm.n_layers, layer) for layer in range(lm.n_layers)}
+        sites = [f"mlp_in.{i}" for i in range(lm.n_layers)]
+        named = {layer: member(scan, sites, layer) for layer in range(lm.n_layers)}
         return {str(layer): sae for layer, sae in named.items() if sae in sae_ids}
 
     @app.get("/api/graphs")

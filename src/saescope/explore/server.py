@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from ..evals.report import TABLE_KEYS
 from ..files import read_json
 from ..lm import LanguageModel, capture, splice
-from ..sae.formats import load_sae
+from ..sae.formats import is_multilayer, load_dictionary, load_sae
 from .db import connect
 from .graphs import add_graph_routes
 
@@ -87,7 +87,13 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
             raise HTTPException(503, "this server was started without a model; live text and steering need one")
         with model_lock:
             if sae_id not in loaded:
-                loaded[sae_id] = load_sae(row["path"]).to(lm.device)
+                path = row["path"]
+                if is_multilayer(path):  # a CLT's latents of one layer (explore/build.py lists them so)
+                    d = load_dictionary(path)
+                    sae = d.layer_view(d.cfg.sites_in.index(row["site"]))
+                else:
+                    sae = load_sae(path)
+                loaded[sae_id] = sae.to(lm.device)
         return loaded[sae_id], row
 
     def text_of(token: int) -> str:

@@ -110,8 +110,8 @@ def pick_unit(folder: str, name: str | None):
     return next(iter(units.items()))
 
 
-def member(unit_name: str, n_layers: int, layer: int) -> str:
-    """The name of layer `layer`'s transcoder in a run (and its feature database): a set named
-    "<its layers>-<rest>" holds "mlp_in.L-<rest>"."""
-    label = layers_label(tuple(f"mlp_in.{i}" for i in range(n_layers)))
-    return f"mlp_in.{layer}-{unit_name.removeprefix(label + '-')}"
+def member(unit_name: str, sites: list[str], layer: int) -> str:
+    """The name of layer `layer`'s dictionary in a unit read at `sites` (a run's transcoder, or a
+    CLT's latents of that layer as the explorer lists them): a unit named "<its layers>-<rest>"
+    holds "mlp_in.L-<rest>"."""
+    return f"mlp_in.{layer}-{unit_name.removeprefix(layers_label(tuple(sites)) + '-')}"

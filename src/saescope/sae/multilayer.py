@@ -377,6 +377,24 @@ class MultiLayerDictionary(nn.Module):
         out.cfg = replace(self.cfg)
         return out
 
+    @torch.no_grad()
+    def layer_view(self, i: int) -> SparseAutoencoder:
+        """Group i's latents as a transcoder of its own layer, folded: the same codes from the same
+        input, the decoder its writes to its own output. What the explorer shows of a CLT latent
+        (examples, its own-layer logits and neighbours); its writes to later layers are not in it."""
+        f = self.fold()
+        g, cfg = f.groups[i], self.cfg
+        view = build_sae(SAEConfig(arch=cfg.arch, d_in=cfg.d_in, d_sae=cfg.d_sae, d_out=cfg.d_out, site=cfg.sites_in[i],
+                                   target_site=cfg.sites_out[i], model=cfg.model, k=cfg.k, bandwidth=cfg.bandwidth,
+                                   extra={"layer_of": cfg.kind}))
+        view.W_enc.copy_(g.W_enc)
+        view.b_enc.copy_(g.b_enc)
+        view.W_dec.copy_(f.W_dec[i][:, 0])
+        view.b_dec.copy_(f.b_dec[i])
+        if cfg.arch == "jumprelu":
+            view.set_threshold(g.threshold)
+        return view
+
     def extra_repr(self) -> str:
         c = self.cfg
         return f"{c.kind}, {c.arch}, {c.n_layers} layers ({c.sites_in[0]} … {c.sites_in[-1]}), d_sae={c.d_sae} per layer"
