@@ -161,13 +161,15 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
     def rows(at_layers: torch.Tensor, at_pos: torch.Tensor, vectors: torch.Tensor, retain: bool) -> torch.Tensor:
         grads, g_embed = t.gradients(at_layers, at_pos, vectors, n, retain)
         b = len(at_layers)
-        zero = g_embed.new_zeros(b, n_pos, g_embed.shape[-1])
-        full = torch.stack([grads.get(layer, zero) for layer in range(n)], 1).float()  # [b, layer, pos, d]
         out = torch.zeros(b, n_cols)
         for i, j, p, cols, w in blocks:  # a feature's edge: its writes to outputs i…j−1 against their gradients
-            out[:, cols] = full[:, i:j, p].reshape(b, -1) @ w
-        out[:, n_active:n_active + n * n_pos] = torch.einsum("blpd,lpd->blp", full, act.errors).reshape(b, -1)
-        out[:, n_active + n * n_pos:] = torch.einsum("bpd,pd->bp", g_embed.float(), embed)
+            reached = [grads[layer][:, p] for layer in range(i, j) if layer in grads]
+            if reached:  # outputs at or above the highest target get no gradient: their edges stay zero
+                out[:, cols] = torch.cat(reached, 1) @ w[:len(reached) * w.shape[0] // (j - i)]
+        for layer, g in grads.items():
+            lo = n_active + layer * n_pos
+            out[:, lo:lo + n_pos] = torch.einsum("bpd,pd->bp", g, act.errors[layer])
+        out[:, n_active + n * n_pos:] = torch.einsum("bpd,pd->bp", g_embed, embed)
         return out
 
     edges = torch.zeros(budget + n_logits, n_cols)
