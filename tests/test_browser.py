@@ -191,7 +191,8 @@ def test_graph_pages_in_chromium(graph_server, browser):
     assert nodes and find("#graph .edge") and len(find("#graph .axis")) >= 5
     assert find("#graph .logit") and find("#graph .embedding")
     browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('mouseenter'))", nodes[0])
-    assert "act" in find("#graph-tip")[0].text
+    tip = find("#graph-tip")[0].text
+    assert "act" in tip and " · " in tip  # activation and the feature's top tokens
     browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click'))", nodes[0])
     pin = find("#pins .pin")
     assert len(pin) == 1 and "pinned" in nodes[0].get_attribute("class")

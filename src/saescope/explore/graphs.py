@@ -46,10 +46,16 @@ class InterventionRequest(BaseModel):
     freeze_attention: bool = True
 
 
+def label(top_tokens: list[str]) -> str:
+    """A feature node's one-line description (its clerp): its strongest tokens."""
+    return " ".join(top_tokens[:3])
+
+
 def add_graph_routes(app: FastAPI, folder: Path, lm, unit, unit_name: str | None, sae_ids: set[str],
-                     model_lock: threading.Lock) -> None:
+                     model_lock: threading.Lock, db_path: Path) -> None:
     """Routes under /api/graphs. `unit` (a transcoder set or CLT, named `unit_name`) makes new
-    graphs and runs interventions; without it, graphs are read only."""
+    graphs, labelled from the feature database where it holds their layers, and runs
+    interventions; without it, graphs are read only."""
 
     def index() -> list[dict]:
         path = folder / "graph-metadata.json"
@@ -91,7 +97,18 @@ def add_graph_routes(app: FastAPI, folder: Path, lm, unit, unit_name: str | None
                               dictionary=unit_name or "")
         except SaescopeError as exc:
             raise HTTPException(422, str(exc)) from None
-        write_graph_files(g, folder, slug)
+        sites = [f"mlp_in.{i}" for i in range(lm.n_layers)]
+        labels = {}
+        con = connect(db_path, readonly=True)
+        try:
+            for layer, latent in {(int(f[0]), int(f[2])) for f in g.features}:
+                row = con.execute("SELECT top_tokens FROM latents WHERE sae = ? AND latent = ?",
+                                  (member(unit_name or "", sites, layer), latent)).fetchone()
+                if row is not None:
+                    labels[(layer, latent)] = label(json.loads(row[0]))
+        finally:
+            con.close()
+        write_graph_files(g, folder, slug, labels=labels)
         return {"slug": slug}
 
     @app.post("/api/graphs/{slug}/intervene")
@@ -142,7 +159,7 @@ def feature_files(graph: Graph, db_path: str | os.PathLike, sae_of_layer, out: s
                 "SELECT token FROM logits WHERE sae = ? AND latent = ? AND sign = ? ORDER BY rank", (sae, latent, sign))]
                 for sign in (1, -1)}
             top_tokens = json.loads(stats["top_tokens"])
-            labels[(layer, latent)] = " ".join(top_tokens[:3])
+            labels[(layer, latent)] = label(top_tokens)
             write_json(folder / f"{feature_index(layer, latent)}.json", {
                 "index": feature_index(layer, latent), "layer": layer, "latent": latent, "act_min": 0.0,
                 "act_max": float(stats["max_act"]), "density": float(stats["density"]),

@@ -204,5 +204,5 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
                 "unsteered": plain, "steered": steered}
 
     if lm is not None:
-        add_graph_routes(app, run_dir / "graphs", lm, transcoders, transcoders_name, set(saes), model_lock)
+        add_graph_routes(app, run_dir / "graphs", lm, transcoders, transcoders_name, set(saes), model_lock, db_path)
     return app
