@@ -30,6 +30,7 @@ PROMPTS = [
     '"""Return the number of items in the list that are greater than the given',
     'def read_config(path):\n    """Load the settings from a JSON file and return them as a',
     '"""Raise ValueError if the argument is negative; otherwise return its square',
+    '"""Open the file at the given path and return a list of its lines without the trailing',
 ]
 
 
