@@ -22,6 +22,20 @@ CHROMIUM = os.environ.get("SAESCOPE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("SAESCOPE_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 
+def _serve(app):
+    """The app on a free loopback port in a thread: its URL while the fixture lives."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    srv.should_exit = True
+    thread.join(10)
+
+
 @pytest.fixture
 def server(tiny_lm, feature_db, tmp_path):
     import matplotlib
@@ -33,17 +47,7 @@ def server(tiny_lm, feature_db, tmp_path):
     ax.plot([1, 2, 3], [3, 1, 2])
     fig.savefig(tmp_path / "pareto.png")
     plt.close(fig)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = create_app(feature_db[3], lm=tiny_lm, run_dir=tmp_path)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(10)
+    yield from _serve(create_app(feature_db[3], lm=tiny_lm, run_dir=tmp_path))
 
 
 @pytest.fixture
@@ -155,17 +159,8 @@ def graph_server(tiny_lm, doc_folder, tmp_path):
         saes[f"{sae.cfg.site}-jumprelu-tc-24"] = (sae, save_sae(sae, tmp_path / "saes" / f"{sae.cfg.site}-jumprelu-tc-24"))
     rows = torch.from_numpy(np.stack(list(token_rows(tiny_lm, CorpusConfig(source=str(doc_folder), seq_len=32, split="all")))[:8]))
     build(saes, tiny_lm, rows, tmp_path / "features.db", batch_size=4, top_k=3, sample=8, bands=2, per_band=1, progress=False)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    app = create_app(tmp_path / "features.db", lm=tiny_lm, transcoders=[s for s, _ in saes.values()], transcoders_name=name)
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.should_exit = True
-    thread.join(10)
+    yield from _serve(create_app(tmp_path / "features.db", lm=tiny_lm, transcoders=[s for s, _ in saes.values()],
+                                 transcoders_name=name))
 
 
 def test_graph_pages_in_chromium(graph_server, browser):
