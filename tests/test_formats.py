@@ -94,6 +94,13 @@ def test_saelens_hook_names(tmp_path):
     assert load_sae(tmp_path).cfg.site == "resid.1"
 
 
+def test_an_sae_without_a_site_is_not_saved_for_saelens(tmp_path):
+    """SAELens cannot load a config whose hook_name is null: the save refuses, says how, writes nothing."""
+    with pytest.raises(SaescopeError, match=r"does not say which site.*set sae.cfg.site"):
+        save_sae(_trained_like(site=None), tmp_path / "nosite", format="saelens")
+    assert not (tmp_path / "nosite").exists() or not any((tmp_path / "nosite").iterdir())
+
+
 def test_object_arrays_are_refused(tmp_path):
     buf = io.BytesIO()
     np.savez(buf, W_enc=np.array([{"evil": 1}], dtype=object))

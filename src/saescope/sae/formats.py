@@ -74,6 +74,9 @@ def unfit(cfg: SAEConfig, format: str) -> str | None:
         return "Gemma Scope 2's config.json names the SAE's site (hf_hook_point_in); this SAE has none"
     if format == "gemmascope" and cfg.skip:
         return "Gemma Scope's params.npz has no skip connection; save a skip transcoder as saelens or native"
+    if format == "saelens" and not cfg.site:  # SAELens refuses a config whose hook_name is null
+        return ("a SAELens folder names the hook the SAE reads (hook_name) and this SAE does not say which site it "
+                "reads: set sae.cfg.site (e.g. 'resid.6') before saving")
     if format == "saelens" and cfg.transcoder and cfg.arch == "topk":
         return "SAELens has no TopK transcoder (it would load as an SAE); save it as native"
     return None
@@ -115,12 +118,11 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         del arrays["threshold"]
     if cfg.skip:  # SAELens's W_skip is d_out × d_in
         arrays["W_skip"] = arrays["W_skip"].t().contiguous()
-    site = Site.parse(cfg.site) if cfg.site else None
+    site = Site.parse(cfg.site)
     arch = _SAELENS_TRANSCODER[cfg.arch, cfg.skip] if cfg.transcoder else _SAELENS_ARCH[cfg.arch]
     saelens = {
         "architecture": arch, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32",
-        "model_name": cfg.model, "hook_name": site.tl_name if site else None,
-        "hook_layer": site.layer if site else None, "hook_head_index": None,
+        "model_name": cfg.model, "hook_name": site.tl_name, "hook_layer": site.layer, "hook_head_index": None,
         "apply_b_dec_to_input": False, "normalize_activations": "none", "prepend_bos": True,
         "activation_fn_str": "topk" if cfg.arch == "topk" else "relu",
         "activation_fn_kwargs": {"k": cfg.k} if cfg.arch == "topk" else {},
