@@ -19,7 +19,7 @@ from ..lm import LanguageModel
 from ..sae import SparseAutoencoder
 from ..sae.layers import Layers
 from ..sae.multilayer import MultiLayerDictionary
-from .graph import Graph, normalised
+from .graph import Graph, influence, normalised
 from .local import Trace, trace
 
 
@@ -28,9 +28,8 @@ class Active:
     """The active features of one prompt (position 0 left out: its MLP outputs stay fixed terms,
     as circuit-tracer keeps the attention sink out of graphs), in (layer, position, latent) order."""
 
-    index: torch.Tensor     # [n, 3] model layer, position, latent
+    index: torch.Tensor     # [n, 3] model layer (= dictionary group), position, latent
     values: torch.Tensor    # [n] activations
-    group: torch.Tensor     # [n] dictionary group
     encoders: torch.Tensor  # [n, d_in] what each feature's pre-activation reads at its MLP input
     writes: list[torch.Tensor]  # per group: [n_g, n_out, d] activation × decoder, its features in order
     errors: torch.Tensor    # [n_layers, n_pos, d]: each MLP output less the dictionary's output
@@ -81,7 +80,7 @@ def prompt_ids(lm: LanguageModel, prompt: str | list[int] | torch.Tensor) -> tor
 def _active(layers: Layers, t: Trace) -> Active:
     """The active features, their vectors and the error nodes, from the traced forward's values."""
     n = len(layers.sites_in)
-    index, values, group, encoders, writes, pre, errors = [], [], [], [], [], [], []
+    index, values, encoders, writes, pre, errors = [], [], [], [], [], []
     with torch.no_grad():
         seen_in = [t.mlp_in[i][0].detach().float() for i in range(n)]
         recon = [layers.bias(j) + torch.zeros_like(seen_in[j]) for j in range(n)]
@@ -96,7 +95,6 @@ def _active(layers: Layers, t: Trace) -> Active:
             enc = layers.encoder(i)[:, latent].T
             index.append(torch.stack([torch.full_like(pos, i), pos, latent], 1))
             values.append(act)
-            group.append(torch.full_like(pos, i))
             encoders.append(enc)
             writes.append(layers.decoder(i)[latent] * act[:, None, None])
             pre.append((enc * x[pos]).sum(1) + layers.encoder_bias(i)[latent])
@@ -104,7 +102,7 @@ def _active(layers: Layers, t: Trace) -> Active:
             e = t.mlp_out[j][0].detach().float() - recon[j]
             e[0] = 0
             errors.append(e)
-    return Active(torch.cat(index), torch.cat(values), torch.cat(group), torch.cat(encoders), writes,
+    return Active(torch.cat(index), torch.cat(values), torch.cat(encoders), writes,
                   torch.stack(errors), torch.cat(pre))
 
 
@@ -153,7 +151,7 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
     # so that one product with the gradients at that position gives their edges
     blocks = []
     for i in range(n):
-        mine = torch.nonzero(act.group == i).squeeze(1)
+        mine = torch.nonzero(act.index[:, 0] == i).squeeze(1)
         for p in act.index[mine, 1].unique().tolist():
             cols = mine[act.index[mine, 1] == p]
             blocks.append((i, i + act.writes[i].shape[1], p, cols, act.writes[i][cols - mine[0]].flatten(1).T.contiguous()))
@@ -185,7 +183,9 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
         if budget == n_active:
             pending = torch.arange(n_active)
         else:
-            ranks = _running_influence(edges[:filled], logit_p, node_of_row[:filled], n_cols + n_logits)[:n_active]
+            weights = torch.zeros(n_cols + n_logits)
+            weights[n_cols:] = logit_p
+            ranks = influence(normalised(edges[:filled]), weights, 128, rows=node_of_row[:filled])[:n_active]
             order = ranks.argsort(descending=True)
             pending = order[~visited[order]][:min(update_interval * batch_size, budget - int(visited.sum()))]
             # the same queue in layer order: a batch's backward pass runs only below its highest target
@@ -215,19 +215,3 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
                  logit_probabilities=logit_p, adjacency=adjacency, n_layers=n, model=lm.name, dictionary=dictionary,
                  n_active=n_active, extra={"pre_activations": act.pre[selected], "seconds": time.perf_counter() - start,
                                            "error_vectors": act.errors})
-
-
-def _running_influence(edges: torch.Tensor, logit_p: torch.Tensor, node_of_row: torch.Tensor, n_nodes: int) -> torch.Tensor:
-    """Each column's influence on the logits through the rows filled so far (a row is the node
-    `node_of_row` names; logits are the last nodes), by the same series as influence()."""
-    a = normalised(edges)
-    weights = torch.zeros(n_nodes)
-    weights[-len(logit_p):] = logit_p
-    total = torch.zeros(n_nodes)
-    for _ in range(128):
-        weights = weights[node_of_row] @ a
-        if not weights.any():
-            return total
-        weights = torch.cat([weights, torch.zeros(n_nodes - weights.shape[0])])
-        total += weights
-    raise SaescopeError("running influence did not converge in 128 steps")

@@ -38,9 +38,9 @@ def circuit_command(args) -> str:
     if args.features:
         labels = feature_files(graph, args.features, lambda layer: member(name, [f"mlp_in.{i}" for i in range(lm.n_layers)], layer),
                                out.parent / "features", name)
-    path = write_graph_files(graph, out.parent, out.stem, args.node_threshold, args.edge_threshold, labels)
-    save_graph(graph, out.with_suffix(".safetensors"))
     kept = prune(graph, args.node_threshold, args.edge_threshold)
+    path = write_graph_files(graph, out.parent, out.stem, args.node_threshold, args.edge_threshold, labels, kept)
+    save_graph(graph, out.with_suffix(".safetensors"))
     replacement, completeness = scores(graph)
     return (f"graph {path}: {graph.n_features} of {graph.n_active} active features attributed, "
             f"{int(kept.nodes[:graph.n_features].sum())} kept; {graph.n_logits} target logits "

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..errors import SaescopeError
 from ..files import atomic_write, read_safetensors, safetensors_metadata, write_json, write_safetensors
-from .graph import Graph, prune
+from .graph import Graph, Pruned, prune
 
 SCHEMA_VERSION = 1
 _TENSORS = ("tokens", "features", "activations", "logit_tokens", "logit_probabilities", "adjacency")
@@ -99,16 +99,18 @@ def _token(text: str) -> str:
 
 
 def graph_json(graph: Graph, slug: str, node_threshold: float = 0.8, edge_threshold: float = 0.98,
-               labels: dict[tuple[int, int], str] | None = None) -> dict:
+               labels: dict[tuple[int, int], str] | None = None, pruned: Pruned | None = None) -> dict:
     """The pruned graph in the frontend's schema: features "{layer}_{latent}_{pos}", errors
     "0_{layer}_{pos}", embeddings "E_{token}_{pos}", logits "{L+1}_{token}_{pos}"; `labels` gives
-    a feature's one-line description (clerp) by (layer, latent)."""
+    a feature's one-line description (clerp) by (layer, latent); `pruned`, the graph already
+    pruned at those thresholds."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", slug):
         raise SaescopeError(f"graph slug {slug!r}: use letters, digits, '.', '_' and '-' only")
-    kept = prune(graph, node_threshold, edge_threshold)
+    kept = pruned or prune(graph, node_threshold, edge_threshold)
     labels = labels or {}
     nodes: dict[int, dict] = {}
     n, pos_last = graph.n_layers, graph.n_pos - 1
+    feature_ids = {f"{layer}_{latent}_{pos}" for layer, pos, latent in graph.features.tolist()}
     for i in torch.nonzero(kept.nodes).squeeze(1).tolist():
         inf = float(kept.cumulative[i])
         if i < graph.error_start:
@@ -119,7 +121,7 @@ def graph_json(graph: Graph, slug: str, node_threshold: float = 0.8, edge_thresh
         elif i < graph.token_start:
             layer, pos = divmod(i - graph.error_start, graph.n_pos)
             node_id = f"0_{layer}_{pos}"  # the schema's id is a layer-0 feature's when that latent is numbered `layer`
-            if any(v["node_id"] == node_id for v in nodes.values()):
+            if node_id in feature_ids:
                 node_id = f"err_{layer}_{pos}"
             nodes[i] = _node(node_id, -1, str(layer), pos, "mlp reconstruction error", f"{layer}_{pos}-0",
                              influence=inf)
@@ -157,10 +159,11 @@ def _node(node_id: str, feature: int, layer: str, ctx_idx: int, feature_type: st
 
 
 def write_graph_files(graph: Graph, out: str | os.PathLike, slug: str, node_threshold: float = 0.8,
-                      edge_threshold: float = 0.98, labels: dict[tuple[int, int], str] | None = None) -> Path:
+                      edge_threshold: float = 0.98, labels: dict[tuple[int, int], str] | None = None,
+                      pruned: Pruned | None = None) -> Path:
     """`{slug}.json` under `out` and its entry in `out/graph-metadata.json` (one per slug)."""
     out = Path(out)
-    data = graph_json(graph, slug, node_threshold, edge_threshold, labels)
+    data = graph_json(graph, slug, node_threshold, edge_threshold, labels, pruned)
     path = out / f"{slug}.json"
     atomic_write(path, json.dumps(data).encode())
     index = out / "graph-metadata.json"

@@ -68,15 +68,25 @@ def normalised(adjacency: torch.Tensor) -> torch.Tensor:
     return a / a.sum(1, keepdim=True).clamp_min(1e-10)
 
 
-def influence(a: torch.Tensor, weights: torch.Tensor, max_steps: int = 1000) -> torch.Tensor:
+def influence(a: torch.Tensor, weights: torch.Tensor, max_steps: int = 1000,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """weights · (A + A² + …): every node's influence on the weighted targets along paths of any
-    length. A graph's edges run from earlier to later nodes only, so the series ends."""
-    step = weights @ a
+    length. A graph's edges run from earlier to later nodes only, so the series ends. `rows`: A
+    holds only some targets, row r being node rows[r] (the rows attribution has filled so far);
+    nodes past A's columns have no sources."""
+    def times(v: torch.Tensor) -> torch.Tensor:
+        if rows is None:
+            return v @ a
+        out = torch.zeros_like(v)
+        out[:a.shape[1]] = v[rows] @ a
+        return out
+
+    step = times(weights)
     total = step.clone()
     for _ in range(max_steps):
         if not step.any():
             return total
-        step = step @ a
+        step = times(step)
         total += step
     raise SaescopeError(f"influence did not converge in {max_steps} steps: the graph has a cycle")
 

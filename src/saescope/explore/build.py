@@ -276,7 +276,8 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
     from ..data import token_tensor
     from ..lm import load_model
     from ..sae.export import member
-    from ..sae.formats import is_multilayer, load_dictionary, load_sae, run_saes
+    from ..sae.formats import load_dictionary, run_saes
+    from ..sae.multilayer import MultiLayerDictionary
     from ..site import Site
 
     folder = Path(folder)
@@ -288,11 +289,11 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
     found = run_saes(folder)
     saes = {}
     for name, path in found.items():
-        if not is_multilayer(path):
-            saes[name] = (load_sae(path), path)
-            continue
         d = load_dictionary(path)
-        if d.cfg.kind == "clt":  # each layer's latents as that layer's transcoder, named as a set's would be
+        if not isinstance(d, MultiLayerDictionary):
+            saes[name] = (d, path)
+        elif d.cfg.kind == "clt":  # each layer's latents as that layer's transcoder, named as a set's would be
+            d = d.fold()
             saes.update({member(name, d.cfg.sites_in, Site.parse(s).layer): (d.layer_view(i), path)
                          for i, s in enumerate(d.cfg.sites_in)})
     if not saes:

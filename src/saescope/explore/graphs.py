@@ -52,7 +52,7 @@ def label(top_tokens: list[str]) -> str:
 
 
 def add_graph_routes(app: FastAPI, folder: Path, lm, unit, unit_name: str | None, sae_ids: set[str],
-                     model_lock: threading.Lock, db_path: Path) -> None:
+                     model_lock: threading.Lock, con) -> None:
     """Routes under /api/graphs. `unit` (a transcoder set or CLT, named `unit_name`) makes new
     graphs, labelled from the feature database where it holds their layers, and runs
     interventions; without it, graphs are read only."""
@@ -98,16 +98,7 @@ def add_graph_routes(app: FastAPI, folder: Path, lm, unit, unit_name: str | None
         except SaescopeError as exc:
             raise HTTPException(422, str(exc)) from None
         sites = [f"mlp_in.{i}" for i in range(lm.n_layers)]
-        labels = {}
-        con = connect(db_path, readonly=True)
-        try:
-            for layer, latent in {(int(f[0]), int(f[2])) for f in g.features}:
-                row = con.execute("SELECT top_tokens FROM latents WHERE sae = ? AND latent = ?",
-                                  (member(unit_name or "", sites, layer), latent)).fetchone()
-                if row is not None:
-                    labels[(layer, latent)] = label(json.loads(row[0]))
-        finally:
-            con.close()
+        labels = feature_labels(con, g, lambda layer: member(unit_name or "", sites, layer))
         write_graph_files(g, folder, slug, labels=labels)
         return {"slug": slug}
 
@@ -124,6 +115,17 @@ def add_graph_routes(app: FastAPI, folder: Path, lm, unit, unit_name: str | None
             raise HTTPException(422, str(exc)) from None
 
 
+def feature_labels(con, graph: Graph, sae_of_layer) -> dict[tuple[int, int], str]:
+    """Each feature node's label (its top tokens) where the database holds its layer's dictionary."""
+    labels = {}
+    for layer, latent in {(int(f[0]), int(f[2])) for f in graph.features}:
+        row = con.execute("SELECT top_tokens FROM latents WHERE sae = ? AND latent = ?",
+                          (sae_of_layer(layer), latent)).fetchone()
+        if row is not None:
+            labels[(layer, latent)] = label(json.loads(row[0]))
+    return labels
+
+
 def feature_files(graph: Graph, db_path: str | os.PathLike, sae_of_layer, out: str | os.PathLike,
                   scan: str) -> dict[tuple[int, int], str]:
     """Each feature node's page as circuit-tracer's frontend and Neuronpedia's graph view load it
@@ -137,7 +139,6 @@ def feature_files(graph: Graph, db_path: str | os.PathLike, sae_of_layer, out: s
     con = connect(db, readonly=True)
     folder = Path(out) / scan
     vocab = {r["token"]: r["text"] for r in con.execute("SELECT token, text FROM vocab")}
-    labels = {}
     try:
         for layer, latent in sorted({(int(f[0]), int(f[2])) for f in graph.features}):
             sae = sae_of_layer(layer)
@@ -158,13 +159,11 @@ def feature_files(graph: Graph, db_path: str | os.PathLike, sae_of_layer, out: s
             logits = {sign: [vocab.get(r["token"], "") for r in con.execute(
                 "SELECT token FROM logits WHERE sae = ? AND latent = ? AND sign = ? ORDER BY rank", (sae, latent, sign))]
                 for sign in (1, -1)}
-            top_tokens = json.loads(stats["top_tokens"])
-            labels[(layer, latent)] = label(top_tokens)
             write_json(folder / f"{feature_index(layer, latent)}.json", {
                 "index": feature_index(layer, latent), "layer": layer, "latent": latent, "act_min": 0.0,
                 "act_max": float(stats["max_act"]), "density": float(stats["density"]),
                 "examples_quantiles": [{"quantile_name": k, "examples": v} for k, v in quantiles.items()],
-                "top_logits": logits[1], "bottom_logits": logits[-1], "top_tokens": top_tokens})
+                "top_logits": logits[1], "bottom_logits": logits[-1], "top_tokens": json.loads(stats["top_tokens"])})
+        return feature_labels(con, graph, sae_of_layer)
     finally:
         con.close()
-    return labels

@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field
 from ..evals.report import TABLE_KEYS
 from ..files import read_json
 from ..lm import LanguageModel, capture, splice
-from ..sae.formats import is_multilayer, load_dictionary, load_sae
+from ..sae.formats import load_dictionary
+from ..sae.multilayer import MultiLayerDictionary
 from .db import connect
 from .graphs import add_graph_routes
 
@@ -87,12 +88,9 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
             raise HTTPException(503, "this server was started without a model; live text and steering need one")
         with model_lock:
             if sae_id not in loaded:
-                path = row["path"]
-                if is_multilayer(path):  # a CLT's latents of one layer (explore/build.py lists them so)
-                    d = load_dictionary(path)
-                    sae = d.layer_view(d.cfg.sites_in.index(row["site"]))
-                else:
-                    sae = load_sae(path)
+                sae = load_dictionary(row["path"])
+                if isinstance(sae, MultiLayerDictionary):  # a CLT's latents of one layer, as explore/build.py lists them
+                    sae = sae.layer_view(sae.cfg.sites_in.index(row["site"]))
                 loaded[sae_id] = sae.to(lm.device)
         return loaded[sae_id], row
 
@@ -204,5 +202,5 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
                 "unsteered": plain, "steered": steered}
 
     if lm is not None:
-        add_graph_routes(app, run_dir / "graphs", lm, transcoders, transcoders_name, set(saes), model_lock, db_path)
+        add_graph_routes(app, run_dir / "graphs", lm, transcoders, transcoders_name, set(saes), model_lock, con)
     return app

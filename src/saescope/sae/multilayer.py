@@ -382,7 +382,7 @@ class MultiLayerDictionary(nn.Module):
         """Group i's latents as a transcoder of its own layer, folded: the same codes from the same
         input, the decoder its writes to its own output. What the explorer shows of a CLT latent
         (examples, its own-layer logits and neighbours); its writes to later layers are not in it."""
-        f = self.fold()
+        f = self if self.folded else self.fold()
         g, cfg = f.groups[i], self.cfg
         view = build_sae(SAEConfig(arch=cfg.arch, d_in=cfg.d_in, d_sae=cfg.d_sae, d_out=cfg.d_out, site=cfg.sites_in[i],
                                    target_site=cfg.sites_out[i], model=cfg.model, k=cfg.k, bandwidth=cfg.bandwidth,
