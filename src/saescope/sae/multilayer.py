@@ -342,10 +342,13 @@ class MultiLayerDictionary(nn.Module):
         self.b_dec.zero_()
 
     def _by_group(self, rows: torch.Tensor | None) -> list[torch.Tensor | None]:
-        """Latent indices over every group ([n·m], as "fired" and "touched"), as each group's own."""
-        m = self.cfg.d_sae
-        return [None if rows is None else rows[(rows >= i * m) & (rows < (i + 1) * m)] - i * m
-                for i in range(self.cfg.n_layers)]
+        """Latent indices over every group ([n·m], ascending, as `nonzero` gives "touched"), as
+        each group's own: cut at the group bounds with one host read, not one mask per group."""
+        n, m = self.cfg.n_layers, self.cfg.d_sae
+        if rows is None:
+            return [None] * n
+        cuts = torch.searchsorted(rows, torch.arange(1, n, device=rows.device) * m).cpu()
+        return [part - i * m for i, part in enumerate(rows.tensor_split(cuts))]
 
     @torch.no_grad()
     def remove_parallel_grad(self, rows: torch.Tensor | None = None) -> None:
