@@ -72,27 +72,29 @@ def export_saes(folder: str | os.PathLike, out: str | os.PathLike, format: str) 
             for name, d in found.items()]
 
 
-def replacement_units(folder: str | os.PathLike, found: dict | None = None) -> dict[str, MultiLayerDictionary | list[SparseAutoencoder]]:
+def replacement_units(folder: str | os.PathLike) -> dict[str, MultiLayerDictionary | list[SparseAutoencoder]]:
     """What can stand in for a model's MLPs, by name: each cross-layer transcoder and each
-    transcoder set of `folder` (a run, a folder of dictionaries, one, or a circuit-tracer
-    folder). Crosscoders, SAEs and transcoders without a set are not, and are named in the
-    error when nothing else is there."""
-    if found is None and is_circuit_tracer(folder):
+    transcoder set of `folder` (a run, a folder of dictionaries, one, or a circuit-tracer folder)."""
+    if is_circuit_tracer(folder):
         return {Path(folder).name: load_circuit_tracer(folder)}
-    if found is None:
-        found = {name: load_dictionary(path) for name, path in run_saes(folder).items()}
+    return _units({name: load_dictionary(path) for name, path in run_saes(folder).items()}, f"in {folder}")
+
+
+def _units(found: dict, where: str) -> dict[str, MultiLayerDictionary | list[SparseAutoencoder]]:
+    """The CLTs and transcoder sets among loaded dictionaries; crosscoders, SAEs and transcoders
+    without a set are not units, and are named in the error when nothing else is there."""
     clts = {name: d for name, d in found.items() if isinstance(d, MultiLayerDictionary) and d.cfg.kind == "clt"}
     singles = {name: d for name, d in found.items() if not isinstance(d, MultiLayerDictionary)}
     sets = transcoder_sets(singles)
     if not clts and not sets:
         raise SaescopeError("cross-layer transcoders or transcoder sets (the same transcoder entry at every layer) "
-                            f"stand in for MLPs; none among {', '.join(found) or 'nothing'} in {folder}")
+                            f"stand in for MLPs; none among {', '.join(found) or 'nothing'} {where}")
     return {**clts, **{name: [singles[n] for n in names] for name, names in sets.items()}}
 
 
 def _circuit_tracer(found: dict, out: Path) -> list[Path]:
     """Each CLT and transcoder set as a circuit-tracer folder."""
-    units = replacement_units("the export", found)
+    units = _units(found, "to export")
     for d in units.values():  # every check before anything is written
         check_circuit_tracer(d)
     return [save_circuit_tracer(d, out / name, scan=name) for name, d in units.items()]

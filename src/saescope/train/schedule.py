@@ -26,7 +26,7 @@ def decayed(step: int, start: float, end: float, steps: int) -> float:
 
 def coeff_at(step: int, coeff: float, warmup: int) -> float:
     """λ warmed up linearly from 0 over `warmup` steps."""
-    return coeff if step >= warmup else coeff * step / warmup
+    return decayed(step, 0.0, coeff, warmup)
 
 
 class TargetL0:
