@@ -91,7 +91,7 @@ def ours(a) -> int:
     from saescope.sae.export import pick_unit
 
     name, unit = pick_unit(a.transcoders, None)
-    lm = load_model("gemma-3-270m")
+    lm = load_model("gemma-3-270m-q4km")
     for k, prompt in enumerate(json.loads(Path(a.prompts).read_text())):
         start = time.perf_counter()
         graph = attribute(lm, unit, prompt, batch_size=a.batch_size, max_feature_nodes=a.max_feature_nodes,

@@ -31,7 +31,7 @@ from saescope.site import Site
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default="gemma-3-270m-q4km")
     p.add_argument("--site", default="resid.6")
     p.add_argument("--sae", default=None, help="an SAE to index (default: a fresh TopK of --d-sae, --k)")
     p.add_argument("--d-sae", type=int, default=16384)

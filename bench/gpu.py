@@ -1,7 +1,7 @@
 """Every CUDA path of saescope checked and timed in one prepared run, because a GPU is lent to this
 project only now and then, for minutes, start-up included.
 
-    python bench/gpu.py [--out runs/gpu.json] [--device cuda|cpu] [--model gemma-3-270m] [--site resid.6]
+    python bench/gpu.py [--out runs/gpu.json] [--device cuda|cpu] [--model gemma-3-270m-q4km] [--site resid.6]
                         [--tests-k EXPR]
 
 Parts, each under its own time limit (LIMITS) so that the whole fits in 8 minutes on a GPU; a part
@@ -324,7 +324,7 @@ def main() -> int:
     p.add_argument("--out", default="runs/gpu.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (the default where there is one), cuda:1, cpu; a CPU gets tiny shapes")
-    p.add_argument("--model", default="gemma-3-270m", help="the pipeline part's model")
+    p.add_argument("--model", default="gemma-3-270m-q4km", help="the pipeline part's model")
     p.add_argument("--site", default="resid.6", help="the pipeline part's site")
     p.add_argument("--tests-k", default=None, help="only the tests matching this pytest -k expression")
     p.add_argument("--collectives", action="store_true", help=argparse.SUPPRESS)  # the torchrun part's probe

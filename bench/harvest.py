@@ -1,6 +1,6 @@
 """Harvest tokens/s beside the bare model forward truncated at the same layer, same rows, same run.
 
-    python bench/harvest.py [--model gemma-3-270m] [--layer 6] [--tokens 16384] [--batch 4] [--out FILE.json]
+    python bench/harvest.py [--model gemma-3-270m-q4km] [--layer 6] [--tokens 16384] [--batch 4] [--out FILE.json]
 
 Both sides run the same packed rows with the same batch shape; runs alternate so that machine
 noise hits both alike, and the table reports the median. Model loading and corpus reading are
@@ -26,7 +26,7 @@ from common import bare_forward_seconds
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default="gemma-3-270m-q4km")
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--kinds", default="resid,attn,mlp,mlp_in", help="site kinds harvested at --layer")
     p.add_argument("--tokens", type=int, default=16384)

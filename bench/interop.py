@@ -1,7 +1,8 @@
 """SAELens, through its own loader, reads the SAELens folders saescope writes, for SAEs trained
 with each objective option, for a BatchTopK SAE before and after its per-latent conversion, and
 for transcoders with and without a skip connection (SAELens's transcoder classes); its Gemma
-Scope 2 loader reads the Gemma Scope 2 folders saescope writes; circuit-tracer's Gemma Scope 2
+Scope 1 loaders read the params.npz files saescope writes in a release's layout (SAEs and
+transcoders), its Gemma Scope 2 loader the Gemma Scope 2 folders; circuit-tracer's Gemma Scope 2
 loaders read our transcoders' and a trained cross-layer transcoder's Gemma Scope 2 files, and its
 own layout's loaders read what `saescope export --format circuit-tracer` writes of that CLT and of
 a set of skip transcoders.
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from saescope import batchtopk_to_jumprelu, load_sae, save_sae
-from saescope.sae.formats import gemmascope2_dir, unfit
+from saescope.sae.formats import gemmascope2_dir, gemmascope_dir, unfit
 from saescope.config import SAESpec, TrainConfig
 from saescope.data import TensorSource
 from saescope.train import train
@@ -72,6 +73,38 @@ def gemma_scope_2(folder: Path):
     sae.process_state_dict_for_loading(state)
     sae.load_state_dict(state, assign=True)
     return sae
+
+
+def gemma_scope_1(sae, root: Path):
+    """SAELens's own Gemma Scope 1 loaders (`gemma_2` for SAEs, `gemma_2_transcoder` for
+    transcoders) on a params.npz of ours in a release's folder layout; its hub download is answered
+    from the disk and the shapes it would take from the repository's name come from ours."""
+    from sae_lens import SAE
+    from sae_lens.loading import pretrained_sae_loaders as loaders
+    from sae_lens.saes.sae import handle_config_defaulting
+
+    repo = "google/gemma-scope-2b-pt-" + ("transcoders" if sae.cfg.transcoder else "res")
+    folder = gemmascope_dir(root / repo, 0, 16384, 6)  # the folder names a width; the overrides say ours
+    save_sae(sae, folder, format="gemmascope")
+    name = folder.relative_to(root / repo).as_posix()
+
+    def download(repo_id, filename, subfolder=None, **_):
+        return str(root / repo_id / (subfolder or "") / filename)
+
+    saved = loaders.hf_hub_download
+    loaders.hf_hub_download = download
+    load = loaders.gemma_2_transcoder_huggingface_loader if sae.cfg.transcoder else loaders.gemma_2_sae_huggingface_loader
+    overrides = {"d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, **({"d_out": sae.cfg.width_out} if sae.cfg.transcoder else {})}
+    try:
+        cfg, state, _ = load(repo, name, device="cpu", cfg_overrides=overrides)
+    finally:
+        loaders.hf_hub_download = saved
+    theirs = SAE.from_dict(handle_config_defaulting(cfg))
+    theirs.process_state_dict_for_loading(state)
+    theirs.load_state_dict(state, assign=True)
+    back = load_sae(folder / "params.npz")  # and ours reads the same file back with its site and kind
+    assert back.cfg.transcoder == sae.cfg.transcoder and back.cfg.site == ("ln2.0" if sae.cfg.transcoder else "resid.0")
+    return theirs
 
 
 def multi_layer(out: Path, x: torch.Tensor) -> tuple:
@@ -169,19 +202,21 @@ def main() -> int:
     mlp = torch.tanh(x @ torch.randn(16, 16, generator=torch.Generator().manual_seed(2)) / 4) * 3  # d_out = d_in, as a model's MLP
     train(TrainConfig(saes=suite(), tokens=60 * 256, batch_size=256, lr=1e-3), out / "run",
           source=TensorSource({"resid.0": x, "mlp_in.0": x, "mlp.0": mlp}), progress=False)
-    worst, rows = 0.0, []
+    worst, rows, by_format = 0.0, [], {}
     for folder in sorted((out / "run" / "saes").iterdir()):
         sae = load_sae(folder)
         versions = [(folder.name, sae)]
         if sae.cfg.arch == "batchtopk":
             versions.append((f"{folder.name} → jumprelu", batchtopk_to_jumprelu(sae, x, 256)))
-        readers = [("SAELens", lambda sae, i: SAE.load_from_disk(
+        readers = [("SAELens folder", lambda sae, i: SAE.load_from_disk(
             str(save_sae(sae, out / "saelens" / str(i), format="saelens")), device="cpu"))]
+        if not unfit(sae.cfg, "gemmascope") and sae.cfg.arch == "jumprelu":
+            readers.append(("Gemma Scope 1 npz", lambda sae, i: gemma_scope_1(sae, out / "gs1" / str(i))))
         if not unfit(sae.cfg, "gemmascope2"):
             readers.append(("Gemma Scope 2", lambda sae, i: gemma_scope_2(
                 save_sae(sae, gemmascope2_dir(out / "gs2" / str(i), sae.cfg, 40), format="gemmascope2"))))
         for (name, ours), (files, read) in ((v, r) for v in versions for r in readers):
-            ours.cfg.model = "gemma-3-270m"  # Gemma Scope 2's loader reads a model name
+            ours.cfg.model = "gemma-3-270m-q4km"  # Gemma Scope 2's loader reads a model name
             theirs = read(ours, len(rows))
             with torch.no_grad():
                 f_ours, f_theirs = ours.encode(x), theirs.encode(x)
@@ -189,16 +224,19 @@ def main() -> int:
                 # the whole forward: a skip transcoder's output is the decode plus x·A
                 d_dec = float((ours(x) - theirs(x)).abs().max())
             worst = max(worst, d_enc, d_dec)
+            by_format[files] = max(by_format.get(files, 0.0), d_enc, d_dec)
             rows.append(f"| {name} | {files} | SAELens {type(theirs).__name__} | {float((f_theirs > 0).sum(1).float().mean()):.2f} "
                         f"| {d_enc:.1e} | {d_dec:.1e} |")
     transcoders = [(f.name, load_sae(f)) for f in sorted((out / "run" / "saes").iterdir()) if "-tc-" in f.name]
     ct_rows, ct_worst = circuit_tracer_rows(out, x, transcoders)
     worst = max(worst, ct_worst)
+    by_format["circuit-tracer's loaders"] = ct_worst
     rows += [f"| {name} | {files} | circuit-tracer {cls} | {l0:.2f} | {d_enc:.1e} | {d_out:.1e} |"
              for name, files, cls, l0, d_enc, d_out in ct_rows]
     print("| saescope dictionary | files | read by | L0 there | max abs Δ encode | max abs Δ output |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
+    print("largest difference by format: " + ", ".join(f"{k} {v:.1e}" for k, v in by_format.items()))
     print(f"worst difference {worst:.1e} (tolerance {TOLERANCE:g})")
     return 0 if worst <= TOLERANCE else 1
 

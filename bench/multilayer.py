@@ -64,7 +64,7 @@ def one_layer(a, corpus: Path) -> tuple[list[dict], str]:
     trained = {name: train_one(name, [SAESpec(sites=[f"mlp_in.{a.layer}"], transcoder=True, skip=skip, widths=[a.width],
                                               target_l0=[a.l0])], a, store)
                for name, skip in VARIANTS.items()}
-    lm = load_model("gemma-3-270m")
+    lm = load_model("gemma-3-270m-q4km")
     rows = token_tensor(lm, CorpusConfig(source=str(corpus), split="heldout"), token_count(a.eval_tokens))
     results = evaluate({name: load_sae(paths[0]) for name, (paths, _) in trained.items()}, lm, rows, batch_size=2)
     table = [{"variant": name, "l0": r["l0"], "fvu": r["fvu"], "delta_loss": r["delta_loss"], "delta_loss_se": r["delta_loss_se"],
@@ -84,7 +84,7 @@ def all_layers(a, corpus: Path) -> tuple[list[dict], str]:
     from saescope.data.harvest import token_tensor
     from saescope.evals.replacement import evaluate_replacement
 
-    lm = load_model("gemma-3-270m")
+    lm = load_model("gemma-3-270m-q4km")
     n = lm.n_layers
     sites = [f"mlp_in.{i}" for i in range(n)]
     store = a.out / f"store-all-{a.tokens}"

@@ -149,7 +149,7 @@ def evaluate_all(paths: dict[str, Path], a) -> dict[str, dict]:
 
     todo = {key: p for key, p in paths.items() if not cached(p).is_file()}
     if todo:
-        lm = load_model("gemma-3-270m")
+        lm = load_model("gemma-3-270m-q4km")
         sets = {"in": CorpusConfig(source=str(a.corpus), split="heldout"),
                 "ood": CorpusConfig(source=str(a.prose), split="all")}
         saes = {key: load_sae(p) for key, p in todo.items()}

@@ -115,7 +115,7 @@ def main() -> int:
     p.add_argument("--target-l0", type=float, default=40.0)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--model", default="gemma-3-270m-q4km")
     a = p.parse_args()
     batches, c, steps = stream(a)
     first = next(batches)

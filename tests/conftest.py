@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -246,3 +248,36 @@ def tiny_transcoders(lm, width: int = 24, skip: tuple[int, ...] = (1,), seed: in
                 sae.W_skip.normal_(0, 0.1, generator=gen)
         out.append(sae)
     return out
+
+
+def gemma_scope_2_tree(root: Path, d: int = 32, width: int = 64, seed: int = 0) -> dict[str, Path]:
+    """A release tree written from SPEC §8's description alone (no saescope code, no saescope keys):
+    an SAE, a transcoder and a skip transcoder at layer 1 of a d-wide Gemma."""
+    import json
+
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    made = {}
+    for folder, kind, point_in, point_out, affine in [
+            ("resid_post/layer_1_width_64_l0_small", "sae", "model.layers.1.output", "model.layers.1.output", None),
+            ("transcoder/layer_1_width_64_l0_medium", "transcoder", "model.layers.1.pre_feedforward_layernorm.output",
+             "model.layers.1.post_feedforward_layernorm.output", False),
+            ("transcoder/layer_1_width_64_l0_big_affine", "transcoder", "model.layers.1.pre_feedforward_layernorm.output",
+             "model.layers.1.post_feedforward_layernorm.output", True)]:
+        path = root / folder
+        path.mkdir(parents=True)
+        params = {"w_enc": torch.randn(d, width, generator=gen) / d ** 0.5, "w_dec": torch.randn(width, d, generator=gen) * 0.1,
+                  "b_enc": torch.randn(width, generator=gen) * 0.1, "b_dec": torch.randn(d, generator=gen) * 0.1,
+                  "threshold": torch.rand(width, generator=gen) * 0.3}
+        config = {"width": width, "model_name": "google/gemma-3-270m-pt", "architecture": "jump_relu",
+                  "l0": {"small": 20, "medium": 60, "big": 150}[folder.split("_l0_")[1].split("_")[0]], "type": kind,
+                  "hf_hook_point_in": point_in, "hf_hook_point_out": point_out}
+        if affine is not None:
+            config["affine_connection"] = affine
+        if affine:
+            params["affine_skip_connection"] = torch.randn(d, d, generator=gen) * 0.1
+        save_file(params, path / "params.safetensors")
+        (path / "config.json").write_text(json.dumps(config))
+        made[folder] = path
+    return made

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from conftest import gemma_scope_2_tree
 from saescope import load_sae, save_sae
 from saescope.cli import main
+from saescope.sae.formats import l0_label
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -69,9 +71,19 @@ def test_train_from_a_store_with_config_and_flags(model_dir, doc_folder, tmp_pat
     assert skip.name == "mlp_in.1-jumprelu-tc-16-lam0.0006-skip" and load_sae(skip).cfg.skip
     # export: Gemma Scope 2's tree named by the training L0 (no target here), and SAELens folders
     assert main(["-q", "export", str(tmp_path / "run3"), "--format", "gemmascope2", "--out", str(tmp_path / "gs2")]) == 0
-    l0 = round(load_sae(skip).cfg.extra["final_metrics"]["l0"])
+    l0 = l0_label(load_sae(skip).cfg.extra["final_metrics"]["l0"])
     exported = load_sae(tmp_path / "gs2" / "transcoder" / f"layer_1_width_16_l0_{l0}_affine")
     assert exported.cfg.skip and exported.cfg.target_site == "mlp.1"
+    # the SAEs were trained on the store's documents (split train, 5% held out): eval refuses any text they read
+    evaluation = ["-q", "eval", "--sae", str(tmp_path / "run" / "saes"), "--model", str(model_dir), "--tokens", "128",
+                  "--corpus", str(doc_folder), "--seq-len", "32", "--out", str(tmp_path / "eval.json")]
+    capsys.readouterr()
+    for more in (["--holdout-fraction", "0.5"], ["--split", "all"]):
+        assert main(evaluation + more) == 2
+        err = capsys.readouterr().err
+        assert "was trained on documents this held-out text reads too" in err and len(err.strip().splitlines()) == 1
+        assert "--holdout-fraction at most 0.05" in err
+    assert main(evaluation + ["--holdout-fraction", "0.5", "--allow-overlap"]) == 0
     assert main(["-q", "export", str(tmp_path / "run"), "--format", "saelens", "--out", str(tmp_path / "sl")]) == 0
     assert sorted(p.name for p in (tmp_path / "sl").iterdir()) == names
     assert main(["-q", "export", str(tmp_path / "run2"), "--format", "gemmascope2", "--out", str(tmp_path / "x")]) == 2
@@ -115,6 +127,11 @@ def test_eval_writes_json_and_markdown(model_dir, doc_folder, tmp_path, capsys):
             "--corpus", str(doc_folder), "--seq-len", "32", "--holdout-fraction", "0.5", "--out", str(out)]
     assert main(args) == 2  # gemmascope folder has no site recorded → resid.1 unknown: a clear error
     assert "does not say which site it reads" in capsys.readouterr().err
+    one = args[:3] + [str(tmp_path / "saes" / "resid.1")] + args[4:]
+    assert main(one + ["--site", "mlp_in.1"]) == 2  # an SAE or a transcoder? the npz does not say
+    assert "give kind='sae' or kind='transcoder' (--kind)" in capsys.readouterr().err
+    assert main(one + ["--site", "resid.1"]) == 0
+    assert json.loads(out.read_text())[0]["site"] == "resid.1"
     (tmp_path / "saes" / "resid.1" / "params.npz").unlink()
     save_sae(ReLUSAE(SAEConfig(arch="relu", d_in=32, d_sae=8, site="resid.1")), tmp_path / "saes" / "resid.1")
     assert main(args) == 0
@@ -124,6 +141,25 @@ def test_eval_writes_json_and_markdown(model_dir, doc_folder, tmp_path, capsys):
             "dead_fraction", "dense_fraction", "n_tokens", "site", "path"} <= set(records[0])
     assert records[0]["n_tokens"] == 128
     assert "| attn.0 | attn.0 | 8 |" in out.with_suffix(".md").read_text()
+
+
+def test_a_gemma_scope_2_tree_evaluates_and_builds(model_dir, doc_folder, tmp_path, capsys):
+    """A release tree (resid_post/…, transcoder/…) is taken like any folder of SAEs."""
+    from saescope.explore import connect
+
+    gemma_scope_2_tree(tmp_path / "tree")
+    common = ["--model", str(model_dir), "--tokens", "128", "--corpus", str(doc_folder), "--seq-len", "32"]
+    assert main(["-q", "eval", "--sae", str(tmp_path / "tree"), *common, "--holdout-fraction", "0.5",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    records = {r["sae"]: r for r in json.loads((tmp_path / "eval.json").read_text())}
+    assert set(records) == {"resid_post-layer_1_width_64_l0_small", "transcoder-layer_1_width_64_l0_medium",
+                            "transcoder-layer_1_width_64_l0_big_affine"}
+    assert records["transcoder-layer_1_width_64_l0_medium"]["site"] == "mlp_in.1"
+    assert records["transcoder-layer_1_width_64_l0_medium"]["target_site"] == "mlp.1"
+    assert main(["-q", "explore", "build", str(tmp_path / "tree"), *common, "--split", "all",
+                 "--out", str(tmp_path / "f.db")]) == 0
+    con = connect(tmp_path / "f.db", readonly=True)
+    assert con.execute("SELECT count(*) FROM latents").fetchone()[0] == 3 * 64
 
 
 def test_explore_build_on_a_folder_of_saes(model_dir, doc_folder, tmp_path, capsys):

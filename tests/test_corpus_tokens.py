@@ -100,3 +100,23 @@ def test_keep_mask_excludes_specials(tokenizer):
     ids = np.array([[special.bos, 10, special.eos, 11, special.pad]])
     assert keep_mask(ids, special.ids).tolist() == [[False, True, False, True, False]]
     assert keep_mask(torch.from_numpy(ids), special.ids).tolist() == [[False, True, False, True, False]]
+
+
+def test_which_corpus_settings_share_documents():
+    """Held-out membership is by text hash, so two settings share documents exactly when they read
+    the same source and their hash buckets meet."""
+    from saescope.data.corpus import shares_documents
+
+    def c(**kw):
+        return CorpusConfig(**{"source": "docs", **kw})
+
+    trained = c(split="train", holdout_fraction=0.05)
+    assert not shares_documents(trained, c(split="heldout", holdout_fraction=0.05))
+    assert not shares_documents(trained, c(split="heldout", holdout_fraction=0.01, seed=3, seq_len=64))
+    assert shares_documents(trained, c(split="heldout", holdout_fraction=0.06))
+    assert shares_documents(trained, c(split="all"))
+    assert shares_documents(trained, c(split="train", holdout_fraction=0.5))
+    assert not shares_documents(trained, c(source="other", split="all"))
+    assert shares_documents(c(split="all"), c(split="heldout", holdout_fraction=0.05))
+    assert shares_documents(c(split="train", holdout_fraction=0.0), c(split="heldout", holdout_fraction=0.05))
+    assert not shares_documents(c(split="heldout", holdout_fraction=0.0), c(split="all"))  # reads nothing

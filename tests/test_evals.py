@@ -156,3 +156,69 @@ def test_absorption_on_a_planted_split():
     assert 0.2 < partial["letters"]["a"]["absorption_fraction"] / a["absorption_fraction"] < 0.8
     assert all(partial["letters"][c]["absorption_fraction"] == 0.0 for c in "bcd")
     assert 0.05 < result["absorption_rate"] < 0.25
+
+
+def test_error_bars_against_a_hand_computation(tiny_lm, rows):
+    """Delta loss, KL and CE recovered with sequences as the sampling units, each row spliced and
+    scored on its own here: the ratio estimator's standard error written out in numpy."""
+    from saescope import splice
+    from saescope.data.tokens import SpecialTokens, keep_mask
+
+    half = _identity(32, "resid.1")
+    with torch.no_grad():
+        half.W_dec.mul_(0.5)
+    out = evaluate({"half": half}, tiny_lm, rows, batch_size=4, progress=False)["half"]
+    special = SpecialTokens.of(tiny_lm.tokenizer).ids
+    per = []
+    with torch.no_grad():
+        for row in rows:
+            ids = row[None].long()
+            keep = keep_mask(ids, special)
+            pred = keep[:, :-1] & keep[:, 1:]
+            clean = tiny_lm(ids)
+            with splice(tiny_lm, "resid.1", lambda v: torch.where(keep[..., None], half(v).to(v.dtype), v)):
+                spliced = tiny_lm(ids)
+            with splice(tiny_lm, "resid.1", lambda v: v * (~keep)[..., None]):
+                zero = tiny_lm(ids)
+            per.append([float(pred.sum()), *(float(_ce(x, ids)[pred].sum()) for x in (clean, spliced, zero)),
+                        float(kl_divergence(clean[:, :-1], spliced[:, :-1])[pred].sum())])
+    n, c, s, z, k = np.array(per, dtype=np.float64).T
+
+    def se(a, b):
+        r = a.sum() / b.sum()
+        return np.sqrt(((a - r * b) ** 2).sum() / (len(b) * (len(b) - 1))) / abs(b.mean())
+
+    assert out["delta_loss"] == pytest.approx((s - c).sum() / n.sum(), rel=1e-5)
+    assert out["delta_loss_se"] == pytest.approx(se(s - c, n), rel=1e-4)
+    assert out["kl_se"] == pytest.approx(se(k, n), rel=1e-4)
+    assert out["ce_loss_recovered"] == pytest.approx((z - s).sum() / (z - c).sum(), rel=1e-5)
+    assert out["ce_loss_recovered_se"] == pytest.approx(se(z - s, z - c), rel=1e-4)
+    assert out["delta_loss_se"] > 0 and out["kl_se"] > 0 and out["ce_loss_recovered_se"] > 0
+
+
+def test_transcoders_are_fed_the_input_site_they_name(gemma_lm, doc_folder):
+    """A Gemma Scope 1 transcoder reads ln2.L (before the norm's scale), a Gemma Scope 2 one
+    mlp_in.L (after it): the evaluator feeds each its own tensor, so the same weights give each
+    the L0 its own input gives by hand, and the two differ."""
+    from saescope import JumpReLUSAE, capture
+
+    cfg = CorpusConfig(source=str(doc_folder), seq_len=32, split="all")
+    rows = torch.from_numpy(np.stack(list(token_rows(gemma_lm, cfg))[:4]))
+    with torch.no_grad():  # a learned scale of about 2 (Gemma scales by 1 + w): the two sites far apart
+        gemma_lm.layers[1].pre_feedforward_layernorm.weight.add_(1.0)
+    saes = {}
+    for site in ("ln2.1", "mlp_in.1"):
+        sae = JumpReLUSAE(SAEConfig(d_in=32, d_sae=64, site=site, target_site="mlp.1"))
+        sae.init_weights(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            sae.set_threshold(torch.full((64,), 0.3))
+        saes[site] = sae
+    out = evaluate(saes, gemma_lm, rows, batch_size=2, progress=False)
+    acts = capture(gemma_lm, rows, ["ln2.1", "mlp_in.1"])
+    from saescope.data.tokens import SpecialTokens, keep_mask
+
+    keep = keep_mask(rows, SpecialTokens.of(gemma_lm.tokenizer).ids)
+    for site, sae in saes.items():
+        by_hand = float((sae.encode(acts[site]) != 0).sum(-1)[keep].double().mean())
+        assert out[site]["l0"] == pytest.approx(by_hand, rel=1e-6), site
+    assert abs(out["ln2.1"]["l0"] - out["mlp_in.1"]["l0"]) > 0.5

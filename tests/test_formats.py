@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import gemma_scope_2_tree, tiny_model
 from saescope import LanguageModel, SAEConfig, SaescopeError, build_sae, check_sae, load_sae, save_sae
 from saescope.sae.formats import gemmascope_dir, width_label
 
@@ -79,7 +79,8 @@ def test_release_tree_and_canonical(tmp_path):
     assert torch.equal(canon.W_enc, load_sae(root / "layer_20/width_16k/average_l0_141/params.npz").W_enc)
     tc = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_9"
     save_sae(_trained_like(), tc, format="gemmascope")
-    assert (load_sae(tc).cfg.site, load_sae(tc).cfg.target_site) == ("mlp_in.3", "mlp.3")
+    # Gemma Scope 1's transcoders read ln2.hook_normalized: the norm's input before its scale
+    assert (load_sae(tc).cfg.site, load_sae(tc).cfg.target_site) == ("ln2.3", "mlp.3")
     assert [width_label(w) for w in (4096, 16384, 65536, 131072, 2**20)] == ["4k", "16k", "65k", "131k", "1m"]
 
 
@@ -135,10 +136,15 @@ def test_sae_must_fit_the_model():
     lm = LanguageModel(tiny_model("gemma2"))
     sae = _trained_like()
     assert str(check_sae(sae, lm)) == "resid.1"
+    sae.cfg.site = "attn.1"
     with pytest.raises(SaescopeError, match=r"SAE d_in 32 does not match attn\.1 of .*, which is 48 wide"):
-        check_sae(sae, lm, "attn.1")
+        check_sae(sae, lm)
+    sae.cfg.site = "resid.7"
     with pytest.raises(SaescopeError, match="layer 7 out of range"):
-        check_sae(sae, lm, "resid.7")
+        check_sae(sae, lm)
+    sae.cfg.site = None
+    with pytest.raises(SaescopeError, match=r"does not say which site it reads; give it when loading"):
+        check_sae(sae, lm)
 
 
 def test_a_skip_transcoder_by_hand_and_in_each_format(tmp_path):
@@ -192,6 +198,7 @@ def test_gemma_scope_2_folders(tmp_path, kind):
     folder = gemmascope2_dir(tmp_path, sae.cfg, 40.0)
     want = {"sae": "resid_post/layer_1_width_64_l0_40", "transcoder": "transcoder/layer_1_width_64_l0_40",
             "skip": "transcoder/layer_1_width_64_l0_40_affine"}[kind]
+    assert gemmascope2_dir(tmp_path, sae.cfg, 60.0).name.startswith("layer_1_width_64_l0_medium")
     assert folder == tmp_path / want
     save_sae(sae, folder, format="gemmascope2")
     params = load_file(folder / "params.safetensors")
@@ -239,7 +246,7 @@ def test_gemma_scope_2_refusals(tmp_path):
 
 
 def test_the_release_export_puts_each_kind_where_a_format_holds_it(tmp_path):
-    """`saescope run`'s release tree: JumpReLU in Gemma Scope's npz layout; TopK and skip transcoders,
+    """`saescope run`'s release tree: JumpReLU SAEs and transcoders in Gemma Scope 2's layout; TopK,
     which that format cannot hold, as SAELens folders; a TopK transcoder, which SAELens cannot hold
     either, as native. Each loads back to the same function."""
     from saescope.evals.report import export_released
@@ -253,11 +260,95 @@ def test_the_release_export_puts_each_kind_where_a_format_holds_it(tmp_path):
         records.append({"sae": name, "path": str(path), "site": sae.cfg.site, "l0": 10.0})
     export_released(records, tmp_path / "release")
     where = {r["sae"]: r["released"] for r in records}
-    assert where["jr"].endswith("layer_1/width_64/average_l0_10")
-    assert where["tk"].endswith("layer_1/topk/tk") and where["skip"].endswith("layer_1/skip/skip")
+    assert where["jr"].endswith("resid_post/layer_1_width_64_l0_10")
+    assert where["skip"].endswith("transcoder/layer_1_width_64_l0_10_affine")
+    assert where["tk"].endswith("saelens/tk") and where["tktc"].endswith("native/tktc")
     x = torch.randn(8, 32) * 12.5
     for name, sae in kinds.items():
         back = load_sae(where[name])
         assert back.cfg.skip == sae.cfg.skip and back.cfg.target_site == sae.cfg.target_site, name
         torch.testing.assert_close(back(x), sae(x), rtol=1e-5, atol=1e-4)
     assert (Path(where["tktc"]) / "sae.safetensors").is_file()  # native
+
+
+def _blob(cache: Path, repo: str, rel: str, data: bytes) -> Path:
+    """A file of a Hugging Face cache: the bytes in blobs/<sha256>, the snapshot's file a relative symlink."""
+    import hashlib
+    import os
+
+    sha = hashlib.sha256(data).hexdigest()
+    blob = cache / f"models--google--{repo}" / "blobs" / sha
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = cache / f"models--google--{repo}" / "snapshots" / "0123abcd" / rel
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    return link
+
+
+def test_releases_read_from_a_hugging_face_cache_keep_their_site_and_kind(tmp_path):
+    """The cache's snapshot files are symlinks into blobs/ (names of hashes): the site and kind come
+    from the path as given. A transcoder never loads as an SAE of its input, nor at another site."""
+    save_sae(_trained_like(), tmp_path / "src", format="gemmascope")
+    npz = (tmp_path / "src" / "params.npz").read_bytes()
+    cache = tmp_path / "hub"
+    res = _blob(cache, "gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71/params.npz", npz)
+    tc = _blob(cache, "gemma-scope-2b-pt-transcoders", "layer_3/width_16k/average_l0_9/params.npz", npz)
+    assert res.is_symlink() and "layer_" not in res.resolve().as_posix()
+    sae = load_sae(res.parent)
+    assert (sae.cfg.site, sae.cfg.target_site, sae.cfg.model) == ("resid.20", None, "gemma-2-2b")
+    assert load_sae(res.parent.parent / "canonical").cfg.site == "resid.20"
+    sae = load_sae(tc)
+    assert (sae.cfg.site, sae.cfg.target_site) == ("ln2.3", "mlp.3")
+    assert load_sae(tc, site="blocks.3.ln2.hook_normalized", kind="transcoder").cfg.transcoder
+    for kw, message in [({"site": "mlp_in.3"}, r"reads ln2\.3 \(its files say so\), not mlp_in\.3"),
+                        ({"kind": "sae"}, r"holds a transcoder \(ln2\.3 → mlp\.3\), not an SAE"),
+                        ({"kind": "crosscoder"}, "kind must be one of sae, transcoder")]:
+        with pytest.raises(SaescopeError, match=message) as err:
+            load_sae(tc, **kw)
+        assert "\n" not in str(err.value)
+    with pytest.raises(SaescopeError, match=r"holds an SAE of resid\.20, not a transcoder"):
+        load_sae(res, kind="transcoder")
+
+    bare = tmp_path / "copied" / "params.npz"  # outside its release's folders: the files say nothing
+    bare.parent.mkdir()
+    bare.write_bytes(npz)
+    assert load_sae(bare).cfg.site is None
+    assert load_sae(bare, site="resid.2").cfg.site == "resid.2"
+    with pytest.raises(SaescopeError, match=r"does not say whether it is an SAE or a transcoder, and mlp_in\.3 is a "
+                                            r"transcoder's input: give kind='sae' or kind='transcoder'"):
+        load_sae(bare, site="mlp_in.3")
+    sae = load_sae(bare, site="mlp_in.3", kind="transcoder")
+    assert (sae.cfg.site, sae.cfg.target_site) == ("mlp_in.3", "mlp.3")
+    assert not load_sae(bare, site="mlp_in.3", kind="sae").cfg.transcoder
+    with pytest.raises(SaescopeError, match=r"a transcoder reads mlp_in\.L or ln2\.L, not resid\.2"):
+        load_sae(bare, site="resid.2", kind="transcoder")
+
+
+def test_gemma_scope_2_tree_by_path(tmp_path):
+    """Each folder of a release tree loads by its path with the site from hf_hook_point_in and the
+    forward of SPEC §8 (pre = x·w_enc + b_enc; f = pre·(pre > θ); x̂ = f·w_dec + b_dec + x·A); names a
+    user guesses (canonical, large, 64k) are answered with the names that exist."""
+    from safetensors.torch import load_file
+
+    made = gemma_scope_2_tree(tmp_path / "gemma-scope-2-270m-pt")
+    x = torch.randn(10, 32) * 3
+    for folder, path in made.items():
+        sae = load_sae(path)
+        p = load_file(path / "params.safetensors")
+        pre = x @ p["w_enc"] + p["b_enc"]
+        want = (pre * (pre > p["threshold"])) @ p["w_dec"] + p["b_dec"]
+        if "affine_skip_connection" in p:
+            want = want + x @ p["affine_skip_connection"]
+        torch.testing.assert_close(sae(x), want, rtol=1e-5, atol=1e-5)
+        if folder.startswith("transcoder"):
+            assert (sae.cfg.site, sae.cfg.target_site, sae.cfg.skip) == ("mlp_in.1", "mlp.1", folder.endswith("_affine"))
+        else:
+            assert (sae.cfg.site, sae.cfg.target_site) == ("resid.1", None)
+    tree = tmp_path / "gemma-scope-2-270m-pt"
+    for guess in ("resid_post/layer_1_width_64_l0_large", "resid_post/layer_1_width_64k_l0_small", "resid_post/canonical"):
+        with pytest.raises(SaescopeError, match=r"resid_post has layer_1_width_64_l0_small$") as err:
+            load_sae(tree / guess)
+        assert "\n" not in str(err.value)
+    with pytest.raises(SaescopeError, match=r"has layer_1_width_64_l0_big_affine, layer_1_width_64_l0_medium$"):
+        load_sae(tree / "transcoder" / "layer_1_width_16k_l0_medium")

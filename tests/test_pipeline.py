@@ -17,9 +17,8 @@ def test_run_writes_the_report_and_reruns_skip_finished_stages(tmp_path, run_con
         assert (out / picture).stat().st_size > 5000 and f"]({picture})" in report
     records = json.loads((out / "report.json").read_text())
     assert len(records) == 6 and all("path" in r and "delta_loss" in r for r in records)
-    assert (out / "saes" / "layer_1" / "width_32" / "topk").exists() is False
-    assert list((out / "saes" / "layer_1").glob("width_*/average_l0_*/params.npz"))
-    assert list((out / "saes" / "layer_1" / "topk").iterdir())
+    assert list((out / "saes" / "resid_post").glob("layer_1_width_*_l0_*/params.safetensors"))
+    assert list((out / "saes" / "saelens").iterdir())  # TopK: Gemma Scope 2 holds JumpReLU only
     assert "Not measured: the tokenizer has too few whole-word tokens" in report  # a 400-token BPE
     timings = json.loads((out / "timings.json").read_text())
     assert set(timings) == {"harvest", "train", "eval", "absorption", "report", "explore"}

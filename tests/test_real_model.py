@@ -14,7 +14,7 @@ pytestmark = pytest.mark.real_model
 
 @pytest.fixture(scope="module")
 def gemma():
-    return load_model("gemma-3-270m")
+    return load_model("gemma-3-270m-q4km")
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +24,26 @@ def rows(gemma):
 
 
 def test_structure(gemma):
+    assert gemma.name == "gemma-3-270m-q4km" and load_model("gemma-3-270m").name == "gemma-3-270m-q4km"
     assert (gemma.n_layers, gemma.d_model, gemma.attn_width) == (18, 640, 1024)
     assert gemma.block_map.style == "gemma"
     assert gemma.tokenizer.bos_token_id == 2
+
+
+def test_every_export_says_the_embedded_model_is_a_dequantised_gguf(gemma, tmp_path):
+    """SAELens and Gemma Scope 2 files name the model and carry the GGUF's provenance."""
+    import json
+
+    from saescope import JumpReLUSAE, SAEConfig, save_sae
+
+    sae = JumpReLUSAE(SAEConfig(d_in=640, d_sae=16, site="resid.6", model=gemma.name))
+    sae.init_weights()
+    for fmt, config in (("saelens", "cfg.json"), ("gemmascope2", "config.json")):
+        cfg = json.loads((save_sae(sae, tmp_path / fmt, format=fmt) / config).read_text())
+        assert cfg["model_name"] == "gemma-3-270m-q4km"
+        source = cfg["saescope"]["model_source"]
+        assert source["file"] == "gemma-3-270m-q4_k_m.gguf" and len(source["sha256"]) == 64
+        assert "Q4_K_M" in source["weights"] and source["original"] == "google/gemma-3-270m"
 
 
 def test_sites_on_the_real_model(gemma, rows):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -123,3 +125,27 @@ def test_steering_never_leaks_into_concurrent_requests(client):
         reads = [pool.submit(client.post, "/api/saes/resid.1/activations", json=text) for _ in range(24)]
         assert all(f.result().status_code == 200 for f in steering)
         assert all(f.result().json()["activations"] == pytest.approx(clean) for f in reads)
+
+
+def test_a_copied_run_serves_from_another_directory(tiny_lm, feature_db, tmp_path, monkeypatch):
+    """The database records each SAE's folder relative to its own: a copied run whose original is
+    gone serves live text from any working directory; an SAE whose files went missing answers with
+    a message naming them, not a bare 500."""
+    import os
+    import shutil
+
+    db = feature_db[3]
+    copy = tmp_path / "copied" / "run"
+    shutil.copytree(db.parent / "saes", copy / "saes")
+    shutil.copy(db, copy / "features.db")
+    shutil.move(db.parent / "saes", tmp_path / "gone")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    client = TestClient(create_app(Path(os.path.relpath(copy / "features.db")), lm=tiny_lm))
+    r = client.post("/api/saes/resid.1/activations", json={"text": "The quick brown fox"})
+    assert r.status_code == 200 and r.json()["top_latents"]
+    shutil.rmtree(copy / "saes" / "attn.0")
+    r = client.post("/api/saes/attn.0/activations", json={"text": "The quick"})
+    assert r.status_code == 503
+    assert "the files of SAE 'attn.0' are missing" in r.json()["detail"] and str(copy / "saes" / "attn.0") in r.json()["detail"]

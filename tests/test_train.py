@@ -86,6 +86,23 @@ def test_killed_run_resumes_to_the_same_weights(suite_source, tmp_path, monkeypa
     assert len(names) == 15 and sum("-skip" in n for n in names) == 2, names
 
 
+def test_a_checkpoint_holds_each_sae_s_own_tensors_when_encoders_are_grouped(suite_source, tmp_path, monkeypatch):
+    """Grouped (as on accelerators), an SAE's encoder is a slice of its group's: its checkpoint file
+    must hold that slice, not the group's whole storage; and it resumes the same as apart."""
+    from saescope.train.step_torch import EncoderGroup
+
+    sizes = {}
+    for grouped in (False, True):
+        monkeypatch.setattr(EncoderGroup, "APART_ON", set() if grouped else {"cpu"})
+        cfg = _suite_cfg(saes=[SAESpec(sites=["resid.0"], widths=[16, 512], lambdas=[1e-2])], tokens=10 * 256)
+        train(cfg, tmp_path / str(grouped), source=suite_source, progress=False)
+        [step] = (tmp_path / str(grouped) / "checkpoint").glob("step-*")
+        sizes[grouped] = {p.name: p.stat().st_size for p in step.glob("*.pt")}
+    small = next(n for n in sizes[True] if "-16-" in n)
+    assert sizes[True][small] < 1.1 * sizes[False][small], sizes  # 512 latents' encoder would be 32 times more
+    assert sizes[True] == pytest.approx(sizes[False], rel=0.1)
+
+
 def test_each_sae_of_a_suite_equals_training_it_alone(suite_source, tmp_path):
     train(_suite_cfg(checkpoint_every=0), tmp_path / "suite", source=suite_source, progress=False)
     alone = _suite_cfg(saes=[SAESpec(sites=["resid.1"], widths=[24], lambdas=[3e-2])], checkpoint_every=0)
@@ -162,7 +179,7 @@ def test_diverging_loss_stops(tmp_path):
 
 
 def test_bad_suites(suite_source, tmp_path):
-    with pytest.raises(SaescopeError, match="a transcoder reads mlp_in.L, not resid.0"):
+    with pytest.raises(SaescopeError, match="a transcoder reads mlp_in.L or ln2.L, not resid.0"):
         trainer_for(TrainConfig(saes=[SAESpec(sites=["resid.0"], transcoder=True)]), tmp_path, suite_source)
     with pytest.raises(SaescopeError, match=r"the activation source has no attn\.3"):
         trainer_for(TrainConfig(saes=[SAESpec(sites=["attn.3"])]), tmp_path, suite_source)

@@ -17,7 +17,7 @@ def _flip(path, offset: int = -16) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_verify_a_run_then_name_each_damage(run_config, tmp_path, capsys):
+def test_verify_a_run_then_name_each_damage(run_config, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(["-q", "run", "--config", str(run_config), "--out", str(out)]) == 0
     capsys.readouterr()
@@ -27,6 +27,22 @@ def test_verify_a_run_then_name_each_damage(run_config, tmp_path, capsys):
     for kind in ("activation store: 3 sites", "checkpoint of step 16: 6 SAEs", "metrics log", "feature database: 6 SAEs",
                  "report: 4 pictures", "results of 6 SAEs", "SAE: topk"):
         assert kind in text, kind
+
+    # a moved run verifies from another directory: every recorded path is relative to its file
+    import json
+    import shutil
+
+    moved = tmp_path / "moved" / "run"
+    shutil.copytree(out, moved)
+    shutil.move(out, tmp_path / "original")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, lines = _verify(capsys, "../moved/run")
+    assert code == 0 and lines[-1].endswith("intact"), lines
+    assert all(not r["path"].startswith("/") and not r["released"].startswith("/")
+               for r in json.loads((moved / "report.json").read_text()))
+    shutil.move(tmp_path / "original", out)
+    monkeypatch.chdir(tmp_path)
 
     _flip(out / "activations" / "resid.1" / "00000.safetensors")
     sae = next((out / "train" / "saes").iterdir())

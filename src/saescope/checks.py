@@ -8,12 +8,13 @@ from .sae import SparseAutoencoder
 from .site import Site
 
 
-def check_sae(sae: SparseAutoencoder, lm: LanguageModel, site: str | Site | None = None) -> Site:
-    """The site `sae` reads in `lm` (its own unless `site` is given), or a one-line error."""
+def check_sae(sae: SparseAutoencoder, lm: LanguageModel) -> Site:
+    """The site `sae` reads in `lm`, or a one-line error."""
     cfg = sae.cfg
-    if site is None and cfg.site is None:
-        raise SaescopeError("the SAE does not say which site it reads; pass the site (e.g. --site resid.6)")
-    where = Site.parse(site if site is not None else cfg.site).check(lm)
+    if cfg.site is None:
+        raise SaescopeError("the SAE does not say which site it reads; give it when loading (load_sae(path, "
+                            "site='resid.6'), --site resid.6)")
+    where = Site.parse(cfg.site).check(lm)
     if where.width(lm) != cfg.d_in:
         raise SaescopeError(f"SAE d_in {cfg.d_in} does not match {where} of {lm.name}, which is {where.width(lm)} wide")
     if cfg.transcoder:

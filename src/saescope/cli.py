@@ -29,7 +29,13 @@ def _heldout_args(p: argparse.ArgumentParser, *, model: str | None, tokens: int,
     p.add_argument("--tokens", type=int, default=tokens, help="held-out tokens to read")
     p.add_argument("--batch-size", type=int, default=batch, help="sequences per forward")
     p.add_argument("--device", default="cpu")
+    _model_dtype_arg(p)
     _corpus_args(p)
+
+
+def _model_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's weights (SAEs read its activations in their own float32)")
 
 
 def _corpus_values(args) -> dict:
@@ -44,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     h = sub.add_parser("harvest", help="run a model over a corpus and store activations at sites")
-    h.add_argument("--model", default="gemma-3-270m", help="gemma-3-270m (embedded), a hub id, a folder or a .gguf file")
+    h.add_argument("--model", default="gemma-3-270m-q4km", help="gemma-3-270m-q4km (embedded: Q4_K_M GGUF, dequantised), google/gemma-3-270m (Google's, from a local Hugging Face cache), a hub id, a folder or a .gguf file")
     h.add_argument("--sites", default="resid.6", help="comma-separated, e.g. resid.6,attn.6,mlp.6,mlp_in.6")
     h.add_argument("--tokens", type=int, default=100_000, help="tokens to run through the model")
     h.add_argument("--out", required=True, help="store folder (rerun with the same settings to resume)")
@@ -52,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     h.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
     h.add_argument("--device", default="cpu")
+    _model_dtype_arg(h)
     _corpus_args(h)
 
     t = sub.add_parser("train", help="train a suite of SAEs / transcoders from a store or a streaming harvest",
@@ -71,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "k = the target unless --train-as jumprelu or a JumpReLU option is given)")
     g.add_argument("--train-as", default=None, choices=["jumprelu", "batchtopk"],
                    help="with --target-l0: train JumpReLU itself (quadratic penalty), or BatchTopK saved as JumpReLU")
-    g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L, predict mlp.L")
+    g.add_argument("--transcoder", action="store_true", default=None, help="read mlp_in.L (or ln2.L, before the norm's scale), predict mlp.L")
     g.add_argument("--skip", action="store_true", default=None, help="transcoders: train an affine skip x·A beside the dictionary")
     g.add_argument("--clt", action="store_true", default=None,
                    help="one cross-layer transcoder over the --sites (mlp_in.L): latents write their layer's MLP output and later ones")
@@ -124,8 +131,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sae", action="append", required=True,
                    help="an SAE folder or params.npz (any format), or a folder of SAE folders; repeatable")
     e.add_argument("--site", default=None, help="the site, for SAE files that do not say where they read")
+    e.add_argument("--kind", default=None, choices=["sae", "transcoder"],
+                   help="for SAE files that do not say (a params.npz outside its release's folders)")
+    e.add_argument("--allow-overlap", action="store_true",
+                   help="evaluate on text that shares documents with the dictionaries' training text")
     e.add_argument("--out", required=True, help="JSON file for the results (a markdown table goes beside it)")
-    _heldout_args(e, model="gemma-3-270m", tokens=8192, batch=1)
+    _heldout_args(e, model="gemma-3-270m-q4km", tokens=16_384, batch=2)
 
     x = sub.add_parser("explore", help="the feature explorer's database")
     xs = x.add_subparsers(dest="explore_command", metavar="ACTION", required=True)
@@ -153,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--model", default=None, help="the model for live text and steering (default: the run's own)")
     sv.add_argument("--device", default="cpu")
+    _model_dtype_arg(sv)
     sv.add_argument("--transcoders", default=None,
                     help="a CLT or transcoder set (as `saescope circuit` takes) to make attribution graphs and "
                          "intervene from the pages; graphs live in DIR/graphs")
@@ -179,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True,
                    help="the graph's JSON (circuit-tracer's and Neuronpedia's schema); graph-metadata.json and the "
                         "unpruned graph (.safetensors) go beside it")
-    c.add_argument("--model", default="gemma-3-270m")
+    c.add_argument("--model", default="gemma-3-270m-q4km")
     c.add_argument("--targets", default=None,
                    help="comma-separated next tokens to explain (default: the most likely, up to --logit-probability)")
     c.add_argument("--max-logits", type=int, default=10)
@@ -192,9 +204,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="a feature database (saescope explore build) of the transcoders: each node's page goes to "
                         "features/<set>/<index>.json beside the graph and its top tokens label the node")
     c.add_argument("--device", default="cpu")
+    _model_dtype_arg(c)
 
     s = sub.add_parser("sites", help="list a model's sites and their widths")
-    s.add_argument("--model", default="gemma-3-270m")
+    s.add_argument("--model", default="gemma-3-270m-q4km")
 
     i = sub.add_parser("info", help="summarise an activation store")
     i.add_argument("path")
@@ -237,7 +250,8 @@ def _dispatch(args) -> int:
 
         corpus = validated(CorpusConfig, **_corpus_values(args))
         cfg = validated(HarvestConfig, model=args.model, sites=args.sites, tokens=args.tokens, batch_size=args.batch_size,
-                        dtype=args.dtype, shard_mb=args.shard_mb, device=args.device, corpus=corpus)
+                        dtype=args.dtype, model_dtype=args.model_dtype, shard_mb=args.shard_mb, device=args.device,
+                        corpus=corpus)
         store = harvest(cfg, args.out, progress=not args.quiet)
         print(store.summary())
     elif args.command == "train":
@@ -251,7 +265,9 @@ def _dispatch(args) -> int:
 
         corpus = validated(CorpusConfig, **{"split": "heldout", **_corpus_values(args)})
         records = evaluate_paths(args.sae, args.model, corpus, args.tokens, args.out, batch_size=args.batch_size,
-                                 device=args.device, site=args.site, progress=not args.quiet)
+                                 device=args.device, dtype=args.model_dtype, site=args.site, kind=args.kind,
+                                 allow_overlap=args.allow_overlap,
+                                 progress=not args.quiet)
         print(Path(args.out).with_suffix(".md").read_text())
         replaced = replacement_path(args.out)
         if replaced.is_file():
@@ -282,7 +298,7 @@ def _dispatch(args) -> int:
 
         corpus = validated(CorpusConfig, **{"split": "heldout", "seq_len": 128, **_corpus_values(args)})
         info = build_dir(args.dir, corpus, args.tokens, model=args.model, out=args.out, batch_size=args.batch_size,
-                         device=args.device, progress=not args.quiet)
+                         device=args.device, dtype=args.model_dtype, progress=not args.quiet)
         print(f"feature database {info['path']}: {info['saes']} SAEs, {info['tokens']} tokens, "
               f"{info['bytes'] / 2**20:.1f} MiB, {info['seconds']:.0f} s")
     elif args.command == "serve":
@@ -301,7 +317,7 @@ def _dispatch(args) -> int:
             from .sae.export import pick_unit
 
             name, unit = pick_unit(args.transcoders, args.set)
-        uvicorn.run(create_app(db, load_model(model, device=args.device), run_dir=args.dir, transcoders=unit,
+        uvicorn.run(create_app(db, load_model(model, device=args.device, dtype=args.model_dtype), run_dir=args.dir, transcoders=unit,
                                transcoders_name=name), host=args.host, port=args.port,
                     log_level="warning" if args.quiet else "info")
     elif args.command == "export":

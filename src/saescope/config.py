@@ -43,11 +43,12 @@ class CorpusConfig(_Config):
 class HarvestConfig(_Config):
     """Model → activation store: which sites, how many tokens, how they are written."""
 
-    model: str = "gemma-3-270m"
+    model: str = "gemma-3-270m-q4km"
     sites: list[str] = Field(default_factory=lambda: ["resid.6"])
     tokens: int = Field(100_000, gt=0, description="tokens to run through the model (rows = tokens minus BOS/EOS/pad)")
     batch_size: int = Field(4, gt=0, description="sequences per forward pass")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="stored activation dtype")
+    model_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the model's weights")
     shard_mb: float = Field(128.0, gt=0, description="target shard size in MiB")
     device: str = "cpu"
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
@@ -86,7 +87,7 @@ def default_norm_cap(arch: str | None, train_as: str | None) -> float:
 class SAESpec(_Config):
     """A family of SAEs on the same data: every site × width × (λ, k or target L0) combination."""
 
-    sites: list[str] = Field(default_factory=lambda: ["resid.6"], description="input sites; for transcoders mlp_in.L")
+    sites: list[str] = Field(default_factory=lambda: ["resid.6"], description="input sites; for transcoders mlp_in.L (or ln2.L, before the norm's scale)")
     arch: Literal["jumprelu", "topk", "batchtopk", "relu"] = "jumprelu"
     widths: list[int] = Field(default_factory=lambda: [4096], description="numbers of latents")
     lambdas: list[float] = Field(default_factory=lambda: [6e-4], description="sparsity coefficients (jumprelu: L0, relu: L1; "
@@ -94,7 +95,7 @@ class SAESpec(_Config):
     ks: list[int] = Field(default_factory=lambda: [32], description="active latents per token (topk, batchtopk)")
     target_l0: list[float] = Field(default_factory=list, description="jumprelu: hold L0 at each of these (sparsity "
                                                                      "'quadratic' and threshold_init 'quantile' unless set)")
-    transcoder: bool = Field(False, description="read mlp_in.L and predict mlp.L")
+    transcoder: bool = Field(False, description="read mlp_in.L (or ln2.L) and predict mlp.L")
     skip: bool = Field(False, description="transcoders: an affine skip x·A (d_in × d_out) trained beside the dictionary")
     clt: bool = Field(False, description="one cross-layer transcoder over the sites (mlp_in.L): latents at each layer "
                                          "write that layer's MLP output and every later listed one's")

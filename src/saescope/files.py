@@ -81,3 +81,33 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
             return f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise SaescopeError(f"{path} is not a readable safetensors file ({first_line(exc)})") from None
+
+
+def relative_to(folder: str | Path, path: str | Path) -> str:
+    """`path` as recorded in a file under `folder`: relative to it, so that the folder can be
+    copied or moved (a run serves and evaluates from wherever it is)."""
+    return os.path.relpath(Path(path).absolute(), Path(folder).absolute())
+
+
+def recorded_path(folder: str | Path, recorded: str) -> Path:
+    """A path recorded by `relative_to` (or, by older files, absolute or cwd-relative) made usable."""
+    path = Path(recorded)
+    if path.is_absolute():
+        return path
+    beside = Path(os.path.abspath(Path(folder) / path))
+    return beside if beside.exists() or not path.exists() else path
+
+
+PATH_KEYS = ("path", "released")  # what evaluation records hold of where a dictionary is
+
+
+def write_records(path: Path, records: list[dict]) -> None:
+    """Evaluation records as JSON, each dictionary's paths relative to the file's folder."""
+    write_json(path, [{k: relative_to(path.parent, v) if k in PATH_KEYS and v else v for k, v in r.items()}
+                      for r in records])
+
+
+def read_records(path: Path) -> list[dict]:
+    """Records written by `write_records`, their paths usable from the current directory."""
+    return [{k: str(recorded_path(path.parent, v)) if k in PATH_KEYS and v else v for k, v in r.items()}
+            for r in read_json(path)]

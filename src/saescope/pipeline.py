@@ -13,7 +13,7 @@ from pydantic import Field
 from .config import CorpusConfig, HarvestConfig, SAESpec, TrainConfig, _Config, config_from_file
 from .data import harvest
 from .errors import SaescopeError
-from .files import read_json, write_json
+from .files import read_json, read_records, write_json
 
 STAGES = ("harvest", "train", "eval", "absorption", "report", "explore")
 
@@ -32,7 +32,8 @@ def _default_train() -> TrainConfig:
 
 
 class EvalConfig(_Config):
-    tokens: int = Field(2048, gt=0, description="held-out tokens for every SAE's metrics")
+    tokens: int = Field(16_384, gt=0, description="held-out tokens for every SAE's metrics (64 rows of 256: "
+                                                  "per-sequence error bars need many rows)")
     seq_len: int = Field(256, ge=2, description="row length of the held-out text")
     batch_size: int = Field(2, gt=0)
     absorption: bool = Field(True, description="first-letter absorption on one SAE of the suite")
@@ -78,7 +79,7 @@ def _stages(cfg: RunConfig, out: Path, ranks, progress: bool) -> dict | None:
 
     @functools.cache
     def model():  # loaded once, by the first stage that needs it
-        return load_model(cfg.harvest.model, device=cfg.harvest.device)
+        return load_model(cfg.harvest.model, device=cfg.harvest.device, dtype=cfg.harvest.model_dtype)
 
     out.mkdir(parents=True, exist_ok=True)
     timing_path = out / "timings.json"
@@ -106,8 +107,8 @@ def _stages(cfg: RunConfig, out: Path, ranks, progress: bool) -> dict | None:
     stage("eval", eval_path.is_file(), lambda: evaluate_paths(
         [str(train_dir / "saes")], model(), corpus, cfg.eval.tokens, eval_path,
         batch_size=cfg.eval.batch_size, device=cfg.harvest.device, progress=progress))
-    records = read_json(eval_path)
-    replaced = read_json(replacement_path(eval_path)) if replacement_path(eval_path).is_file() else None
+    records = read_records(eval_path)
+    replaced = read_records(replacement_path(eval_path)) if replacement_path(eval_path).is_file() else None
     absorption_path = out / "absorption.json"
     stage("absorption", absorption_path.is_file() or not cfg.eval.absorption or not records,
           lambda: _absorption(records, cfg, absorption_path, model()))

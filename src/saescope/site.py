@@ -9,13 +9,20 @@ from typing import Iterable
 
 from .errors import SaescopeError
 
-KINDS = ("resid", "attn", "mlp", "mlp_in")
-_TL_NAMES = {  # TransformerLens hook names for the same points
+KINDS = ("resid", "attn", "mlp", "mlp_in", "ln2", "resid_mid")
+# TransformerLens hook names for the same points. `mlp_in` is the pre-MLP norm's output after its
+# learned scale: TransformerLens (fold_ln off) and circuit-tracer call the MLP's input mlp.hook_in.
+# `ln2` is that norm's input normalised before the scale (ln2.hook_normalized); TransformerLens's
+# hook_mlp_in is the residual stream before the norm, our resid_mid.
+_TL_NAMES = {
     "hook_resid_post": "resid",
     "attn.hook_z": "attn",
     "hook_mlp_out": "mlp",
-    "ln2.hook_normalized": "mlp_in",
+    "mlp.hook_in": "mlp_in",
+    "ln2.hook_normalized": "ln2",
+    "hook_resid_mid": "resid_mid",
 }
+_TL_ALIASES = {"hook_mlp_in": "resid_mid"}
 # Gemma 2 / Gemma 3 module paths for the same points (SPEC §7's table; Gemma Scope 2's config.json
 # names its sites so): what a module's output (or, for attn, o_proj's input) holds
 _HF_POINTS = {
@@ -23,15 +30,16 @@ _HF_POINTS = {
     "attn": "self_attn.o_proj.input",
     "mlp": "post_feedforward_layernorm.output",
     "mlp_in": "pre_feedforward_layernorm.output",
-}
+    "resid_mid": "pre_feedforward_layernorm.input",
+}  # ln2 (before the norm's scale) is no module's input or output
 _HF = re.compile(r"^model\.layers\.(?P<layer>\d+)\.(?P<point>.+)$")
-_SHORT = re.compile(r"^(?P<kind>[a-z_]+)\.(?P<layer>-?\d+)$")
+_SHORT = re.compile(r"^(?P<kind>[a-z][a-z_0-9]*)\.(?P<layer>-?\d+)$")
 _TL = re.compile(r"^blocks\.(?P<layer>\d+)\.(?P<hook>.+)$")
 
 
 @dataclass(frozen=True, order=True)
 class Site:
-    """A point in the model: `kind` in resid / attn / mlp / mlp_in, at decoder block `layer`."""
+    """A point in the model: `kind` in KINDS (SPEC §1 and §7's table), at decoder block `layer`."""
 
     kind: str
     layer: int
@@ -50,8 +58,8 @@ class Site:
         text = str(value).strip()
         if m := _SHORT.match(text):
             return cls(m["kind"], int(m["layer"]))
-        if (m := _TL.match(text)) and m["hook"] in _TL_NAMES:
-            return cls(_TL_NAMES[m["hook"]], int(m["layer"]))
+        if (m := _TL.match(text)) and m["hook"] in {**_TL_NAMES, **_TL_ALIASES}:
+            return cls({**_TL_NAMES, **_TL_ALIASES}[m["hook"]], int(m["layer"]))
         raise SaescopeError(
             f"unknown site {text!r}; use KIND.LAYER with KIND in {', '.join(KINDS)} (e.g. resid.6), "
             f"or blocks.L.{{{', '.join(_TL_NAMES)}}}")
@@ -67,6 +75,8 @@ class Site:
     @property
     def hf_point(self) -> str:
         """The Gemma 2 / 3 module path of this point, as Gemma Scope 2's files name it."""
+        if self.kind not in _HF_POINTS:
+            raise SaescopeError(f"site {self} is no module's input or output, so Gemma Scope 2's files cannot name it")
         return f"model.layers.{self.layer}.{_HF_POINTS[self.kind]}"
 
     @classmethod

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import SaescopeError, first_line
-from .files import read_json
+from .files import read_json, read_records
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DB_TABLES = {"meta", "saes", "latents", "examples", "logits", "neighbours", "sequences", "vocab"}
@@ -148,7 +148,8 @@ def _records(path: Path) -> str:
     records = read_json(path)
     if not isinstance(records, list) or not all(isinstance(r, dict) and "sae" in r for r in records):
         raise SaescopeError("not a list of per-SAE records")
-    missing = [r["path"] for r in records if "path" in r and not Path(r["path"]).exists()]
+    records = read_records(path)
+    missing = [r["path"] for r in records if r.get("path") and not Path(r["path"]).exists()]
     if missing:
         raise SaescopeError(f"{len(missing)} SAE paths do not exist, e.g. {missing[0]}")
     return f"results of {len(records)} SAEs"

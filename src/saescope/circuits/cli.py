@@ -30,7 +30,7 @@ def circuit_command(args) -> str:
     if out.suffix != ".json":
         raise SaescopeError(f"--out {out}: the graph is written as JSON; name a .json file")
     name, unit = pick_unit(args.transcoders, args.set)
-    lm = load_model(args.model, device=args.device)
+    lm = load_model(args.model, device=args.device, dtype=args.model_dtype)
     graph = attribute(lm, unit, args.prompt, targets=target_ids(lm, args.targets), max_logits=args.max_logits,
                       logit_probability=args.logit_probability, max_feature_nodes=args.max_feature_nodes,
                       batch_size=args.batch_size, progress=not args.quiet, dictionary=name)

@@ -20,6 +20,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from ..errors import SaescopeError
 from ..lm import LanguageModel
+from ..lm import norms
 from ..lm.model import _get
 from ..lm.sites import _attach
 from ..sae.layers import Layers
@@ -67,33 +68,20 @@ AttentionInterface.register(FROZEN, _frozen_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(FROZEN, eager_mask)
 
 
-def _norm_kind(module: torch.nn.Module) -> str | None:
-    """"layer" (LayerNorm), "gemma" (RMSNorm scaled by 1 + w), "rms" (by w) or None."""
-    if isinstance(module, torch.nn.LayerNorm):
-        return "layer"
-    name = type(module).__name__
-    if name.endswith("RMSNorm") and (hasattr(module, "eps") or hasattr(module, "variance_epsilon")):
-        return "gemma" if name.startswith("Gemma") else "rms"
-    return None
-
-
 def _freeze_norm(module, args, output):
     """The norm's output with its per-token scale a constant: while recording, the module's own
     value with gradient (x − mean) · scale · weight (checked against the module's output, so a
     norm whose math differs is refused rather than giving wrong edges); while replaying, that
     linear map of the new input."""
-    kind, x = _norm_kind(module), args[0].float()
-    if kind == "layer":
-        x = x - x.mean(-1, keepdim=True)
-    bias = module.bias.float() if kind == "layer" and module.bias is not None else 0.0
+    x = norms.centred(module, args[0])
+    bias = norms.bias(module)
     constants = _ACTIVE[-1]
     if constants.replay:
         return (x * constants.fix(module, x) + bias).to(output.dtype)
-    eps = module.eps if kind == "layer" else getattr(module, "eps", getattr(module, "variance_epsilon", 0.0))
-    factor = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + eps)
-    weight = getattr(module, "weight", None)
-    if weight is not None:
-        factor = factor * (1.0 + weight.float() if kind == "gemma" else weight.float())
+    factor = norms.inverse_scale(module, x.detach())
+    gain = norms.gain(module)
+    if gain is not None:
+        factor = factor * gain
     out = output.detach()
     if not torch.allclose((x.detach() * factor + bias), out.float(), rtol=1e-3, atol=1e-3 * float(out.abs().max()) + 1e-6):
         raise SaescopeError(f"cannot freeze the scale of {type(module).__name__}: its output is not the normalised "
@@ -125,7 +113,7 @@ def frozen(lm: LanguageModel, constants: Constants | None = None, attention_only
         for p in model.parameters():
             p.requires_grad_(False)
         for module in () if attention_only else model.modules():
-            if _norm_kind(module) is not None:
+            if norms.norm_kind(module) is not None:
                 handles.append(module.register_forward_hook(_freeze_norm))
         for block in () if attention_only else lm.layers:
             handles.append(_get(block, lm.block_map.ffn).register_forward_pre_hook(_detach_inputs, with_kwargs=True))

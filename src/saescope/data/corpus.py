@@ -37,6 +37,22 @@ def _keep(doc: str, cfg: CorpusConfig) -> bool:
     return (bucket < cfg.holdout_fraction) == (cfg.split == "heldout")
 
 
+def _buckets(cfg: CorpusConfig) -> tuple[float, float]:
+    """The text-hash buckets [lo, hi) whose documents `cfg` reads (see _keep)."""
+    if cfg.split == "all" or cfg.holdout_fraction == 0:
+        return (0.0, 0.0) if cfg.split == "heldout" else (0.0, 1.0)
+    return (0.0, cfg.holdout_fraction) if cfg.split == "heldout" else (cfg.holdout_fraction, 1.0)
+
+
+def shares_documents(a: CorpusConfig, b: CorpusConfig) -> bool:
+    """Whether two corpus settings read some of the same documents: the same text source, and
+    hash buckets that meet (order, seed and row length do not change which documents)."""
+    if (a.source, a.text_field, a.hf_split) != (b.source, b.text_field, b.hf_split):
+        return False
+    (lo_a, hi_a), (lo_b, hi_b) = _buckets(a), _buckets(b)
+    return max(lo_a, lo_b) < min(hi_a, hi_b)
+
+
 def _buffer_shuffle(items: Iterator[str], size: int, seed: int) -> Iterator[str]:
     rng = random.Random(seed)
     buf: list[str] = []

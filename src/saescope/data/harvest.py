@@ -54,7 +54,7 @@ def harvest(cfg: HarvestConfig, out: str | Path, *, lm: LanguageModel | None = N
 
     Rerunning with the same settings resumes after the last committed shard. A writer thread
     masks, checks, hashes and writes each batch while the model computes the next one."""
-    lm = lm or load_model(cfg.model, device=cfg.device)
+    lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     sites = [s.check(lm) for s in parse_sites(cfg.sites)]
     seq_len = cfg.corpus.seq_len
     n_seq_total = math.ceil(cfg.tokens / seq_len)
@@ -135,7 +135,7 @@ class HarvestStream:
     def __init__(self, cfg: HarvestConfig, *, lm: LanguageModel | None = None, estimate_rows: int = 32_768,
                  part: tuple[int, int] = (0, 1)):
         self.cfg = cfg
-        self.lm = lm or load_model(cfg.model, device=cfg.device)
+        self.lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
         self._sites = [s.check(self.lm) for s in parse_sites(cfg.sites)]
         self._special = SpecialTokens.of(self.lm.tokenizer).ids
         index, parts = part
@@ -159,6 +159,10 @@ class HarvestStream:
     @property
     def model_name(self) -> str:
         return self.lm.name
+
+    @property
+    def corpus(self) -> dict:
+        return self.cfg.corpus.model_dump()
 
     def d_in(self, site) -> int:
         return self._site(site).width(self.lm)

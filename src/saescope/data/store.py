@@ -289,6 +289,11 @@ class ActivationStore:
     def model_name(self) -> str | None:
         return next(iter(self.manifests.values())).get("model")
 
+    @property
+    def corpus(self) -> dict | None:
+        """The corpus settings the store was harvested with (which documents its rows come from)."""
+        return (self.record or {}).get("corpus")
+
     def _site(self, site) -> str:
         key = str(site)
         if key not in self.manifests:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..checks import check_sae
 from ..data.tokens import SpecialTokens, keep_mask
 from ..lm import LanguageModel, splice
+from ..lm.sites import block_outputs, skipping
 from ..sae import SparseAutoencoder
 from ..site import Site
 
@@ -45,15 +46,20 @@ def kl_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tenso
 
 def per_sequence_se(sums: list[float], counts: list[float]) -> float:
     """Standard error of the token-weighted mean Σ sums / Σ counts, sequences as the sampling
-    units (tokens within a sequence are not independent): the ratio estimator's
-    √(Σ (s_j − R·n_j)² / (N (N − 1))) / mean(n)."""
-    s, n = torch.tensor(sums, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
-    keep = n > 0
-    s, n = s[keep], n[keep]
-    if len(n) < 2:
+    units (tokens within a sequence are not independent); sequences with nothing counted are not
+    units."""
+    keep = [i for i, n in enumerate(counts) if n > 0]
+    return ratio_se([sums[i] for i in keep], [counts[i] for i in keep])
+
+
+def ratio_se(numerators: list[float], denominators: list[float]) -> float:
+    """Standard error of R = Σ a_j / Σ b_j over sampling units j (the ratio estimator's
+    √(Σ (a_j − R·b_j)² / (N (N − 1))) / mean(b)); NaN with fewer than two units."""
+    a, b = torch.tensor(numerators, dtype=torch.float64), torch.tensor(denominators, dtype=torch.float64)
+    if len(b) < 2 or float(b.sum()) == 0:
         return math.nan
-    r = s.sum() / n.sum()
-    return float(((s - r * n).pow(2).sum() / (len(n) * (len(n) - 1))).sqrt() / n.mean())
+    r = a.sum() / b.sum()
+    return float(((a - r * b).pow(2).sum() / (len(b) * (len(b) - 1))).sqrt() / b.mean().abs())
 
 
 def massive_dims(mean: torch.Tensor, rms: torch.Tensor, factor: float = 10.0) -> list[int]:
@@ -81,6 +87,7 @@ class _Sums:
     kl: float = 0.0
     seq_delta: list = None    # per sequence: Σ (spliced − clean) CE, and Σ KL, over its predictions
     seq_kl: list = None
+    seq_spliced: list = None  # per sequence: Σ spliced CE
 
     def __post_init__(self):
         self.sum_x = torch.zeros(self.d_out, dtype=torch.float64)
@@ -89,7 +96,7 @@ class _Sums:
         self.fired = torch.zeros(self.d_sae, dtype=torch.float64)
         self.pos_sse = torch.zeros(self.seq_len, dtype=torch.float64)
         self.pos_n = torch.zeros(self.seq_len, dtype=torch.float64)
-        self.seq_delta, self.seq_kl = [], []
+        self.seq_delta, self.seq_kl, self.seq_spliced = [], [], []
 
 
 class CleanPass:
@@ -113,10 +120,11 @@ class CleanPass:
         return ce, kl
 
 
-def clean_passes(lm: LanguageModel, rows: torch.Tensor, batch_size: int, sites: set[str]):
+def clean_passes(lm: LanguageModel, rows: torch.Tensor, batch_size: int, sites: set[str], blocks: int = 0):
     """Each batch of token rows with what every evaluation compares against: (ids, the real-token
     mask, the scored predictions [batch, seq − 1] (input and target both real tokens), the clean
-    value at every site of `sites`, the clean pass). Call under torch.no_grad()."""
+    value at every site of `sites`, the clean pass, the outputs of blocks 0…`blocks`−1 (for
+    `skipping`)). Call under torch.no_grad()."""
     special = SpecialTokens.of(lm.tokenizer).ids if lm.tokenizer is not None else []
     for i in range(0, len(rows), batch_size):
         ids = rows[i:i + batch_size].long().to(lm.device)
@@ -125,8 +133,9 @@ def clean_passes(lm: LanguageModel, rows: torch.Tensor, batch_size: int, sites: 
         with contextlib.ExitStack() as stack:
             for site in sites:
                 stack.enter_context(splice(lm, site, lambda v, key=site: seen.__setitem__(key, v) or v))
+            outputs = stack.enter_context(block_outputs(lm, blocks))
             clean = CleanPass(lm(ids), ids)
-        yield ids, keep, (keep[:, :-1] & keep[:, 1:]).to(torch.float64), seen, clean
+        yield ids, keep, (keep[:, :-1] & keep[:, 1:]).to(torch.float64), seen, clean, outputs
 
 
 def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -135,29 +144,34 @@ def _ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.Tensor, *, batch_size: int = 1,
-             site: str | None = None, progress: bool = True) -> dict[str, dict]:
+             progress: bool = True) -> dict[str, dict]:
     """Evaluate every SAE on the token rows [n_seq, seq_len] (held-out text, BOS-led).
 
     The reconstruction replaces the site's value at real tokens only (BOS, EOS and padding keep
     their clean value), and losses count only predictions whose input and target are real tokens.
-    `site` is for SAEs whose files do not say where they read."""
-    inputs = {name: check_sae(sae, lm, None if sae.cfg.site else site) for name, sae in saes.items()}
+    The model runs whole once per batch (the clean pass); each spliced pass and each site's
+    zero-ablation starts at its site's block from the clean pass's values before it."""
+    inputs = {name: check_sae(sae, lm) for name, sae in saes.items()}
     targets = {name: Site.parse(sae.cfg.target_site) if sae.cfg.target_site else inputs[name] for name, sae in saes.items()}
     seq_len = rows.shape[1]
     sums = {name: _Sums(sae.cfg.d_sae, seq_len, sae.cfg.width_out) for name, sae in saes.items()}
-    totals = {"n_pred": 0, "ce_clean": 0.0, "seq_pred": []}
-    zero_ce = {str(t): 0.0 for t in set(targets.values())}
+    totals = {"n_pred": 0, "ce_clean": 0.0, "seq_pred": [], "seq_clean": []}
+    zero_ce = {str(t): [] for t in set(targets.values())}  # per sequence: Σ CE with the target zeroed
     bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"eval {len(saes)} SAEs", disable=not progress)
     start = time.perf_counter()
+    first = max(t.layer for t in targets.values())  # blocks the spliced passes may skip
     with torch.no_grad():
-        for ids, keep, pred, seen, clean in clean_passes(lm, rows, batch_size, {*map(str, inputs.values()), *map(str, targets.values())}):
+        for ids, keep, pred, seen, clean, before in clean_passes(
+                lm, rows, batch_size, {*map(str, inputs.values()), *map(str, targets.values())}, first):
             totals["n_pred"] += float(pred.sum())
             clean_ce = (clean.ce.double() * pred).sum(1)
             totals["ce_clean"] += float(clean_ce.sum())
             totals["seq_pred"] += pred.sum(1).tolist()
+            totals["seq_clean"] += clean_ce.tolist()
             for target in zero_ce:
-                with splice(lm, target, lambda v: v * (~keep)[..., None].to(v.dtype)):
-                    zero_ce[target] += float((_ce(lm(ids), ids).double() * pred).sum())
+                with skipping(lm, before[:Site.parse(target).layer]), \
+                        splice(lm, target, lambda v: v * (~keep)[..., None].to(v.dtype)):
+                    zero_ce[target] += (_ce(lm(ids), ids).double() * pred).sum(1).tolist()
             for name, sae in saes.items():
                 s, site, target = sums[name], str(inputs[name]), str(targets[name])
                 x_in, y = seen[site], seen[target]
@@ -177,7 +191,7 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
                 s.pos_n += keep.sum(0).double()
                 # nothing upstream of `target` changes, so the clean pass's input gives the exact splice
                 replace = torch.where(m, y_hat.to(y.dtype), y)
-                with splice(lm, target, lambda v, r=replace: r):
+                with skipping(lm, before[:targets[name].layer]), splice(lm, target, lambda v, r=replace: r):
                     spliced = lm(ids)
                 ce, kl = clean.compare(spliced)
                 del spliced
@@ -186,6 +200,7 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
                 s.ce_spliced += float(spliced_ce.sum())
                 s.kl += float(kl.sum())
                 s.seq_delta += (spliced_ce - clean_ce).tolist()
+                s.seq_spliced += spliced_ce.tolist()
                 s.seq_kl += kl.tolist()
             bar.update(ids.numel())
     bar.close()
@@ -194,7 +209,7 @@ def evaluate(saes: dict[str, SparseAutoencoder], lm: LanguageModel, rows: torch.
             for name, sae in saes.items()}
 
 
-def _summary(name, sae, s: _Sums, totals, zero_ce_sum, site, rows, seconds) -> dict:
+def _summary(name, sae, s: _Sums, totals, zero_seq, site, rows, seconds) -> dict:
     n_pred = max(totals["n_pred"], 1.0)
     mean = s.sum_x / max(s.n, 1)
     var_dims = s.sum_sq - s.n * mean.pow(2)
@@ -204,7 +219,11 @@ def _summary(name, sae, s: _Sums, totals, zero_ce_sum, site, rows, seconds) -> d
     keep_dims[big] = False
     ce_clean = totals["ce_clean"] / n_pred
     ce_spliced = s.ce_spliced / n_pred
-    ce_zero = zero_ce_sum / n_pred
+    ce_zero = sum(zero_seq) / n_pred
+    # CE recovered = Σ_j (zero − spliced) / Σ_j (zero − clean), sequences j the units
+    scored = [j for j, n in enumerate(totals["seq_pred"]) if n > 0]
+    recovered_se = ratio_se([zero_seq[j] - s.seq_spliced[j] for j in scored],
+                            [zero_seq[j] - totals["seq_clean"][j] for j in scored])
     frequency = s.fired / max(s.n, 1)
     dead, dense = dead_dense(frequency)
     pos_var = var_dims.sum() / max(s.n, 1)
@@ -219,8 +238,12 @@ def _summary(name, sae, s: _Sums, totals, zero_ce_sum, site, rows, seconds) -> d
         "ce_loss_clean": ce_clean, "ce_loss_spliced": ce_spliced, "ce_loss_zero_ablation": ce_zero,
         "delta_loss": ce_spliced - ce_clean, "delta_loss_se": per_sequence_se(s.seq_delta, totals["seq_pred"]),
         "ce_loss_recovered": (ce_zero - ce_spliced) / (ce_zero - ce_clean) if ce_zero != ce_clean else math.nan,
+        "ce_loss_recovered_se": recovered_se,
         "kl": s.kl / n_pred, "kl_se": per_sequence_se(s.seq_kl, totals["seq_pred"]),
         "dead_fraction": dead, "dense_fraction": dense,
+        # the trainer's count: no firing over its last `dead_tokens` training tokens, for every latent
+        "dead_fraction_training": sae.cfg.extra.get("final_metrics", {}).get("dead_fraction"),
+        "dead_training_tokens": sae.cfg.extra.get("dead_tokens"),
         "firing_frequency": frequency.tolist(),
         "recon_loss_by_position": by_position,
         "eval_seconds": seconds,

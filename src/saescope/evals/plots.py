@@ -30,6 +30,10 @@ def _family(r: dict) -> str:
     return f"{r['site']} {kind} {r['d_sae']}"
 
 
+def _finite(value) -> float:
+    return value if isinstance(value, float) and value == value else 0.0
+
+
 def pareto(records: list[dict], out: Path, title: str | None = None) -> Path:
     """Delta LM loss and FVU against L0, one line per site × architecture × width."""
     groups = defaultdict(list)
@@ -39,7 +43,8 @@ def pareto(records: list[dict], out: Path, title: str | None = None) -> Path:
     for label, rs in sorted(groups.items()):
         rs = sorted(rs, key=lambda r: r["l0"])
         l0 = [r["l0"] for r in rs]
-        axes[0].plot(l0, [r["delta_loss"] for r in rs], "o-", label=label)
+        axes[0].errorbar(l0, [r["delta_loss"] for r in rs], yerr=[_finite(r.get("delta_loss_se")) for r in rs],
+                         fmt="o-", capsize=3, label=label)
         axes[1].plot(l0, [r["fvu"] for r in rs], "o-", label=label)
     for ax, name in zip(axes, ("delta LM loss (nats)", "FVU")):
         ax.set_xscale("log")
@@ -49,7 +54,7 @@ def pareto(records: list[dict], out: Path, title: str | None = None) -> Path:
         ax.set_xlabel("L0 (active latents per token)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[0].set_title("delta loss vs L0 (lower left is better)")
+    axes[0].set_title("delta loss vs L0 (± per-sequence SE; lower left is better)")
     axes[1].set_title("FVU vs L0")
     axes[1].legend(fontsize=7)
     if title:

@@ -40,7 +40,7 @@ def evaluate_replacement(dictionaries: dict[str, MultiLayerDictionary | list[Spa
     bar = tqdm(total=rows.numel(), unit="tok", unit_scale=True, desc=f"replacement eval of {len(layered)}", disable=not progress)
     start = time.perf_counter()
     with torch.no_grad():
-        for ids, keep, pred, seen, clean in clean_passes(lm, rows, batch_size, sites):
+        for ids, keep, pred, seen, clean, _ in clean_passes(lm, rows, batch_size, sites):
             totals["n_pred"] += float(pred.sum())
             totals["seq_pred"] += pred.sum(1).tolist()
             clean_ce = (clean.ce.double() * pred).sum(1)

@@ -7,30 +7,38 @@ from pathlib import Path
 
 from ..config import CorpusConfig
 from ..data import token_tensor
-from ..files import atomic_write, write_json
+from ..data.corpus import shares_documents
+from ..errors import SaescopeError
+from ..files import atomic_write, read_json, write_records
 from ..lm import load_model
 from ..sae.export import transcoder_sets
-from ..sae.formats import find_saes, gemmascope_dir, load_dictionary, load_sae, save_dictionary, save_sae, unfit
+from ..sae.formats import find_saes, gemmascope2_dir, load_dictionary, load_sae, save_dictionary, save_sae, unfit
 from ..sae.multilayer import MultiLayerDictionary
 from .metrics import evaluate
 from .replacement import evaluate_replacement
 
 TABLE_KEYS = ("l0", "fvu", "fvu_without_massive_dims", "delta_loss", "ce_loss_recovered", "kl", "dead_fraction",
-              "dense_fraction")
+              "dead_fraction_training", "dense_fraction")
+WITH_SE = ("delta_loss", "ce_loss_recovered", "kl")  # shown with their per-sequence standard errors
 
 
 def evaluate_paths(paths: list[str], model, corpus: CorpusConfig, tokens: int, out: str | Path, *,
-                   batch_size: int = 1, device: str = "cpu", site: str | None = None, progress: bool = True) -> list[dict]:
+                   batch_size: int = 1, device: str = "cpu", dtype: str = "float32", site: str | None = None,
+                   kind: str | None = None, allow_overlap: bool = False, progress: bool = True) -> list[dict]:
     """Load the dictionaries and the model (a name, path or LanguageModel), evaluate on held-out
     rows, write JSON and markdown. Single-layer SAEs and transcoders are spliced one at a time
     (`out`); cross-layer transcoders, crosscoders and each set of per-layer transcoders (the
-    same entry at several layers) also as the replacement model (`replacement_path(out)`)."""
+    same entry at several layers) also as the replacement model (`replacement_path(out)`). `site`
+    and `kind` are load_sae's, for files that do not say them. Held-out text that shares documents
+    with a dictionary's training text is refused unless `allow_overlap`."""
     found = find_saes(paths)
-    loaded = {name: load_dictionary(p) for name, p in found.items()}
+    loaded = {name: load_dictionary(p, site=site, kind=kind) for name, p in found.items()}
+    if not allow_overlap:
+        check_held_out(loaded, corpus)
     saes = {k: v for k, v in loaded.items() if not isinstance(v, MultiLayerDictionary)}
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, dtype=dtype)
     rows = token_tensor(lm, corpus, tokens)
-    records = evaluate({k: v.to(lm.device) for k, v in saes.items()}, lm, rows, batch_size=batch_size, site=site,
+    records = evaluate({k: v.to(lm.device) for k, v in saes.items()}, lm, rows, batch_size=batch_size,
                        progress=progress) if saes else {}
     result = [{**rec, "path": str(found[name])} for name, rec in records.items()]
     write_results(result, Path(out))
@@ -39,12 +47,38 @@ def evaluate_paths(paths: list[str], model, corpus: CorpusConfig, tokens: int, o
     where = replacement_path(out)
     if layered:
         replaced = evaluate_replacement(layered, lm, rows, batch_size=batch_size, progress=progress)
-        write_json(where, [{**rec, "path": str(found.get(name, ""))} for name, rec in replaced.items()])
+        write_records(where, [{**rec, "path": str(found.get(name, ""))} for name, rec in replaced.items()])
         atomic_write(where.with_suffix(".md"), replacement_table(list(replaced.values())).encode())
     else:  # an earlier evaluation's, of other dictionaries
         where.unlink(missing_ok=True)
         where.with_suffix(".md").unlink(missing_ok=True)
     return result
+
+
+def check_held_out(dictionaries: dict, corpus: CorpusConfig) -> None:
+    """A one-line refusal if `corpus` reads documents a dictionary was trained on (by the corpus
+    settings its training recorded, or those of the store its training config names)."""
+    for name, d in dictionaries.items():
+        trained = _training_corpus(d.cfg.extra)
+        if trained is not None and shares_documents(trained, corpus):
+            limit = trained.holdout_fraction if trained.split == "train" else 0
+            raise SaescopeError(
+                f"{name} was trained on documents this held-out text reads too (trained: {trained.source}, split "
+                f"'{trained.split}', holdout_fraction {trained.holdout_fraction}; evaluating: split '{corpus.split}', "
+                f"holdout_fraction {corpus.holdout_fraction}): evaluate on --split heldout with --holdout-fraction at "
+                f"most {limit}, on other text, or pass --allow-overlap")
+
+
+def _training_corpus(extra: dict) -> CorpusConfig | None:
+    recorded = extra.get("corpus")
+    if recorded is None:
+        store = (extra.get("training") or {}).get("store")
+        record = Path(store) / "store.json" if store else None
+        recorded = read_json(record).get("corpus") if record is not None and record.is_file() else None
+    try:
+        return CorpusConfig(**recorded) if recorded else None
+    except ValueError:  # settings of another version: nothing to compare by
+        return None
 
 
 def replacement_path(out: str | Path) -> Path:
@@ -64,36 +98,42 @@ def replacement_table(records: list[dict]) -> str:
 
 
 def write_results(records: list[dict], out: Path) -> None:
-    write_json(out, records)
+    write_records(out, records)
     atomic_write(out.with_suffix(".md"), markdown_table(records).encode())
+
+
+def _cell(r: dict, key: str) -> str:
+    value = r.get(key)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4g} ± {r[key + '_se']:.2g}" if key in WITH_SE and key + "_se" in r else f"{value:.4g}"
 
 
 def markdown_table(records: list[dict]) -> str:
     head = "| SAE | site | d_sae | " + " | ".join(TABLE_KEYS) + " |"
     lines = [head, "|" + "---|" * (3 + len(TABLE_KEYS))]
     for r in records:
-        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in TABLE_KEYS]
+        cells = [_cell(r, k) for k in TABLE_KEYS]
         lines.append(f"| {r['sae']} | {r['site']} | {r['d_sae']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def export_released(records: list[dict], root: Path) -> None:
-    """Copy each SAE into `root` in the Gemma Scope layout (what that format cannot hold, TopK and
-    skip transcoders, as a SAELens folder under layer_L/topk/ or layer_L/skip/, or native where
-    SAELens cannot hold it either), and point each record at its copy."""
-    from ..site import Site
-
+    """Copy each SAE into `root` in Gemma Scope 2's layout, whose config.json says the SAE's kind and
+    sites (what that format cannot hold, TopK SAEs and sites it has no folder for, as a SAELens
+    folder under saelens/, or native under native/ where SAELens cannot hold it either), and point
+    each record at its copy."""
     for r in records:
         sae = load_sae(r["path"])
-        layer = Site.parse(r["site"]).layer
-        if unfit(sae.cfg, "gemmascope"):
-            dest = root / f"layer_{layer}" / ("topk" if sae.cfg.arch == "topk" else "skip") / r["sae"]
-            save_sae(sae, dest, format="native" if unfit(sae.cfg, "saelens") else "saelens")
+        if unfit(sae.cfg, "gemmascope2"):
+            format = "native" if unfit(sae.cfg, "saelens") else "saelens"
+            dest = root / format / r["sae"]
         else:
-            dest = gemmascope_dir(root, layer, sae.cfg.d_sae, r["l0"])
-            if (dest / "params.npz").exists() and str(dest) != r.get("released"):
-                dest = dest.with_name(dest.name + "_" + r["sae"])  # two SAEs with the same rounded L0
-            save_sae(sae, dest, format="gemmascope")
+            format = "gemmascope2"
+            dest = gemmascope2_dir(root, sae.cfg, sae.cfg.extra.get("target_l0") or r["l0"])
+            if (dest / "config.json").exists() and str(dest) != r.get("released"):
+                dest = dest.with_name(dest.name + "_" + r["sae"])  # two SAEs with the same L0 label
+        save_sae(sae, dest, format=format)
         r["released"] = str(dest)
 
 
@@ -117,7 +157,7 @@ def write_report(records: list[dict], out: Path, timings: dict, absorbed: dict |
         lines += _single_layer_lines(records, out)
     if replaced:
         export_multilayer(replaced, out / "saes")
-        write_json(out / "replacement.json", replaced)
+        write_records(out / "replacement.json", replaced)
         lines += ["## Multi-layer dictionaries and transcoder sets: the replacement model", "",
                   f"Every output a dictionary writes replaced at once (each input read from the replaced forward, "
                   f"so errors compound), beside each layer replaced alone, on {replaced[0]['n_tokens']} held-out "
@@ -142,7 +182,7 @@ def _single_layer_lines(records: list[dict], out: Path) -> list[str]:
                  title=f"architectures at width {widest}: same activations, same token budget")
     plots.frequency_histograms(records, out / "firing_frequency.png")
     plots.by_position(records, out / "by_position.png")
-    write_json(out / "report.json", records)
+    write_records(out / "report.json", records)
     first = records[0]
     return [
         f"{len(records)} SAEs, evaluated on {first['n_tokens']} held-out tokens ({first['n_scored']} scored: "

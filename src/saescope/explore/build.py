@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 
 from ..checks import check_sae
 from ..data.tokens import SpecialTokens, keep_mask
+from ..files import relative_to
 from ..lm import LanguageModel, capture
+from ..lm.loading import model_reference
 from ..lm.model import _get
 from ..sae import SparseAutoencoder
 from ..site import Site
@@ -184,12 +186,12 @@ def build(saes: dict[str, tuple[SparseAutoencoder, str]], lm: LanguageModel, row
     con = connect(tmp)
     with con:
         con.execute("INSERT INTO meta VALUES ('logits', ?)", (LOGIT_NOTE,))
-        con.execute("INSERT INTO meta VALUES ('model', ?)", (lm.name,))
+        con.execute("INSERT INTO meta VALUES ('model', ?)", (model_reference(lm.name),))
         con.executemany("INSERT INTO sequences VALUES (?, ?)",
                         [(s, rows[s].numpy().astype(np.int32).tobytes()) for s in range(len(rows))])
         used = set(rows.flatten().tolist())
         for name, (sae, path) in saes.items():
-            used |= _write_sae(con, name, sae, path, sites[name], running[name], spills[name], lm, n_real,
+            used |= _write_sae(con, name, sae, relative_to(db_path.parent, path), sites[name], running[name], spills[name], lm, n_real,
                                rows.reshape(-1), T, bands, per_band, bins, n_logits, n_neighbours)
         con.executemany("INSERT INTO vocab VALUES (?, ?)", [(t, lm.tokenizer.decode([t])) for t in sorted(used)])
     spill_dir.cleanup()
@@ -214,7 +216,7 @@ def _write_sae(con, name, sae, path, site, run: _Running, spill: _Spill, lm, n_r
     mean_act = (run.total / np.maximum(run.count, 1)).tolist()
     l0 = float(run.count.sum()) / max(n_real, 1)
     con.execute("INSERT INTO saes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, str(site), sae.cfg.target_site, sae.cfg.arch, m, sae.cfg.d_in, str(path), n_real, l0))
+                (name, str(site), sae.cfg.target_site, sae.cfg.arch, m, sae.cfg.d_in, path, n_real, l0))
     used: set[int] = set()
     examples, latents = [], []
     for j, (top_vals, top_toks), (vals, toks) in run.latents():
@@ -270,7 +272,7 @@ def _top_tokens(top: list[tuple[float, int]], flat: torch.Tensor) -> list[int]:
 
 
 def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str | Path | None = None,
-              batch_size: int = 8, device: str = "cpu", progress: bool = True) -> dict:
+              batch_size: int = 8, device: str = "cpu", dtype: str = "float32", progress: bool = True) -> dict:
     """`saescope explore build DIR`: the SAEs of a run folder (or a folder of SAEs) over held-out text."""
     from ..errors import SaescopeError
     from ..data import token_tensor
@@ -299,7 +301,7 @@ def build_dir(folder: str | Path, corpus, tokens: int, *, model=None, out: str |
     if not saes:
         raise SaescopeError(f"{folder} holds no SAE, transcoder or cross-layer transcoder; the explorer does not "
                             "show crosscoders yet")
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, dtype=dtype)
     saes = {name: (sae.to(lm.device), path) for name, (sae, path) in saes.items()}
     db = Path(out) if out else folder / "features.db"
     info = build(saes, lm, token_tensor(lm, corpus, tokens), db, batch_size=batch_size, progress=progress)

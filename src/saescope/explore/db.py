@@ -4,6 +4,7 @@ Schema (every per-latent table is keyed and indexed by (sae, latent), the pages'
 
     meta(key PRIMARY KEY, value)                 model, site of each SAE, logit-lens note, build info
     saes(id PRIMARY KEY, site, target_site, arch, d_sae, d_in, path, n_tokens, l0)
+                                                 path: relative to the database's folder (files.recorded_path)
     latents(sae, latent, density, max_act, mean_act, histogram JSON, top_tokens JSON of their text)
     examples(sae, latent, kind 'top' | 'quantile', rank, band, seq, pos, act, lo, acts BLOB float32)
                                                  acts: the latent on tokens lo, lo+1, … of the row

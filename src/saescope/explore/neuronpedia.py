@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import SaescopeError
 from ..files import atomic_write
+from ..lm.loading import model_provenance
 from ..site import Site
 from .db import connect
 
@@ -94,7 +95,8 @@ def export_neuronpedia(db_path: str | Path, out_dir: str | Path, *, model_id: st
                 "createdAt": created},
             "model.jsonl": {
                 "id": model_id, "instruct": model_id.endswith("-it"), "creatorId": CREATOR_ID,
-                "displayNameShort": model_id, "displayName": model_id, "tlensId": None, "dimension": d_model,
+                "displayNameShort": model_id, "displayName": _display_name(model_id, meta.get("model")),
+                "tlensId": None, "dimension": d_model,
                 "visibility": "PUBLIC", "defaultSourceSetName": source_set, "defaultSourceId": default,
                 "inferenceEnabled": True, "layers": 0, "neuronsPerLayer": 0, "createdAt": created, "owner": "",
                 "updatedAt": created, "website": None},
@@ -133,6 +135,12 @@ def export_neuronpedia(db_path: str | Path, out_dir: str | Path, *, model_id: st
                 stale.unlink()
         bar.close()
     return {"out": str(root), "sources": list(ids.values()), **counts}
+
+
+def _display_name(model_id: str, model: str | None) -> str:
+    """The model's name on Neuronpedia; the embedded model's says it is a dequantised GGUF."""
+    source = model_provenance(model)
+    return f"{model_id} ({source['weights']}; {source['file']} sha256 {source['sha256'][:12]})" if source else model_id
 
 
 def _source_line(sae: dict, source_id: str, model_id: str, source_set: str, hf_repo_id: str | None,

@@ -19,8 +19,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ..evals.report import TABLE_KEYS
-from ..files import read_json
+from ..errors import SaescopeError
+from ..evals.report import TABLE_KEYS, WITH_SE
+from ..files import read_json, recorded_path
 from ..lm import LanguageModel, capture, splice
 from ..sae.formats import load_dictionary
 from ..sae.multilayer import MultiLayerDictionary
@@ -58,7 +59,7 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
     vocab = dict(con.execute("SELECT token, text FROM vocab").fetchall())
     model_name = (con.execute("SELECT value FROM meta WHERE key = 'model'").fetchone() or ["?"])[0]
     run_dir = Path(run_dir) if run_dir else db_path.parent
-    metrics = {r["sae"]: {k: r.get(k) for k in TABLE_KEYS} for r in
+    metrics = {r["sae"]: {k: r.get(k) for k in (*TABLE_KEYS, *(f"{k}_se" for k in WITH_SE))} for r in
                (read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else [])}
     plots = {name: run_dir / name for name in PLOTS if (run_dir / name).is_file()}
     loaded: dict[str, object] = {}
@@ -88,7 +89,14 @@ def create_app(db_path: str | Path, lm: LanguageModel | None = None, run_dir: st
             raise HTTPException(503, "this server was started without a model; live text and steering need one")
         with model_lock:
             if sae_id not in loaded:
-                sae = load_dictionary(row["path"])
+                path = recorded_path(db_path.parent, row["path"])
+                if not path.exists():
+                    raise HTTPException(503, f"the files of SAE '{sae_id}' are missing: {path} (moved or deleted "
+                                             "since the database was built); put them back or rebuild the database")
+                try:
+                    sae = load_dictionary(path)
+                except SaescopeError as exc:
+                    raise HTTPException(503, f"SAE '{sae_id}' cannot be loaded from {path}: {exc}") from None
                 if isinstance(sae, MultiLayerDictionary):  # a CLT's latents of one layer, as explore/build.py lists them
                     sae = sae.layer_view(sae.cfg.sites_in.index(row["site"]))
                 loaded[sae_id] = sae.to(lm.device)

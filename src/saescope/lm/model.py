@@ -41,6 +41,10 @@ _STYLES = (
 )
 
 
+# attention implementations that apply a soft cap (ours in circuits/local.py registers itself)
+CAPPING_ATTENTION = {"eager", "flex_attention", "flash_attention_2", "flash_attention_3", "saescope_frozen_pattern"}
+
+
 def _get(module: torch.nn.Module, path: str):
     for part in path.split("."):
         module = getattr(module, part, None)
@@ -57,6 +61,15 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name or type(model).__name__
         self.layers, self.block_map = self._find_blocks()
+        self._keep_soft_caps()
+
+    def _keep_soft_caps(self):
+        """Gemma 2 soft-caps attention logits (tanh to ±cap); SDPA cannot, so a model built with it
+        would fail or, elsewhere, skip the cap. Such a model runs eager attention instead."""
+        cfg = getattr(self.config, "text_config", None) or self.config
+        attn = getattr(self.config, "_attn_implementation", None)
+        if getattr(cfg, "attn_logit_softcapping", None) and attn not in CAPPING_ATTENTION:
+            self.model.set_attn_implementation("eager")
 
     def _find_blocks(self):
         for path in _LAYER_PATHS:

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import SaescopeError
 from ..site import KINDS, Site, parse_sites
+from . import norms
 from .model import LanguageModel, _get
 
 def available_sites(lm: LanguageModel) -> list[str]:
@@ -17,7 +18,8 @@ def available_sites(lm: LanguageModel) -> list[str]:
 
 
 def _attach(lm: LanguageModel, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
-    """Call `fn` on the value at `site`; a tensor it returns replaces that value in the forward."""
+    """Call `fn` on the value at `site`; a tensor it returns replaces that value in the forward.
+    Returns a handle whose remove() detaches it."""
     block = lm.layers[site.layer]
     if site.kind == "attn":
         def pre_hook(_module, args, kwargs):
@@ -31,9 +33,27 @@ def _attach(lm: LanguageModel, site: Site, fn: Callable[[torch.Tensor], torch.Te
             return args, {**kwargs, "input": new}
 
         return _get(block, lm.block_map.attn).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if site.kind == "resid_mid":
+        return _attach_resid_mid(lm, site, fn)
+    if site.kind == "ln2":
+        norm = _get(block, lm.block_map.mlp_in)
+
+        def ln2_hook(module, args, output):
+            value = norms.normalised(module, args[0])
+            new = fn(value.to(output.dtype))
+            if new is None:
+                return None
+            gain = norms.gain(module)
+            delta = new.float() - value
+            return output + (delta * gain if gain is not None else delta).to(output.dtype)
+
+        return norm.register_forward_hook(ln2_hook)
 
     module = block if site.kind == "resid" else _get(block, getattr(lm.block_map, site.kind))
+    return module.register_forward_hook(_output_hook(fn))
 
+
+def _output_hook(fn):
     def hook(_module, _args, output):
         is_tuple = isinstance(output, tuple)  # transformers 4.x blocks return tuples, 5.x tensors
         new = fn(output[0] if is_tuple else output)
@@ -41,7 +61,39 @@ def _attach(lm: LanguageModel, site: Site, fn: Callable[[torch.Tensor], torch.Te
             return None
         return (new, *output[1:]) if is_tuple else new
 
-    return module.register_forward_hook(hook)
+    return hook
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _attach_resid_mid(lm: LanguageModel, site: Site, fn):
+    """The residual stream between the sublayers is the pre-MLP norm's input; a replaced value must
+    also reach the residual add after the MLP, so the block's output moves by the same change."""
+    if getattr(lm.config, "use_parallel_residual", False):
+        raise SaescopeError(f"site {site}: {lm.name} adds attention and MLP to the residual in parallel, so it has "
+                            "no residual stream between them")
+    change: list[torch.Tensor] = []
+
+    def pre_hook(_module, args):
+        new = fn(args[0])
+        if new is None:
+            return None
+        change.append(new - args[0])
+        return (new, *args[1:])
+
+    def add_change(value: torch.Tensor) -> torch.Tensor | None:
+        return value + change.pop() if change else None
+
+    block = lm.layers[site.layer]
+    return _Handles(_get(block, lm.block_map.mlp_in).register_forward_pre_hook(pre_hook),
+                    block.register_forward_hook(_output_hook(add_change)))
 
 
 class _StopForward(Exception):
@@ -107,6 +159,35 @@ def splice(lm, site, fn: Callable[[torch.Tensor], torch.Tensor]):
         yield lm
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def block_outputs(lm: LanguageModel, layers: int):
+    """Inside, each forward's outputs of blocks 0…layers−1 are recorded into the list yielded (what
+    `skipping` replays)."""
+    outputs: list = [None] * layers
+    handles = [lm.layers[i].register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+               for i in range(layers)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def skipping(lm: LanguageModel, outputs: list):
+    """Inside, a forward of the same token ids skips blocks 0…len(outputs)−1: each returns its
+    recorded output. A value spliced at layer L then costs blocks L… and the head, not the whole
+    model: nothing before block L depends on it."""
+    blocks = list(lm.layers[:len(outputs)])
+    for block, out in zip(blocks, outputs):
+        block.forward = lambda *_a, _out=out, **_k: _out  # the instance's: its hooks and attributes stay
+    try:
+        yield lm
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _as_ids(input_ids, lm: LanguageModel) -> torch.Tensor:

@@ -101,9 +101,10 @@ class SparseAutoencoder(nn.Module):
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Latent activations of raw input x [..., d_in] → [..., d_sae]."""
+        """Latent activations of raw input x [..., d_in] → [..., d_sae], in the SAE's dtype whatever
+        the model's (a bfloat16 model's activations are read in the SAE's float32)."""
         c = self.norm_scalar
-        return self._activate(self.pre_acts(x / c)) * c
+        return self._activate(self.pre_acts(x.to(self.W_enc.dtype) / c)) * c
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Raw reconstruction from raw latents [..., d_sae] → [..., d_out]."""
@@ -112,7 +113,7 @@ class SparseAutoencoder(nn.Module):
     def skip_output(self, x: torch.Tensor) -> torch.Tensor | float:
         """A skip transcoder's x·A for raw (or normalised: the map is linear and C cancels) input;
         0 without a skip. The output is decode(encode(x)) + skip_output(x)."""
-        return x @ self.W_skip if self.cfg.skip else 0.0
+        return x.to(self.W_skip.dtype) @ self.W_skip if self.cfg.skip else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x)) + self.skip_output(x)

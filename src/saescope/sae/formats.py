@@ -15,6 +15,7 @@ import torch
 
 from ..errors import SaescopeError
 from ..files import atomic_write, read_json, read_safetensors, write_json, write_safetensors
+from ..lm.loading import model_provenance
 from ..site import Site
 from .base import SAEConfig, SparseAutoencoder
 from .circuit_tracer import is_circuit_tracer, load_circuit_tracer
@@ -54,14 +55,26 @@ def gemmascope_dir(root: str | os.PathLike, layer: int, d_sae: int, l0: float) -
     return Path(root) / f"layer_{layer}" / f"width_{width_label(d_sae)}" / f"average_l0_{round(l0)}"
 
 
+# Gemma Scope 2 names an SAE's L0 by its target: about 20, 60 and 150 in the 4-layer sweeps, 20 and
+# 120 (scaled down in early layers) in the all-layer sets (SPEC §7)
+L0_LABELS = {"small": (16, 25), "medium": (48, 75), "big": (96, 188)}
+
+
+def l0_label(l0: float) -> str:
+    """Gemma Scope 2's name for a target L0 (small, medium, big), or the L0 rounded where none fits."""
+    return next((name for name, (lo, hi) in L0_LABELS.items() if lo <= l0 <= hi), str(round(l0)))
+
+
 def gemmascope2_dir(root: str | os.PathLike, cfg: SAEConfig, l0: float) -> Path:
     """Gemma Scope 2's folder for an SAE: root/{resid_post,attn_out,mlp_out,transcoder}/
-    layer_{L}_width_{W}_l0_{K}[_affine], K the target (or measured) L0 rounded, _affine for a skip."""
+    layer_{L}_width_{W}_l0_{label}[_affine], the label that of the target (or measured) L0, _affine
+    for a skip."""
+    reason = unfit(cfg, "gemmascope2")
+    if reason:
+        raise SaescopeError(reason)
     site = Site.parse(cfg.site)
-    kind = "transcoder" if cfg.transcoder else _GS2_FOLDER.get(site.kind)
-    if kind is None:
-        raise SaescopeError(f"Gemma Scope 2 has no folder for SAEs of {site.kind} sites")
-    name = f"layer_{site.layer}_width_{width_label(cfg.d_sae)}_l0_{round(l0)}" + ("_affine" if cfg.skip else "")
+    kind = "transcoder" if cfg.transcoder else _GS2_FOLDER[site.kind]
+    name = f"layer_{site.layer}_width_{width_label(cfg.d_sae)}_l0_{l0_label(l0)}" + ("_affine" if cfg.skip else "")
     return Path(root) / kind / name
 
 
@@ -72,6 +85,12 @@ def unfit(cfg: SAEConfig, format: str) -> str | None:
         return f"the {name} format holds JumpReLU SAEs; save a topk SAE as saelens or native"
     if format == "gemmascope2" and not cfg.site:
         return "Gemma Scope 2's config.json names the SAE's site (hf_hook_point_in); this SAE has none"
+    if format == "gemmascope2":
+        kind = Site.parse(cfg.site).kind
+        if (kind != "mlp_in") if cfg.transcoder else (kind not in _GS2_FOLDER):
+            return (f"Gemma Scope 2 has no folder for {'transcoders' if cfg.transcoder else 'SAEs'} of {kind} sites "
+                    f"({'its transcoders read mlp_in' if cfg.transcoder else 'its SAEs read ' + ', '.join(_GS2_FOLDER)}); "
+                    "save it as saelens or native")
     if format == "gemmascope" and cfg.skip:
         return "Gemma Scope's params.npz has no skip connection; save a skip transcoder as saelens or native"
     if format == "saelens" and not cfg.site:  # SAELens refuses a config whose hook_name is null
@@ -127,7 +146,7 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike, format: str = "nat
         "activation_fn_str": "topk" if cfg.arch == "topk" else "relu",
         "activation_fn_kwargs": {"k": cfg.k} if cfg.arch == "topk" else {},
         "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "d_out": cfg.d_out, "k": cfg.k,
-                     "skip": cfg.skip},
+                     "skip": cfg.skip, **_model_source(cfg.model)},
     }
     if cfg.transcoder:
         saelens.update(d_out=cfg.width_out, hook_name_out=Site.parse(cfg.target_site).tl_name)
@@ -145,11 +164,17 @@ def _save_gemmascope2(cfg: SAEConfig, arrays: dict[str, torch.Tensor], path: Pat
               "hf_hook_point_in": site.hf_point,
               "hf_hook_point_out": Site.parse(cfg.target_site).hf_point if cfg.transcoder else site.hf_point,
               "saescope": {"arch": cfg.arch, "site": cfg.site, "target_site": cfg.target_site, "k": cfg.k,
-                           "sha256": sha256}}
+                           "sha256": sha256, **_model_source(cfg.model)}}
     if cfg.transcoder:
         config["affine_connection"] = cfg.skip
     write_json(path / GS2_CONFIG, config)
     return path
+
+
+def _model_source(model: str | None) -> dict:
+    """What a file says of where its model's weights come from (the embedded GGUF's provenance)."""
+    source = model_provenance(model)
+    return {"model_source": source} if source else {}
 
 
 def detect_format(path: str | os.PathLike) -> str | None:
@@ -190,28 +215,89 @@ def resolve_sae_path(path: str | os.PathLike) -> Path:
     return _canonical(path.parent) if path.name == "canonical" and not path.exists() else path
 
 
-def load_sae(path: str | os.PathLike) -> SparseAutoencoder:
+KINDS = ("sae", "transcoder")
+_TRANSCODER_INPUTS = ("mlp_in", "ln2")
+
+
+def load_sae(path: str | os.PathLike, *, site: str | Site | None = None, kind: str | None = None) -> SparseAutoencoder:
     """Load an SAE from a native folder, a SAELens folder, a Gemma Scope `params.npz` (or its
-    folder), or a Gemma Scope `.../width_W/canonical` path (the sibling with L0 closest to 100)."""
-    path = resolve_sae_path(path)
+    folder), a Gemma Scope 2 folder, or a Gemma Scope `.../width_W/canonical` path (the sibling
+    with L0 closest to 100). A release's site and kind come from the path as given (a Hugging Face
+    cache's symlinks are not followed: the blob they point to has no name); `site` and `kind`
+    ("sae" or "transcoder") say them where the files do not, and must agree where they do."""
+    given = Path(os.path.abspath(Path(path).expanduser()))
+    path = resolve_sae_path(given)
     if not path.exists():
-        raise SaescopeError(f"SAE not found: {path}")
+        raise SaescopeError(f"SAE not found: {path}{_existing_names(path)}")
     fmt = detect_format(path)
     if fmt == "native":
-        return _load_native(path)
-    if fmt == "saelens":
-        return _load_saelens(path)
-    if fmt == "gemmascope":
-        return _load_gemmascope(path if path.is_file() else path / "params.npz")
-    if fmt == "gemmascope2":
-        return _load_gemmascope2(path)
-    raise SaescopeError(f"{path} holds no SAE: expected params.npz (Gemma Scope), config.json + params.safetensors "
-                        f"(Gemma Scope 2), cfg.json + sae_weights.safetensors (SAELens) or config.json + "
-                        f"sae.safetensors (saescope)")
+        sae, said = _load_native(path), True
+    elif fmt == "saelens":
+        sae, said = _load_saelens(path), True
+    elif fmt == "gemmascope":
+        npz = path if path.is_file() else path / "params.npz"
+        provenance = _gemmascope_provenance(npz)
+        sae, said = _load_gemmascope(npz, provenance), bool(provenance)
+    elif fmt == "gemmascope2":
+        sae, said = _load_gemmascope2(path), True
+    else:
+        raise SaescopeError(f"{path} holds no SAE: expected params.npz (Gemma Scope), config.json + params.safetensors "
+                            f"(Gemma Scope 2), cfg.json + sae_weights.safetensors (SAELens) or config.json + "
+                            f"sae.safetensors (saescope)")
+    return _as_given(sae, path, site, kind, said)
+
+
+def _as_given(sae: SparseAutoencoder, where: Path, site, kind: str | None, said: bool) -> SparseAutoencoder:
+    """`sae` with the caller's site and kind where its files are silent; a one-line error where they
+    disagree, so a transcoder never loads as an SAE of its input (nor an SAE as a transcoder)."""
+    cfg = sae.cfg
+    if kind is not None and kind not in KINDS:
+        raise SaescopeError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if site is not None:
+        site = Site.parse(site)
+        if cfg.site is not None and Site.parse(cfg.site) != site:
+            raise SaescopeError(f"{where} reads {cfg.site} (its files say so), not {site}")
+        cfg.site = str(site)
+    if said and kind is not None and (kind == "transcoder") != cfg.transcoder:
+        what = f"a transcoder ({cfg.site} → {cfg.target_site})" if cfg.transcoder else f"an SAE of {cfg.site}"
+        raise SaescopeError(f"{where} holds {what}, not {'a transcoder' if kind == 'transcoder' else 'an SAE'}")
+    if said or cfg.site is None or cfg.transcoder:
+        return sae
+    read = Site.parse(cfg.site)
+    if kind is None and read.kind in _TRANSCODER_INPUTS:
+        raise SaescopeError(f"{where} does not say whether it is an SAE or a transcoder, and {read} is a transcoder's "
+                            "input: give kind='sae' or kind='transcoder' (--kind)")
+    if kind == "transcoder":
+        if read.kind not in _TRANSCODER_INPUTS:
+            raise SaescopeError(f"a transcoder reads mlp_in.L or ln2.L, not {read}")
+        if cfg.width_out != cfg.d_in:
+            raise SaescopeError(f"{where}: a transcoder of {read} predicts mlp.{read.layer}, {cfg.d_in} wide; it writes {cfg.width_out}")
+        cfg.target_site = f"mlp.{read.layer}"
+    return sae
+
+
+def _existing_names(missing: Path) -> str:
+    """For a release path that does not exist, the SAE names beside it that do (users type
+    `canonical`, `large` or `64k` where a release has other names)."""
+    parent = missing.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return ""
+    names = sorted(p.name for p in parent.iterdir() if p.is_dir() or p.name == "params.npz")
+    layer = re.search(r"layer_(\d+)", missing.name)
+    if layer:  # Gemma Scope 2 names a whole SAE in one folder name: keep the same layer's
+        same = [n for n in names if re.match(rf"layer_{layer[1]}_", n)]
+        names = same or names
+    if not names:
+        return ""
+    shown = ", ".join(names[:12]) + (f", … ({len(names)} in all)" if len(names) > 12 else "")
+    return f"; {parent} has {shown}"
 
 
 def find_saes(paths: list[str]) -> dict[str, Path]:
-    """Each path is an SAE (any format) or a folder whose subfolders are SAEs."""
+    """Each path is an SAE (any format), a folder whose subfolders are SAEs, or a release tree whose
+    subfolders hold SAE folders (named `resid_post-layer_12_width_16k_l0_medium`)."""
     found: dict[str, Path] = {}
     for text in paths:
         given = Path(text)
@@ -219,11 +305,17 @@ def find_saes(paths: list[str]) -> dict[str, Path]:
         if detect_format(path):
             found[given.parent.name if given.name in ("params.npz", "canonical") else given.name] = path
             continue
-        subs = [p for p in sorted(path.iterdir()) if p.is_dir() and detect_format(p)] if path.is_dir() else []
+        subs = {p.name: p for p in _sae_folders(path)}
+        if not subs and path.is_dir():  # a release tree: resid_post/, transcoder/, … each of SAE folders
+            subs = {f"{kind.name}-{p.name}": p for kind in sorted(path.iterdir()) for p in _sae_folders(kind)}
         if not subs:
             raise SaescopeError(f"{path} is not an SAE and holds no SAE folders")
-        found.update({p.name: p for p in subs})
+        found.update(subs)
     return found
+
+
+def _sae_folders(path: Path) -> list[Path]:
+    return [p for p in sorted(path.iterdir()) if p.is_dir() and detect_format(p)] if path.is_dir() else []
 
 
 def run_saes(folder: str | os.PathLike) -> dict[str, Path]:
@@ -243,7 +335,8 @@ def _canonical(width_dir: Path) -> Path:
         if m and d.is_dir():
             found.append((abs(int(m[1]) - 100), int(m[1]), d))
     if not found:
-        raise SaescopeError(f"no average_l0_* folders under {width_dir} to pick the canonical SAE from")
+        raise SaescopeError(f"no average_l0_* folders under {width_dir} to pick the canonical SAE from (Gemma Scope 2 "
+                            f"has no canonical SAEs){_existing_names(width_dir / 'canonical')}")
     return min(found)[2]
 
 
@@ -280,7 +373,7 @@ def _from_arrays(arrays: dict[str, torch.Tensor], cfg_values: dict, where: Path)
     return sae
 
 
-def _load_gemmascope(path: Path) -> SparseAutoencoder:
+def _load_gemmascope(path: Path, provenance: dict) -> SparseAutoencoder:
     if not zipfile.is_zipfile(path):  # np.load would otherwise try a pickle
         raise SaescopeError(f"{path} is not a readable npz file (not a zip archive, or truncated)")
     try:
@@ -290,12 +383,14 @@ def _load_gemmascope(path: Path) -> SparseAutoencoder:
         raise SaescopeError(f"{path} holds arrays that need unpickling; refused ({exc})") from None
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise SaescopeError(f"{path} is not a readable npz file ({exc})") from None
-    return _from_arrays(arrays, _gemmascope_provenance(path), path)
+    return _from_arrays(arrays, provenance, path)
 
 
 def _gemmascope_provenance(path: Path) -> dict:
-    """Site and model from a release path like gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71."""
-    text = path.resolve().as_posix()
+    """Site and model from a release path like gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71
+    (or a Hugging Face cache's models--google--gemma-scope-2b-pt-res/snapshots/REV/layer_20/…),
+    read as given. Gemma Scope 1's transcoders read ln2.L, the norm's input before its scale."""
+    text = path.as_posix()
     layer = re.search(r"/layer_(\d+)/", text)
     repo = re.search(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)", text)
     if not layer or not repo:
@@ -303,7 +398,7 @@ def _gemmascope_provenance(path: Path) -> dict:
     size, kind, L = repo[1], repo[3], int(layer[1])
     values: dict = {"model": f"gemma-2-{size}" + ("-it" if repo[2] == "it" else "")}
     if kind == "transcoders":
-        values.update(site=f"mlp_in.{L}", target_site=f"mlp.{L}")
+        values.update(site=f"ln2.{L}", target_site=f"mlp.{L}")
     else:
         values["site"] = f"{_GEMMASCOPE_KIND[kind]}.{L}"
     return values
@@ -402,11 +497,14 @@ def save_dictionary(d: MultiLayerDictionary, path: str | os.PathLike, format: st
     return path
 
 
-def load_dictionary(path: str | os.PathLike) -> SparseAutoencoder | MultiLayerDictionary:
+def load_dictionary(path: str | os.PathLike, *, site: str | Site | None = None,
+                    kind: str | None = None) -> SparseAutoencoder | MultiLayerDictionary:
     """Any dictionary: a multi-layer one (Gemma Scope 2's `clt` / `crosscoder` folder, native, or
-    circuit-tracer's cross-layer transcoder), else whatever `load_sae` reads."""
+    circuit-tracer's cross-layer transcoder), else whatever `load_sae` reads (`site`, `kind` as there)."""
     path = Path(path)
     meta = _multilayer_meta(path)
+    if meta is not None and site is not None:
+        raise SaescopeError(f"{path} is a multi-layer dictionary: its files name its sites")
     if meta is not None:
         load = _load_native_multi if meta.get("format") == "saescope-multilayer" else _load_gemmascope2_multi
         return load(path, meta)
@@ -416,7 +514,7 @@ def load_dictionary(path: str | os.PathLike) -> SparseAutoencoder | MultiLayerDi
             raise SaescopeError(f"{path} is circuit-tracer's transcoder set (one transcoder per layer); "
                                 "read it with saescope.load_circuit_tracer")
         return found
-    return load_sae(path)
+    return load_sae(path, site=site, kind=kind)
 
 
 def _load_native_multi(path: Path, meta: dict) -> MultiLayerDictionary:

@@ -152,7 +152,7 @@ class MultiLayerDictionary(nn.Module):
     def encode_group(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Group i's latent activations [..., m] from raw input site i's activations."""
         g = self.groups[i]
-        return g._activate(g.pre_acts(x / self.scale_in[i]))
+        return g._activate(g.pre_acts(x.to(g.W_enc.dtype) / self.scale_in[i]))
 
     def writes(self, i: int, f: torch.Tensor) -> torch.Tensor:
         """Group i's raw writes [..., n − i, d_out] to outputs i…n−1, from its codes f [..., m]."""

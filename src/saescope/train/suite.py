@@ -102,8 +102,8 @@ def expand(cfg: TrainConfig) -> list[Planned]:
             target = site
             if spec.transcoder:
                 s = Site.parse(site)
-                if s.kind != "mlp_in":
-                    raise SaescopeError(f"a transcoder reads mlp_in.L, not {site}")
+                if s.kind not in ("mlp_in", "ln2"):  # after the norm's scale (Gemma Scope 2) or before it (1)
+                    raise SaescopeError(f"a transcoder reads mlp_in.L or ln2.L, not {site}")
                 target = str(Site("mlp", s.layer))
             for width in spec.widths:
                 for value in values:

@@ -343,9 +343,9 @@ class Trainer:
         if _split(m):
             sae = m.sae.gathered()
             since_fired = self.latent_shard.gather_latents(m.since_fired.view(len(sae.groups), -1)).flatten()
-        return {"sae": sae.state_dict(), "sae_config": json.dumps(sae.cfg.to_dict()),
-                "optimizer": optimizer, "since_fired": since_fired,
-                "controller": json.dumps(m.controller.state() if m.controller else None)}
+        return _own({"sae": sae.state_dict(), "sae_config": json.dumps(sae.cfg.to_dict()),
+                     "optimizer": optimizer, "since_fired": since_fired,
+                     "controller": json.dumps(m.controller.state() if m.controller else None)})
 
     def _restore_member(self, m: Member, s: dict) -> None:
         since_fired = s["since_fired"]
@@ -511,7 +511,8 @@ class Trainer:
             elif m.name in rows:
                 sae.fit_threshold(rows[m.name][0] / m.scale)
             sae.cfg.extra = {**sae.cfg.extra, "training": json.loads(self.cfg.model_dump_json()),
-                             "final_metrics": final.get(m.name, {}), "steps": self.step,
+                             "final_metrics": final.get(m.name, {}), "steps": self.step, "dead_tokens": self.dead_tokens,
+                             "corpus": getattr(self.source, "corpus", None),
                              "target_l0": self.plan_by_name[m.name].target_l0}
             if isinstance(sae, MultiLayerDictionary):
                 save_dictionary(sae.cpu(), self.out / "saes" / m.name, format="native")
@@ -519,6 +520,18 @@ class Trainer:
                 save_sae(sae.cpu(), self.out / "saes" / m.name, format="native")
         self.ranks.barrier()
         return [self.out / "saes" / p.name for p in self.plan]
+
+
+def _own(state):
+    """`state` with every tensor that views a larger storage copied out: torch.save writes a view's
+    whole storage, and a grouped encoder is a slice of all its group's encoders."""
+    if isinstance(state, dict):
+        return {k: _own(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_own(v) for v in state)
+    if torch.is_tensor(state) and state.untyped_storage().nbytes() > state.numel() * state.element_size():
+        return state.clone()
+    return state
 
 
 def _split(m: Member) -> bool:
