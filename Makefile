@@ -8,7 +8,7 @@ OUT ?= runs/demo
 
 PEERS ?= .venv-peers
 
-.PHONY: demo test test-quick browser bench bench-suite bench-interop bench-gpu bench-quality bench-multilayer bench-circuit setup clean
+.PHONY: demo test test-quick tutorials browser bench bench-suite bench-interop bench-gpu bench-quality bench-multilayer bench-circuit setup clean
 
 demo: $(STAMP)
 	$(BIN)/saescope run --out $(OUT)
@@ -20,6 +20,10 @@ test: $(STAMP) browser
 # For iterating: the suite less the tests marked slow (`make test` still runs them).
 test-quick: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# JupyterLab on the tutorial notebooks (`make test` executes them; commit them without outputs).
+tutorials: $(STAMP)
+	$(BIN)/jupyter lab tutorials
 
 browser:
 	@tests/need-browser

@@ -264,7 +264,7 @@ def test_a_clt_starts_from_single_layer_transcoders_and_decays_their_l0(tmp_path
     # the starting point, on a JumpReLU trained as itself: thresholds carried over exactly
     itself = TrainConfig(saes=[{**entry, "train_as": "jumprelu"}], tokens=20 * 512, batch_size=512, checkpoint_every=0)
     trainer = trainer_for(itself, tmp_path / "itself", source=source)
-    batches = iter(trainer._batches())
+    batches = iter(trainer.batches())
     trainer.build(next(batches))
     [m] = trainer.members
     clt, saes = m.sae, [load_sae(p) for p in paths]

@@ -180,7 +180,7 @@ def _lockstep(saes, kernels, tmp_path, device, batch_size=128, steps=30, plant_d
                           kernels=path, device=str(device), **PAPER)
         trainers[path] = trainer_for(cfg, tmp_path / path, source=TensorSource({"resid.0": acts}))
     ref, fast_ = trainers["reference"], trainers[kernels]
-    batches = list(ref._batches())[:steps]
+    batches = list(ref.batches())[:steps]
     torch.manual_seed(0)
     ref.build(batches[0])
     fast_.build(batches[0])
@@ -291,7 +291,7 @@ def test_sae_groups_share_one_encoder_product(tmp_path, monkeypatch, device):
             SAESpec(sites=["resid.1"], widths=[D_SAE], lambdas=[1e-3])]      # alone on its input
     cfg = TrainConfig(saes=saes, tokens=1024, batch_size=128, device=str(device), **PAPER)
     trainer = trainer_for(cfg, tmp_path, source=source)
-    batch = next(iter(trainer._batches()))
+    batch = next(iter(trainer.batches()))
     trainer.build(batch)
     assert (trainer.backend.groups == []) == (device.type == "cpu")  # the CPU steps SAEs apart
     monkeypatch.setattr(EncoderGroup, "APART_ON", set())

@@ -133,7 +133,7 @@ def test_steps_equal_the_pytorch_trainer(theta_param, objective, recipe, tmp_pat
                       **{"tokens": (8 if objective else 12) * 256, "batch_size": 256, "lr": 3e-3, "kernels": "reference",
                          "checkpoint_every": 0, "dead_tokens": 256, **PAPER, **recipe})
     trainer = trainer_for(cfg, tmp_path, source=TensorSource({"resid.0": acts}))
-    batches = list(trainer._batches())[:trainer.steps]
+    batches = list(trainer.batches())[:trainer.steps]
     trainer.build(batches[0])
     [m] = trainer.members
     if objective.get("dead_aux"):  # latents that never fire, so the dead-latent loss has work

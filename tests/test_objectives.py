@@ -248,7 +248,7 @@ def test_the_quantile_start_puts_l0_near_the_target(target, tmp_path):
     for init in ("constant", "quantile"):
         cfg = TrainConfig(saes=[SAESpec(**spec, threshold_init=init)], tokens=4 * 1024, batch_size=1024)
         trainer = trainer_for(cfg, tmp_path / init, source=TensorSource({"resid.0": x}))
-        batches = iter(trainer._batches())
+        batches = iter(trainer.batches())
         trainer.build(next(batches))
         [m] = trainer.members
         other = next(batches)["resid.0"]

@@ -28,7 +28,7 @@ def source():
 
 def _trainer(cfg, tmp_path, source):
     trainer = trainer_for(cfg, tmp_path, source=source)
-    batches = list(trainer._batches())[:trainer.steps]
+    batches = list(trainer.batches())[:trainer.steps]
     trainer.build(batches[0])
     return trainer, batches
 
@@ -174,7 +174,7 @@ def test_batchtopk_saves_the_cut_of_the_weights_it_saves(source, tmp_path):
                       batch_size=256, lr=3e-3, optimizer="signum", lr_scale="width", loss="fvu", checkpoint_every=0)
     [folder] = train(cfg, tmp_path / "run", source=source, progress=False)
     sae = load_sae(folder)
-    last = list(trainer_for(cfg, tmp_path / "replay", source=source)._batches())[29]["resid.0"]
+    last = list(trainer_for(cfg, tmp_path / "replay", source=source).batches())[29]["resid.0"]
     with torch.no_grad():
         pre = sae.pre_acts(last / sae.norm_scalar).relu()
         cut = pre.reshape(-1).topk(3 * 256).values[-1]
@@ -200,7 +200,7 @@ def test_a_target_l0_trains_as_batchtopk_and_saves_jumprelu(tmp_path):
     assert all(r["l0"] == 3 for r in lines)  # BatchTopK's training L0 is k on every batch
     sae = load_sae(folder)
     assert sae.cfg.arch == "jumprelu" and sae.cfg.extra["converted_from"]["k"] == 3
-    batches = [b["resid.0"] for b in islice(trainer_for(cfg, tmp_path / "replay", source=source)._batches(), 30)]
+    batches = [b["resid.0"] for b in islice(trainer_for(cfg, tmp_path / "replay", source=source).batches(), 30)]
     with torch.no_grad():
         kept = torch.zeros(32, dtype=torch.long)
         for b in batches:

@@ -150,7 +150,7 @@ def test_a_skip_starts_at_the_least_squares_map(tmp_path):
     cfg = TrainConfig(saes=[SAESpec(sites=["mlp_in.0"], transcoder=True, skip=True, widths=[32])], tokens=4 * 1024,
                       batch_size=1024)
     trainer = trainer_for(cfg, tmp_path, source=TensorSource({"mlp_in.0": x, "mlp.0": x @ A + b}))
-    trainer.build(next(iter(trainer._batches())))
+    trainer.build(next(iter(trainer.batches())))
     [m] = trainer.members
     torch.testing.assert_close(m.sae.W_skip, A, rtol=3e-3, atol=1e-3)  # the map is scale-free: x/C → y/C
     torch.testing.assert_close(m.sae.b_dec * m.sae.norm_scalar, b, rtol=0, atol=2e-2)

@@ -260,9 +260,9 @@ class Trainer:
         total = self.cfg.buffer_rows or self.source.default_buffer(self.plan_sites)
         return int(self.ranks.broadcast([max(total // self.parts, 1)])[0])
 
-    def _batches(self):
-        """Global batches (or this rank's share of each, data-parallel): one batch of
-        batch_size / parts rows from each local part, side by side."""
+    def batches(self):
+        """The global batches this config trains on, a function of its seed (or this rank's share of
+        each, data-parallel): one batch of batch_size / parts rows from each local part, side by side."""
         per = self.cfg.batch_size // self.parts
         self.buffer_rows = self._buffer_rows()
         streams = []
@@ -367,7 +367,7 @@ class Trainer:
         if lead:
             remove_temporaries(self.out)
             write_json(self.out / "train_config.json", self.cfg.model_dump(mode="json"))
-        stream = self._batches()
+        stream = self.batches()
         self.norm_scalars  # noqa: B018 — estimated from a harvest's first rows, before the buffer takes them
         first = next(stream, None)
         if first is None:
