@@ -77,6 +77,8 @@ def test_release_tree_and_canonical(tmp_path):
     assert sae.cfg.site == "resid.20" and sae.cfg.model == "gemma-2-2b"
     canon = load_sae(root / "layer_20" / "width_16k" / "canonical")   # |141 − 100| < |71 − 100|
     assert torch.equal(canon.W_enc, load_sae(root / "layer_20/width_16k/average_l0_141/params.npz").W_enc)
+    with pytest.raises(SaescopeError, match=r"no average_l0_\* folders under .*width_64k.*layer_20 has width_16k$"):
+        load_sae(root / "layer_20" / "width_64k" / "canonical")  # a width the release does not have
     tc = tmp_path / "gemma-scope-2b-pt-transcoders" / "layer_3" / "width_16k" / "average_l0_9"
     save_sae(_trained_like(), tc, format="gemmascope")
     # Gemma Scope 1's transcoders read ln2.hook_normalized: the norm's input before its scale

@@ -229,6 +229,7 @@ def test_parallel_residual_has_no_resid_mid():
                                                         use_parallel_residual=True)), name="neox")
     with pytest.raises(SaescopeError, match="resid_mid.0: neox adds attention and MLP to the residual in parallel"):
         capture(lm, torch.tensor([[2, 5]]), "resid_mid.0")
+    assert "resid_mid.0" not in available_sites(lm) and "ln2.0" in available_sites(lm)
 
 
 def test_unmappable_model_is_named():

@@ -339,13 +339,12 @@ def _dispatch(args) -> int:
         if outputs["features"]:
             print(f"explore the features: saescope serve {args.out}")
     elif args.command == "sites":
-        from .lm import KINDS, Site, load_model
+        from .lm import Site, available_sites, load_model
 
         lm = load_model(args.model)
         print(f"{lm}; sites KIND.LAYER for layers 0..{lm.n_layers - 1}:")
-        for kind in KINDS:
-            site = Site(kind, 0)
-            print(f"  {kind + '.L':<9} width {site.width(lm):>6}  ({site.tl_name.replace('.0.', '.L.')})")
+        for site in (Site.parse(s) for s in available_sites(lm) if s.endswith(".0")):
+            print(f"  {site.kind + '.L':<12} width {site.width(lm):>6}  ({site.tl_name.replace('.0.', '.L.')})")
     elif args.command == "info":
         from .data import ActivationStore
 

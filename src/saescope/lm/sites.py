@@ -14,7 +14,8 @@ from . import norms
 from .model import LanguageModel, _get
 
 def available_sites(lm: LanguageModel) -> list[str]:
-    return [str(Site(k, layer)) for layer in range(lm.n_layers) for k in KINDS]
+    kinds = [k for k in KINDS if k != "resid_mid" or not getattr(lm.config, "use_parallel_residual", False)]
+    return [str(Site(k, layer)) for layer in range(lm.n_layers) for k in kinds]
 
 
 def _attach(lm: LanguageModel, site: Site, fn: Callable[[torch.Tensor], torch.Tensor | None]):
@@ -181,13 +182,17 @@ def skipping(lm: LanguageModel, outputs: list):
     recorded output. A value spliced at layer L then costs blocks L… and the head, not the whole
     model: nothing before block L depends on it."""
     blocks = list(lm.layers[:len(outputs)])
+    own = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's offloading wrapper
     for block, out in zip(blocks, outputs):
         block.forward = lambda *_a, _out=out, **_k: _out  # the instance's: its hooks and attributes stay
     try:
         yield lm
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, own):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def _as_ids(input_ids, lm: LanguageModel) -> torch.Tensor:

@@ -279,9 +279,7 @@ def _as_given(sae: SparseAutoencoder, where: Path, site, kind: str | None, said:
 def _existing_names(missing: Path) -> str:
     """For a release path that does not exist, the SAE names beside it that do (users type
     `canonical`, `large` or `64k` where a release has other names)."""
-    parent = missing.parent
-    while not parent.is_dir() and parent != parent.parent:
-        parent = parent.parent
+    parent = missing.parent if missing.parent.is_dir() else missing.parent.parent  # `…/width_64k/canonical`
     if not parent.is_dir():
         return ""
     names = sorted(p.name for p in parent.iterdir() if p.is_dir() or p.name == "params.npz")
