@@ -22,7 +22,9 @@ _TL_NAMES = {
     "ln2.hook_normalized": "ln2",
     "hook_resid_mid": "resid_mid",
 }
-_TL_ALIASES = {"hook_mlp_in": "resid_mid"}
+_TL_PARSED = {**_TL_NAMES, "hook_mlp_in": "resid_mid"}  # names parsed; the first of a kind is the one written
+# what a transcoder may read: the MLP's input after the norm's scale (Gemma Scope 2) or before it (1)
+TRANSCODER_INPUTS = ("mlp_in", "ln2")
 # Gemma 2 / Gemma 3 module paths for the same points (SPEC §7's table; Gemma Scope 2's config.json
 # names its sites so): what a module's output (or, for attn, o_proj's input) holds
 _HF_POINTS = {
@@ -58,8 +60,8 @@ class Site:
         text = str(value).strip()
         if m := _SHORT.match(text):
             return cls(m["kind"], int(m["layer"]))
-        if (m := _TL.match(text)) and m["hook"] in {**_TL_NAMES, **_TL_ALIASES}:
-            return cls({**_TL_NAMES, **_TL_ALIASES}[m["hook"]], int(m["layer"]))
+        if (m := _TL.match(text)) and m["hook"] in _TL_PARSED:
+            return cls(_TL_PARSED[m["hook"]], int(m["layer"]))
         raise SaescopeError(
             f"unknown site {text!r}; use KIND.LAYER with KIND in {', '.join(KINDS)} (e.g. resid.6), "
             f"or blocks.L.{{{', '.join(_TL_NAMES)}}}")
@@ -94,6 +96,12 @@ class Site:
 
     def width(self, lm) -> int:
         return lm.attn_width if self.kind == "attn" else lm.d_model
+
+    def transcoder_target(self) -> "Site":
+        """What a transcoder reading this site predicts: the MLP's output at its layer."""
+        if self.kind not in TRANSCODER_INPUTS:
+            raise SaescopeError(f"a transcoder reads mlp_in.L or ln2.L, not {self}")
+        return Site("mlp", self.layer)
 
 
 def parse_sites(sites: "str | Site | Iterable[str | Site]") -> list[Site]:

@@ -65,8 +65,7 @@ def prompt_ids(lm: LanguageModel, prompt: str | list[int] | torch.Tensor) -> tor
             ids = torch.cat([torch.tensor([bos]), ids])
     else:
         ids = torch.as_tensor(prompt).reshape(-1).long()
-    cfg = getattr(lm.config, "text_config", None) or lm.config
-    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    context = getattr(lm.text_config, "max_position_embeddings", None) or getattr(lm.text_config, "n_positions", None)
     if len(ids) < 2:
         raise SaescopeError("a prompt for attribution needs at least one token after the first")
     if context is not None and len(ids) > context:
@@ -139,7 +138,7 @@ def attribute(lm: LanguageModel, transcoders, prompt: str | list[int] | torch.Te
     act = _active(layers, t)
     with torch.no_grad():  # the last position's logits from the traced final residual: no second forward
         logits = lm.model.get_output_embeddings()(t.final[0, -1].detach())
-        cap = getattr(getattr(lm.config, "text_config", None) or lm.config, "final_logit_softcapping", None)
+        cap = getattr(lm.text_config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
     logit_ids, logit_p, logit_vecs = _targets(lm, logits, targets, max_logits, logit_probability)

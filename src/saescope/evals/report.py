@@ -6,10 +6,11 @@ from pathlib import Path
 
 
 from ..config import CorpusConfig
-from ..data import token_tensor
+from ..data import ActivationStore, token_tensor
 from ..data.corpus import shares_documents
 from ..errors import SaescopeError
-from ..files import atomic_write, read_json, write_records
+from ..data.store import STORE_FILE
+from ..files import atomic_write, write_records
 from ..lm import load_model
 from ..sae.export import transcoder_sets
 from ..sae.formats import find_saes, gemmascope2_dir, load_dictionary, load_sae, save_dictionary, save_sae, unfit
@@ -71,10 +72,9 @@ def check_held_out(dictionaries: dict, corpus: CorpusConfig) -> None:
 
 def _training_corpus(extra: dict) -> CorpusConfig | None:
     recorded = extra.get("corpus")
-    if recorded is None:
-        store = (extra.get("training") or {}).get("store")
-        record = Path(store) / "store.json" if store else None
-        recorded = read_json(record).get("corpus") if record is not None and record.is_file() else None
+    store = (extra.get("training") or {}).get("store")
+    if recorded is None and store and (Path(store) / STORE_FILE).is_file():
+        recorded = ActivationStore(store).corpus
     try:
         return CorpusConfig(**recorded) if recorded else None
     except ValueError:  # settings of another version: nothing to compare by

@@ -148,21 +148,16 @@ def _tokenizer(source, **kwargs):
 def _from_hub(model_id: str, device, dtype) -> LanguageModel:
     from transformers import AutoModelForCausalLM
 
-    try:  # a local copy first (Hugging Face's cache), without waiting on a network there may not be
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=True)
-        tokenizer = _tokenizer(model_id, local_files_only=True)
-    except OSError:
-        model = None
-    try:
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype)
-            tokenizer = _tokenizer(model_id)
-    except OSError as exc:
-        raise SaescopeError(
-            f"cannot get model '{model_id}' from the Hugging Face hub ({first_line(exc)}); "
-            f"offline, download it elsewhere and pass its folder, pass a .gguf file, or use '{DEFAULT_MODEL}'"
-        ) from exc
-    return LanguageModel(model.to(device).eval(), tokenizer=tokenizer, name=model_id)
+    for local in (True, False):  # a local copy first (Hugging Face's cache), not waiting on a network there may not be
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, local_files_only=local)
+        except OSError as exc:
+            error = exc
+            continue
+        return LanguageModel(model.to(device).eval(), tokenizer=_tokenizer(model_id, local_files_only=local), name=model_id)
+    raise SaescopeError(
+        f"cannot get model '{model_id}' from the Hugging Face hub ({first_line(error)}); "
+        f"offline, download it elsewhere and pass its folder, pass a .gguf file, or use '{DEFAULT_MODEL}'") from error
 
 
 def _dequantised_folder(gguf: Path, folder: Path) -> Path:

@@ -66,9 +66,8 @@ class LanguageModel:
     def _keep_soft_caps(self):
         """Gemma 2 soft-caps attention logits (tanh to ±cap); SDPA cannot, so a model built with it
         would fail or, elsewhere, skip the cap. Such a model runs eager attention instead."""
-        cfg = getattr(self.config, "text_config", None) or self.config
         attn = getattr(self.config, "_attn_implementation", None)
-        if getattr(cfg, "attn_logit_softcapping", None) and attn not in CAPPING_ATTENTION:
+        if getattr(self.text_config, "attn_logit_softcapping", None) and attn not in CAPPING_ATTENTION:
             self.model.set_attn_implementation("eager")
 
     def _find_blocks(self):
@@ -97,8 +96,18 @@ class LanguageModel:
         return self.model.config
 
     @property
+    def text_config(self):
+        """The language model's own config (a multimodal model's text part)."""
+        return getattr(self.config, "text_config", None) or self.config
+
+    @property
+    def parallel_residual(self) -> bool:
+        """Whether attention and MLP both read the block's input (GPT-NeoX's default): no resid_mid."""
+        return bool(getattr(self.text_config, "use_parallel_residual", False))
+
+    @property
     def d_model(self) -> int:
-        cfg = getattr(self.config, "text_config", None) or self.config
+        cfg = self.text_config
         return getattr(cfg, "hidden_size", None) or cfg.n_embd
 
     @property

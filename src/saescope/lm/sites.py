@@ -14,7 +14,7 @@ from . import norms
 from .model import LanguageModel, _get
 
 def available_sites(lm: LanguageModel) -> list[str]:
-    kinds = [k for k in KINDS if k != "resid_mid" or not getattr(lm.config, "use_parallel_residual", False)]
+    kinds = [k for k in KINDS if k != "resid_mid" or not lm.parallel_residual]
     return [str(Site(k, layer)) for layer in range(lm.n_layers) for k in kinds]
 
 
@@ -77,7 +77,7 @@ class _Handles:
 def _attach_resid_mid(lm: LanguageModel, site: Site, fn):
     """The residual stream between the sublayers is the pre-MLP norm's input; a replaced value must
     also reach the residual add after the MLP, so the block's output moves by the same change."""
-    if getattr(lm.config, "use_parallel_residual", False):
+    if lm.parallel_residual:
         raise SaescopeError(f"site {site}: {lm.name} adds attention and MLP to the residual in parallel, so it has "
                             "no residual stream between them")
     change: list[torch.Tensor] = []

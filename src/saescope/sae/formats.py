@@ -16,7 +16,7 @@ import torch
 from ..errors import SaescopeError
 from ..files import atomic_write, read_json, read_safetensors, write_json, write_safetensors
 from ..lm.loading import model_provenance
-from ..site import Site
+from ..site import TRANSCODER_INPUTS, Site
 from .base import SAEConfig, SparseAutoencoder
 from .circuit_tracer import is_circuit_tracer, load_circuit_tracer
 from .multilayer import MultiLayerConfig, MultiLayerDictionary
@@ -216,7 +216,6 @@ def resolve_sae_path(path: str | os.PathLike) -> Path:
 
 
 KINDS = ("sae", "transcoder")
-_TRANSCODER_INPUTS = ("mlp_in", "ln2")
 
 
 def load_sae(path: str | os.PathLike, *, site: str | Site | None = None, kind: str | None = None) -> SparseAutoencoder:
@@ -264,15 +263,14 @@ def _as_given(sae: SparseAutoencoder, where: Path, site, kind: str | None, said:
     if said or cfg.site is None or cfg.transcoder:
         return sae
     read = Site.parse(cfg.site)
-    if kind is None and read.kind in _TRANSCODER_INPUTS:
+    if kind is None and read.kind in TRANSCODER_INPUTS:
         raise SaescopeError(f"{where} does not say whether it is an SAE or a transcoder, and {read} is a transcoder's "
                             "input: give kind='sae' or kind='transcoder' (--kind)")
     if kind == "transcoder":
-        if read.kind not in _TRANSCODER_INPUTS:
-            raise SaescopeError(f"a transcoder reads mlp_in.L or ln2.L, not {read}")
+        target = read.transcoder_target()
         if cfg.width_out != cfg.d_in:
-            raise SaescopeError(f"{where}: a transcoder of {read} predicts mlp.{read.layer}, {cfg.d_in} wide; it writes {cfg.width_out}")
-        cfg.target_site = f"mlp.{read.layer}"
+            raise SaescopeError(f"{where}: a transcoder of {read} predicts {target}, {cfg.d_in} wide; it writes {cfg.width_out}")
+        cfg.target_site = str(target)
     return sae
 
 

@@ -101,10 +101,7 @@ def expand(cfg: TrainConfig) -> list[Planned]:
         for site in spec.sites:
             target = site
             if spec.transcoder:
-                s = Site.parse(site)
-                if s.kind not in ("mlp_in", "ln2"):  # after the norm's scale (Gemma Scope 2) or before it (1)
-                    raise SaescopeError(f"a transcoder reads mlp_in.L or ln2.L, not {site}")
-                target = str(Site("mlp", s.layer))
+                target = str(Site.parse(site).transcoder_target())
             for width in spec.widths:
                 for value in values:
                     out.append(Planned(member_name(spec, site, width, value), spec, site, target, width, value))
